@@ -1,0 +1,29 @@
+"""polarstore: a dataframe-native, serverless, time-travel feature store on Polars.
+
+Feature views are Delta Lake tables, historical retrieval is a point-in-time ``join_asof``,
+and the online store is an embedded LMDB file synced from the Delta tables.
+"""
+
+from polarstore._definitions import Entity, FeatureService, FeatureView
+from polarstore._errors import (
+    ConflictError,
+    NotFoundError,
+    PolarstoreError,
+    SchemaError,
+    ValidationError,
+)
+from polarstore._store import FeatureStore
+
+__all__ = [
+    "ConflictError",
+    "Entity",
+    "FeatureService",
+    "FeatureStore",
+    "FeatureView",
+    "NotFoundError",
+    "PolarstoreError",
+    "SchemaError",
+    "ValidationError",
+]
+
+__version__ = "0.1.0"

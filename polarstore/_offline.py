@@ -1,0 +1,342 @@
+"""The offline store: one append-only Delta Lake table per feature view.
+
+This is the only module that imports ``deltalake``. Rows are stored with the view's join
+keys, event time, created time (if any), a write-sequence column and the features. The
+write sequence is ``(table version of the write) << 32 | row number``: it orders rows by
+the commit that wrote them, so "the row written last" is well defined, it survives
+``compact`` (a rewrite keeps the column), and "everything written after version v" is a
+predicate on one column that Parquet statistics can answer without opening most files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from polarstore._definitions import SEQ_COLUMN, FeatureView
+from polarstore._errors import ConflictError, NotFoundError, PolarstoreError
+from polarstore._registry import file_lock
+from polarstore._time import to_utc
+
+__all__ = ["OfflineStore", "seq_floor"]
+
+_SEQ_SHIFT = 32
+_OPERATION_KEY = "polarstore.operation"
+
+
+def seq_floor(version: int) -> int:
+    """The smallest write sequence a row committed in table ``version`` can have."""
+    return version << _SEQ_SHIFT
+
+
+@dataclass(frozen=True)
+class _File:
+    path: str
+    rows: int
+    min_ts: datetime | None
+    max_ts: datetime | None
+    min_seq: int | None
+    max_seq: int | None
+
+
+class OfflineStore:
+    """Delta tables under ``<root>/views/<view>``; writes to one table are serialised."""
+
+    def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options
+        self._local = "://" not in root or root.startswith("file://")
+
+    # --- locations ------------------------------------------------------------------------
+
+    def table_uri(self, view: str) -> str:
+        return f"{self.root}/views/{view}"
+
+    @contextlib.contextmanager
+    def _write_lock(self, view: str) -> Iterator[None]:
+        # Object stores have no flock; there delta-rs's optimistic commit is the only guard.
+        if not self._local:
+            yield
+            return
+        with file_lock(Path(self.root) / ".polarstore" / "locks" / f"{view}.lock"):
+            yield
+
+    def _open(self, view: str, version: int | None = None) -> DeltaTable | None:
+        try:
+            return DeltaTable(
+                self.table_uri(view), version=version, storage_options=self.storage_options
+            )
+        except TableNotFoundError:
+            if version is not None and self._open(view) is not None:
+                raise _no_version(view, version, self.current_version(view)) from None
+            return None
+        except DeltaError as e:
+            if version is not None:
+                raise _no_version(view, version, self.current_version(view)) from e
+            msg = f"cannot open the Delta table of view {view!r}: {e}"
+            raise PolarstoreError(msg) from e
+
+    # --- versions and history -------------------------------------------------------------
+
+    def current_version(self, view: str) -> int | None:
+        """The latest table version, or None when nothing was ever written."""
+        table = self._open(view)
+        return None if table is None else table.version()
+
+    def history(self, view: str) -> pl.DataFrame:
+        table = self._open(view)
+        schema = {
+            "version": pl.Int64,
+            "timestamp": pl.Datetime("us", "UTC"),
+            "operation": pl.String,
+            "rows_added": pl.Int64,
+        }
+        if table is None:
+            return pl.DataFrame(schema=schema)
+        rows = []
+        for commit in table.history():
+            metrics = commit.get("operationMetrics") or {}
+            info = commit.get(_OPERATION_KEY) or commit.get("operation", "")
+            rows.append(
+                {
+                    "version": commit["version"],
+                    "timestamp": datetime.fromtimestamp(commit["timestamp"] / 1000, timezone.utc),
+                    "operation": str(info).lower(),
+                    "rows_added": metrics.get("num_added_rows", metrics.get("num_output_rows")),
+                }
+            )
+        return pl.DataFrame(rows, schema=schema).sort("version")
+
+    def version_at(self, view: str, moment: datetime) -> int | None:
+        """The last version committed at or before ``moment``; None if there was none yet."""
+        history = self.history(view)
+        moment = to_utc(moment)
+        before = history.filter(pl.col("timestamp") <= moment)
+        return None if before.is_empty() else int(before["version"].max())  # type: ignore[arg-type]
+
+    def check_version(self, view: str, version: int) -> None:
+        current = self.current_version(view)
+        if current is None or not 0 <= version <= current:
+            raise _no_version(view, version, current)
+
+    def table_schema(self, view: str) -> dict[str, pl.DataType] | None:
+        table = self._open(view)
+        if table is None:
+            return None
+        return _polars_schema(table)
+
+    def row_count(self, view: FeatureView, version: int | None = None) -> int:
+        table = self._open(view.name, version)
+        return 0 if table is None else sum(f.rows for f in _files_of(table, view))
+
+    # --- writing --------------------------------------------------------------------------
+
+    def append(
+        self,
+        view: FeatureView,
+        frame: pl.DataFrame,
+        *,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Append validated rows in one commit; return the new version.
+
+        With ``idempotency_key``, a Delta application transaction records the key in the same
+        commit, and a retry of the same key commits nothing and returns the current version.
+        """
+        order = [*view.join_keys, view.timestamp_field]
+        if view.created_timestamp_field:
+            order.append(view.created_timestamp_field)
+        with self._write_lock(view.name):
+            table = self._open(view.name)
+            app_id = f"polarstore-write:{view.name}:{idempotency_key}"
+            if table is not None and idempotency_key is not None:
+                if table.transaction_version(app_id) is not None:
+                    return table.version()
+            version = 0 if table is None else table.version() + 1
+            frame = frame.with_columns(
+                (pl.int_range(pl.len(), dtype=pl.Int64) + seq_floor(version)).alias(SEQ_COLUMN)
+            )
+            # Rows kept in (event time, created time, write order) make every file sorted, so
+            # a reader's sort is a cheap check and Polars' as-of join needs no dedupe.
+            frame = frame.sort([*order[len(view.join_keys) :], SEQ_COLUMN])
+            columns = [*order, SEQ_COLUMN, *view.feature_names]
+            if table is not None:
+                existing = list(_polars_schema(table))
+                columns = [c for c in existing if c in frame.columns] + [
+                    c for c in columns if c not in existing
+                ]
+            metadata = {_OPERATION_KEY: "write", "polarstore.rows": str(frame.height)}
+            transactions = [Transaction(app_id, 1)] if idempotency_key is not None else None
+            self._commit(view.name, frame.select(columns), "append", metadata, transactions)
+            return self._committed_version(view.name, expected=version)
+
+    def rewrite(self, view: FeatureView, frame: pl.DataFrame, operation: str) -> int:
+        """Replace the table's rows with ``frame`` (rows keep their write sequence)."""
+        with self._write_lock(view.name):
+            table = self._open(view.name)
+            if table is None:
+                msg = f"view {view.name!r} has no data to {operation}."
+                raise NotFoundError(msg)
+            version = table.version() + 1
+            self._commit(view.name, frame, "overwrite", {_OPERATION_KEY: operation}, None)
+            return self._committed_version(view.name, expected=version)
+
+    def _commit(
+        self,
+        view: str,
+        frame: pl.DataFrame,
+        mode: str,
+        metadata: dict[str, str],
+        transactions: list[Transaction] | None,
+    ) -> None:
+        data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+        try:
+            write_deltalake(
+                self.table_uri(view),
+                data,
+                mode=mode,  # type: ignore[arg-type]
+                schema_mode="merge" if mode == "append" else "overwrite",
+                storage_options=self.storage_options,
+                commit_properties=CommitProperties(
+                    custom_metadata=metadata, app_transactions=transactions
+                ),
+            )
+        except (DeltaError, pa.ArrowException, OSError) as e:
+            msg = f"writing to view {view!r} failed; nothing was committed: {e}"
+            raise PolarstoreError(msg) from e
+
+    def _committed_version(self, view: str, *, expected: int) -> int:
+        table = self._open(view)
+        assert table is not None
+        got = table.version()
+        if got < expected:  # pragma: no cover - delta-rs would have raised
+            msg = f"the write to view {view!r} did not commit (table is at version {got})."
+            raise ConflictError(msg)
+        return got
+
+    def delete(self, view: str, predicate: str) -> int:
+        with self._write_lock(view):
+            table = self._open(view)
+            if table is None:
+                return -1
+            try:
+                table.delete(
+                    predicate,
+                    commit_properties=CommitProperties(custom_metadata={_OPERATION_KEY: "delete"}),
+                )
+            except DeltaError as e:
+                msg = f"deleting rows of view {view!r} failed; nothing was committed: {e}"
+                raise PolarstoreError(msg) from e
+            return self._committed_version(view, expected=0)
+
+    def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
+        table = self._open(view)
+        if table is None:
+            return []
+        return table.vacuum(
+            retention_hours=retention_hours,
+            dry_run=False,
+            enforce_retention_duration=False,
+            keep_versions=list(keep_versions) or None,
+        )
+
+    # --- reading --------------------------------------------------------------------------
+
+    def scan(
+        self,
+        view: FeatureView,
+        *,
+        version: int | None = None,
+        columns: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        min_seq: int | None = None,
+    ) -> pl.LazyFrame | None:
+        """The view's rows as a lazy scan, files ordered by event time.
+
+        ``since``/``until`` bound the event time (inclusive); ``min_seq`` keeps rows written
+        at or after a write sequence. Files whose statistics rule them out are not opened.
+        Returns None when the view has no table (nothing was ever written) at ``version``.
+        """
+        table = self._open(view.name, version)
+        if table is None:
+            return None
+        schema = _polars_schema(table)
+        files = _files_of(table, view)
+        ts = view.timestamp_field
+        keep = [
+            f
+            for f in files
+            if not (since is not None and f.max_ts is not None and f.max_ts < since)
+            and not (until is not None and f.min_ts is not None and f.min_ts > until)
+            and not (min_seq is not None and f.max_seq is not None and f.max_seq < min_seq)
+        ]
+        keep.sort(key=lambda f: (f.min_ts or datetime.min.replace(tzinfo=timezone.utc)))
+        base = self.table_uri(view.name)
+        if keep:
+            frame = pl.scan_parquet(
+                [f"{base}/{f.path}" for f in keep],
+                schema=schema,  # type: ignore[arg-type]
+                missing_columns="insert",
+                storage_options=self.storage_options,
+                hive_partitioning=False,
+            )
+        else:
+            frame = pl.LazyFrame(schema=schema)
+        for name, dtype in view.schema.items():
+            if name not in schema:  # a feature added after the data was written
+                frame = frame.with_columns(pl.lit(None, dtype).alias(name))
+        if since is not None:
+            frame = frame.filter(pl.col(ts) >= since)
+        if until is not None:
+            frame = frame.filter(pl.col(ts) <= until)
+        if min_seq is not None:
+            frame = frame.filter(pl.col(SEQ_COLUMN) >= min_seq)
+        if columns is not None:
+            frame = frame.select(columns)
+        return frame
+
+
+def _polars_schema(table: DeltaTable) -> dict[str, pl.DataType]:
+    empty = pa.schema(table.schema().to_arrow()).empty_table()
+    return dict(pl.DataFrame(pl.from_arrow(empty)).schema)
+
+
+def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
+    protocol = table.protocol()
+    features = set(protocol.reader_features or [])
+    if features - {"timestampNtz"}:
+        msg = (
+            f"the Delta table of view {view.name!r} uses reader features {sorted(features)} "
+            "that polarstore does not read yet."
+        )
+        raise PolarstoreError(msg)
+    actions = pl.DataFrame(pa.table(table.get_add_actions(flatten=True)))
+    ts = view.timestamp_field
+    return [
+        _File(
+            path=row["path"],
+            rows=int(row.get("num_records") or 0),
+            min_ts=row.get(f"min.{ts}"),
+            max_ts=row.get(f"max.{ts}"),
+            min_seq=row.get(f"min.{SEQ_COLUMN}"),
+            max_seq=row.get(f"max.{SEQ_COLUMN}"),
+        )
+        for row in actions.iter_rows(named=True)
+    ]
+
+
+def _no_version(view: str, version: int, current: int | None) -> NotFoundError:
+    have = "has no data yet" if current is None else f"has versions 0 to {current}"
+    msg = f"view {view!r} has no version {version}: it {have}."
+    return NotFoundError(msg)

@@ -1,0 +1,217 @@
+"""The registry: ``registry.json`` at the repository root, readable JSON written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from polarstore._definitions import (
+    Entity,
+    FeatureService,
+    FeatureView,
+    dtype_from_str,
+    dtype_to_str,
+)
+from polarstore._errors import PolarstoreError, SchemaError
+
+__all__ = ["REGISTRY_FILE", "Registry", "RegistryState", "file_lock"]
+
+REGISTRY_FILE = "registry.json"
+FORMAT = "polarstore.registry"
+FORMAT_VERSION = 1
+
+T = TypeVar("T")
+
+
+@dataclass
+class RegistryState:
+    entities: dict[str, Entity] = field(default_factory=dict)
+    views: dict[str, FeatureView] = field(default_factory=dict)
+    services: dict[str, FeatureService] = field(default_factory=dict)
+    service_versions: dict[str, int] = field(default_factory=dict)
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock between processes (POSIX ``flock``), held for the block."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that readers see the old file or the new one, never a torn one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Registry:
+    """Reads and updates the registry file; updates are serialised by a lock file."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / REGISTRY_FILE
+        self._lock_path = root / ".polarstore" / "registry.lock"
+        self._cache: tuple[int, int, RegistryState] | None = None
+
+    def load(self) -> RegistryState:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return RegistryState()
+        # Re-parse only when the file changed: lookups resolve definitions on every call.
+        if self._cache and self._cache[:2] == (stat.st_mtime_ns, stat.st_size):
+            return self._cache[2]
+        text = self.path.read_text(encoding="utf-8")
+        state = _decode(text, self.path)
+        self._cache = (stat.st_mtime_ns, stat.st_size, state)
+        return state
+
+    def update(self, change: Callable[[RegistryState], T]) -> T:
+        """Apply ``change`` to a fresh copy of the state under the lock, then save it."""
+        with file_lock(self._lock_path):
+            self._cache = None
+            state = self.load()
+            result = change(state)
+            atomic_write_text(self.path, _encode(state))
+            self._cache = None
+            return result
+
+
+# --- JSON encoding --------------------------------------------------------------------------
+
+
+def _encode(state: RegistryState) -> str:
+    doc = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "entities": {n: _entity_to_json(e) for n, e in sorted(state.entities.items())},
+        "feature_views": {n: _view_to_json(v) for n, v in sorted(state.views.items())},
+        "feature_services": {
+            n: {**_service_to_json(s), "version": state.service_versions.get(n, 1)}
+            for n, s in sorted(state.services.items())
+        },
+        "datasets": dict(sorted(state.datasets.items())),
+    }
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def _decode(text: str, path: Path) -> RegistryState:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        msg = (
+            f"the registry {path} is not valid JSON ({e.msg} at line {e.lineno}, column "
+            f"{e.colno}); restore it from version control or a backup."
+        )
+        raise PolarstoreError(msg) from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        msg = f"the file {path} is not a polarstore registry (expected 'format': {FORMAT!r})."
+        raise PolarstoreError(msg)
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION:
+        msg = (
+            f"the registry {path} has format_version {version!r}; this polarstore reads "
+            f"version {FORMAT_VERSION}. Upgrade polarstore to open it."
+        )
+        raise PolarstoreError(msg)
+    try:
+        state = RegistryState()
+        for name, e in doc["entities"].items():
+            state.entities[name] = Entity(
+                name, e["join_keys"], description=e["description"], tags=e["tags"]
+            )
+        for name, v in doc["feature_views"].items():
+            state.views[name] = _view_from_json(name, v, state.entities)
+        for name, s in doc["feature_services"].items():
+            state.services[name] = FeatureService(
+                name, s["features"], description=s["description"], owner=s["owner"], tags=s["tags"]
+            )
+            state.service_versions[name] = int(s["version"])
+        state.datasets = dict(doc["datasets"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        if isinstance(e, PolarstoreError):
+            detail = str(e)
+        else:
+            detail = f"{type(e).__name__}: {e}"
+        msg = f"the registry {path} is damaged: {detail}."
+        raise PolarstoreError(msg) from e
+    return state
+
+
+def _entity_to_json(entity: Entity) -> dict[str, Any]:
+    return {
+        "join_keys": list(entity.join_keys),
+        "description": entity.description,
+        "tags": entity.tags,
+    }
+
+
+def _view_to_json(view: FeatureView) -> dict[str, Any]:
+    return {
+        "entities": [e.name for e in view.entities],  # type: ignore[union-attr]
+        "schema": {n: dtype_to_str(t) for n, t in view.schema.items()},
+        "timestamp_field": view.timestamp_field,
+        "created_timestamp_field": view.created_timestamp_field,
+        "ttl_microseconds": None if view.ttl is None else view.ttl // timedelta(microseconds=1),
+        "online": view.online,
+        "description": view.description,
+        "owner": view.owner,
+        "tags": view.tags,
+    }
+
+
+def _view_from_json(name: str, v: dict[str, Any], entities: dict[str, Entity]) -> FeatureView:
+    missing = [e for e in v["entities"] if e not in entities]
+    if missing:
+        msg = f"feature view {name!r} refers to unknown entities {missing}"
+        raise SchemaError(msg)
+    ttl = v["ttl_microseconds"]
+    return FeatureView(
+        name,
+        entities=[entities[e] for e in v["entities"]],
+        schema={f: dtype_from_str(t) for f, t in v["schema"].items()},
+        timestamp_field=v["timestamp_field"],
+        created_timestamp_field=v["created_timestamp_field"],
+        ttl=None if ttl is None else timedelta(microseconds=ttl),
+        online=v["online"],
+        description=v["description"],
+        owner=v["owner"],
+        tags=v["tags"],
+    )
+
+
+def _service_to_json(service: FeatureService) -> dict[str, Any]:
+    return {
+        "features": list(service.features),
+        "description": service.description,
+        "owner": service.owner,
+        "tags": service.tags,
+    }

@@ -1,0 +1,215 @@
+"""Point-in-time retrieval: feature references and the as-of join over the offline store."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+from polarstore._definitions import SEQ_COLUMN, FeatureView, as_references
+from polarstore._errors import NotFoundError, ValidationError, did_you_mean
+from polarstore._frames import key_dtype, to_polars
+from polarstore._offline import OfflineStore
+from polarstore._time import to_utc_expr
+
+__all__ = ["EMPTY_VERSION", "Requested", "historical_features", "resolve_features"]
+
+# A pinned version meaning "this view had no commit yet": it reads as empty.
+EMPTY_VERSION = -1
+_ROW = "__polarstore_row"
+_TS = "__polarstore_ts"
+
+
+@dataclass(frozen=True)
+class Requested:
+    """One requested feature: the view, the feature name and its output column name."""
+
+    view: FeatureView
+    feature: str
+    output: str
+
+
+def resolve_features(
+    views: Mapping[str, FeatureView], features: object, *, full_feature_names: bool
+) -> list[Requested]:
+    """Expand and validate feature references eagerly, before any data is read.
+
+    >>> import polars as pl
+    >>> from polarstore import Entity, FeatureView
+    >>> v = FeatureView("stats", entities=Entity("user", "user_id"),
+    ...                 schema={"clicks": pl.Int64, "spend": pl.Float64})
+    >>> [r.output for r in resolve_features({"stats": v}, ["stats:*"], full_feature_names=True)]
+    ['stats__clicks', 'stats__spend']
+    """
+    out: list[Requested] = []
+    for ref in as_references(features, where="features"):
+        view_name, _, feature = ref.partition(":")
+        if view_name not in views:
+            msg = f"feature reference {ref!r}: there is no feature view {view_name!r}."
+            raise NotFoundError(msg + did_you_mean(view_name, views))
+        view = views[view_name]
+        names = view.feature_names if feature == "*" else (feature,)
+        for name in names:
+            if name not in view.schema:
+                msg = f"feature reference {ref!r}: view {view_name!r} has no feature {name!r}."
+                raise NotFoundError(msg + did_you_mean(name, view.schema))
+            output = f"{view_name}__{name}" if full_feature_names else name
+            out.append(Requested(view, name, output))
+    seen: dict[str, str] = {}
+    for r in out:
+        ref = f"{r.view.name}:{r.feature}"
+        if r.output in seen:
+            hint = "" if full_feature_names else " Pass full_feature_names=True to keep both."
+            msg = (
+                f"features {seen[r.output]!r} and {ref!r} both produce the output column "
+                f"{r.output!r}.{hint}"
+            )
+            raise ValidationError(msg)
+        seen[r.output] = ref
+    return out
+
+
+def _by_view(requested: Sequence[Requested]) -> dict[str, list[Requested]]:
+    groups: dict[str, list[Requested]] = {}
+    for r in requested:
+        groups.setdefault(r.view.name, []).append(r)
+    return groups
+
+
+def historical_features(
+    offline: OfflineStore,
+    entity_df: object,
+    requested: Sequence[Requested],
+    *,
+    timestamp_field: str,
+    versions: Mapping[str, int | None],
+) -> pl.LazyFrame:
+    """The point-in-time join of the spine with every requested view (SPEC rules 1–4).
+
+    The spine is collected once (its time bounds prune what is read); each view is scanned
+    for the needed columns and the rows in [min spine time - ttl, max spine time], sorted by
+    (event time, created time, write sequence) — a near no-op on files polarstore wrote
+    sorted — and joined with a backward ``join_asof``, which takes the last of equal times:
+    exactly the tie-breaking rule, with no dedupe pass.
+    """
+    spine = to_polars(entity_df, what="get_historical_features entity_df")
+    where = "get_historical_features"
+    if timestamp_field not in spine.columns:
+        msg = (
+            f"{where}: the entity_df has no timestamp column {timestamp_field!r}."
+            + did_you_mean(timestamp_field, spine.columns)
+            + " Pass timestamp_field= to name it."
+        )
+        raise ValidationError(msg)
+    for name in (_ROW, _TS):
+        if name in spine.columns:
+            msg = f"{where}: the entity_df column name {name!r} is reserved."
+            raise ValidationError(msg)
+    clashes = [r.output for r in requested if r.output in spine.columns]
+    if clashes:
+        msg = (
+            f"{where}: output feature column(s) {clashes} already exist in the entity_df; "
+            "rename those columns or pass full_feature_names=True."
+        )
+        raise ValidationError(msg)
+    left_exprs: list[pl.Expr] = [
+        pl.int_range(pl.len(), dtype=pl.UInt32 if spine.height < 2**32 else pl.UInt64).alias(
+            _ROW
+        ),
+        to_utc_expr(timestamp_field, spine.schema[timestamp_field], where=where).alias(_TS),
+    ]
+    plans: list[tuple[list[Requested], dict[str, pl.DataType]]] = []
+    key_columns: dict[str, pl.Expr] = {}
+    for view_name, reqs in _by_view(requested).items():
+        view = reqs[0].view
+        missing = [k for k in view.join_keys if k not in spine.columns]
+        if missing:
+            msg = (
+                f"{where}: view {view_name!r} is keyed by {list(view.join_keys)} but the "
+                f"entity_df has no column(s) {missing}."
+                + did_you_mean(missing[0], spine.columns)
+            )
+            raise ValidationError(msg)
+        version = versions.get(view_name)
+        stored = None if version == EMPTY_VERSION else offline.table_schema(view_name)
+        temp_keys: dict[str, pl.DataType] = {}
+        for key in view.join_keys:
+            given = key_dtype(spine.schema[key], where=where, column=key)
+            target = stored[key] if stored and key in stored else given
+            if target == pl.Null:
+                target = pl.Int64()
+            if given not in (target, pl.Null()):
+                msg = (
+                    f"{where}: entity_df column {key!r} is {spine.schema[key]} but view "
+                    f"{view_name!r} stores {key!r} as {target}."
+                )
+                raise ValidationError(msg)
+            # One spine column per (key, dtype): views sharing a key share the cast column.
+            temp = f"__polarstore_key_{key}_{target}"
+            key_columns[temp] = pl.col(key).cast(target)
+            temp_keys[temp] = target
+        plans.append((reqs, temp_keys))
+    left_exprs.extend(expr.alias(name) for name, expr in key_columns.items())
+    left = spine.select(left_exprs)
+
+    null_ts = left[_TS].null_count() > 0
+    if null_ts:  # a spine row without a time matches nothing: it gets null features
+        left = left.filter(pl.col(_TS).is_not_null())
+    lo, hi = left[_TS].min(), left[_TS].max()
+    joined = left.lazy().sort(_TS)
+    for reqs, temp_keys in plans:
+        view = reqs[0].view
+        right = _view_rows(offline, view, reqs, temp_keys, versions.get(view.name), lo, hi)  # type: ignore[arg-type]
+        joined = joined.join_asof(
+            right,
+            on=_TS,
+            by=list(temp_keys),
+            strategy="backward",
+            tolerance=view.ttl,
+            check_sortedness=False,
+        )
+    outputs = [r.output for r in requested]
+    features = joined.select(_ROW, *outputs)
+    if null_ts:
+        rows = pl.LazyFrame({_ROW: pl.int_range(spine.height, dtype=left.schema[_ROW], eager=True)})
+        features = rows.join(features, on=_ROW, how="left")
+    features = features.sort(_ROW).select(outputs)
+    return pl.concat([spine.lazy(), features], how="horizontal")
+
+
+def _view_rows(
+    offline: OfflineStore,
+    view: FeatureView,
+    reqs: list[Requested],
+    temp_keys: dict[str, pl.DataType],
+    version: int | None,
+    lo: datetime | None,
+    hi: datetime | None,
+) -> pl.LazyFrame:
+    """The view's candidate rows, renamed for the join and in tie-breaking order."""
+    ts, created = view.timestamp_field, view.created_timestamp_field
+    order = [ts, *([created] if created else []), SEQ_COLUMN]
+    frame = None
+    if version != EMPTY_VERSION and lo is not None:
+        frame = offline.scan(
+            view,
+            version=version,
+            columns=[*view.join_keys, *order, *dict.fromkeys(r.feature for r in reqs)],
+            since=lo - view.ttl if view.ttl is not None else None,
+            until=hi,
+        )
+    if frame is None:  # no data (yet, or as of the pinned moment): every feature is null
+        return pl.LazyFrame(
+            schema={
+                **temp_keys,
+                _TS: pl.Datetime("us", "UTC"),
+                **{r.output: view.schema[r.feature] for r in reqs},
+            }
+        )
+    return frame.sort(order).select(
+        *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys)],
+        pl.col(ts).alias(_TS),
+        *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],
+    )

@@ -1,0 +1,637 @@
+"""``FeatureStore``: the repository façade. It resolves names and delegates to the modules."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from polarstore._definitions import (
+    SEQ_COLUMN,
+    Entity,
+    FeatureService,
+    FeatureView,
+    as_references,
+    check_name,
+)
+from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
+from polarstore._frames import prepare_rows, to_polars
+from polarstore._offline import OfflineStore
+from polarstore._registry import Registry, RegistryState
+from polarstore._retrieval import EMPTY_VERSION, historical_features, resolve_features
+from polarstore._time import to_utc, utc_now
+
+__all__ = ["FeatureStore"]
+
+Definition = Entity | FeatureView | FeatureService
+AsOf = datetime | date | str | Mapping[str, int] | None
+
+
+class FeatureStore:
+    """A feature repository: a folder of Delta tables, an LMDB online store and a registry.
+
+    Parameters
+    ----------
+    path
+        The repository folder; created if missing.
+    storage_options
+        Passed to Delta Lake for the offline tables.
+    online_path
+        Where the LMDB environment lives; default ``<path>/online``.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from datetime import datetime
+    >>> import polars as pl
+    >>> from polarstore import Entity, FeatureStore, FeatureView
+    >>> store = FeatureStore(tempfile.mkdtemp())
+    >>> user = Entity("user", join_keys="user_id")
+    >>> stats = FeatureView("stats", entities=[user], schema={"clicks": pl.Int64})
+    >>> store.apply([user, stats])
+    >>> store.write("stats", pl.DataFrame({"user_id": [1, 1], "clicks": [3, 5],
+    ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3)]}))
+    0
+    >>> spine = pl.DataFrame({"user_id": [1, 1], "event_timestamp": [datetime(2024, 1, 2),
+    ...                                                             datetime(2024, 1, 4)]})
+    >>> store.get_historical_features(spine, ["stats:clicks"]).collect()["clicks"].to_list()
+    [3, 5]
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        storage_options: dict[str, str] | None = None,
+        online_path: str | os.PathLike[str] | None = None,
+    ) -> None:
+        text = os.fspath(path)
+        if "://" in text and not text.startswith("file://"):
+            msg = (
+                f"repository {text!r}: object-store repositories are not supported yet; "
+                "use a local folder (the Delta tables can be copied to S3 as they are)."
+            )
+            raise ValidationError(msg)
+        self.path = Path(text.removeprefix("file://")).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.online_path = Path(online_path) if online_path else self.path / "online"
+        self._registry = Registry(self.path)
+        self._offline = OfflineStore(str(self.path), storage_options)
+        self._online_store: Any = None
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r})"
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the online store's LMDB environment, if it was opened."""
+        if self._online_store is not None:
+            self._online_store.close()
+            self._online_store = None
+
+    # --- definitions ----------------------------------------------------------------------
+
+    def apply(self, objects: Definition | Iterable[Definition]) -> None:
+        """Register or update definitions; applying the same definitions again is a no-op.
+
+        A view's entities are registered with it. Adding features to a view is allowed;
+        changing a feature's dtype, removing a feature, or changing a view's entities or
+        timestamp fields raises ``SchemaError`` once the view has data.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> user = Entity("user", join_keys="user_id")
+        >>> store.apply(FeatureView("stats", entities=user, schema={"clicks": pl.Int64}))
+        >>> [e.name for e in store.list_entities()]
+        ['user']
+        """
+        items = [objects] if isinstance(objects, (Entity, FeatureView, FeatureService)) else list(
+            objects
+        )
+        for item in items:
+            if not isinstance(item, (Entity, FeatureView, FeatureService)):
+                msg = f"apply() takes Entity, FeatureView and FeatureService objects, got {item!r}."
+                raise ValidationError(msg)
+        self._registry.update(lambda state: self._apply(state, items))
+
+    def _apply(self, state: RegistryState, items: list[Definition]) -> None:
+        entities = [i for i in items if isinstance(i, Entity)]
+        views = [i for i in items if isinstance(i, FeatureView)]
+        services = [i for i in items if isinstance(i, FeatureService)]
+        entities += [e for v in views for e in v.entities]  # type: ignore[union-attr]
+        for entity in entities:
+            old = state.entities.get(entity.name)
+            if old is not None and old.join_keys != entity.join_keys:
+                users = [
+                    v.name
+                    for v in state.views.values()
+                    if entity.name in {e.name for e in v.entities}  # type: ignore[union-attr]
+                    and self._offline.current_version(v.name) is not None
+                ]
+                if users:
+                    msg = (
+                        f"entity {entity.name!r}: cannot change join keys from "
+                        f"{list(old.join_keys)} to {list(entity.join_keys)}; views {users} "
+                        "already have data keyed by the old ones."
+                    )
+                    raise SchemaError(msg)
+            state.entities[entity.name] = entity
+        for view in views:
+            old_view = state.views.get(view.name)
+            if old_view is not None and self._offline.current_version(view.name) is not None:
+                _check_evolution(old_view, view)
+            state.views[view.name] = view
+        # Rebuild views on re-applied entities so descriptions and tags stay in sync.
+        for name, view in list(state.views.items()):
+            ents = [state.entities[e.name] for e in view.entities]  # type: ignore[union-attr]
+            state.views[name] = _replace_entities(view, ents)
+        for service in services:
+            resolve_features(state.views, service.features, full_feature_names=True)
+            old_service = state.services.get(service.name)
+            version = state.service_versions.get(service.name, 0)
+            if old_service is None or old_service.features != service.features:
+                version += 1
+            state.services[service.name] = service
+            state.service_versions[service.name] = version
+
+    def _state(self) -> RegistryState:
+        return self._registry.load()
+
+    def get_feature_view(self, name: str) -> FeatureView:
+        """The registered view called ``name``; ``NotFoundError`` with a hint if none."""
+        views = self._state().views
+        if name not in views:
+            msg = f"there is no feature view {name!r}." + did_you_mean(name, views)
+            raise NotFoundError(msg)
+        return views[name]
+
+    def get_feature_service(self, name: str) -> FeatureService:
+        services = self._state().services
+        if name not in services:
+            msg = f"there is no feature service {name!r}." + did_you_mean(name, services)
+            raise NotFoundError(msg)
+        return services[name]
+
+    def _view(self, view: str | FeatureView) -> FeatureView:
+        if isinstance(view, FeatureView):
+            registered = self.get_feature_view(view.name)
+            if registered != view:
+                msg = (
+                    f"feature view {view.name!r} differs from the registered definition; "
+                    "apply() it first."
+                )
+                raise SchemaError(msg)
+            return registered
+        if not isinstance(view, str):
+            msg = f"view must be a name or a FeatureView, got {type(view).__name__}."
+            raise ValidationError(msg)
+        return self.get_feature_view(view)
+
+    def list_entities(self) -> list[Entity]:
+        return list(self._state().entities.values())
+
+    def list_feature_views(self) -> list[FeatureView]:
+        return list(self._state().views.values())
+
+    def list_feature_services(self) -> list[FeatureService]:
+        return list(self._state().services.values())
+
+    def search(self, text: str) -> list[Definition]:
+        """Definitions whose name, description, owner, tags or feature names contain ``text``.
+
+        Case-insensitive substring match.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> user = Entity("user", join_keys="user_id")
+        >>> store.apply(FeatureView("stats", entities=user, schema={"clicks": pl.Int64},
+        ...                         owner="growth-team", tags={"pii": "no"}))
+        >>> [d.name for d in store.search("GROWTH")]
+        ['stats']
+        """
+        needle = text.lower()
+        state = self._state()
+        found: list[Definition] = []
+        items: list[Definition] = [
+            *state.entities.values(),
+            *state.views.values(),
+            *state.services.values(),
+        ]
+        for item in items:
+            words = [item.name, item.description, getattr(item, "owner", "")]
+            words += [f"{k}={v}" for k, v in (item.tags or {}).items()]
+            if isinstance(item, FeatureView):
+                words += list(item.schema)
+            if isinstance(item, FeatureService):
+                words += list(item.features)  # type: ignore[arg-type]
+            if any(needle in w.lower() for w in words):
+                found.append(item)
+        return found
+
+    def describe(self, view: str | FeatureView) -> dict[str, Any]:
+        """Schema, description, owner, tags, rows, versions, latest event time, online state."""
+        v = self._view(view)
+        version = self._offline.current_version(v.name)
+        latest = None
+        if version is not None:
+            scan = self._offline.scan(v, columns=[v.timestamp_field])
+            latest = scan.select(pl.col(v.timestamp_field).max()).collect().item()  # type: ignore[union-attr]
+        online = self._online().state(v.name) if v.online else None
+        return {
+            "name": v.name,
+            "entities": [e.name for e in v.entities],  # type: ignore[union-attr]
+            "join_keys": list(v.join_keys),
+            "schema": dict(v.schema),
+            "timestamp_field": v.timestamp_field,
+            "created_timestamp_field": v.created_timestamp_field,
+            "ttl": v.ttl,
+            "online": v.online,
+            "description": v.description,
+            "owner": v.owner,
+            "tags": dict(v.tags or {}),
+            "rows": self._offline.row_count(v) if version is not None else 0,
+            "version": version,
+            "versions": 0 if version is None else version + 1,
+            "latest_event_time": latest,
+            "materialized_version": online.get("version") if online else None,
+            "materialized_at": online.get("materialized_at") if online else None,
+        }
+
+    # --- offline store ----------------------------------------------------------------------
+
+    def write(
+        self, view: str | FeatureView, data: Any, *, idempotency_key: str | None = None
+    ) -> int:
+        """Append rows to the view's Delta table in one commit; return the new table version.
+
+        Everything is validated first: on any error nothing is written. ``data`` is a Polars
+        DataFrame or LazyFrame, a pyarrow Table or a pandas DataFrame holding the join keys,
+        the timestamp field(s) and exactly the declared features. With ``idempotency_key``, a
+        retried job writing the same key again commits nothing (Delta app transactions).
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> rows = pl.DataFrame({"user_id": [7], "event_timestamp": [datetime(2024, 5, 1)],
+        ...                      "clicks": [2]})
+        >>> store.write("stats", rows), store.write("stats", rows)
+        (0, 1)
+        """
+        v = self._view(view)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            msg = f"idempotency_key must be a non-empty str, got {idempotency_key!r}."
+            raise ValidationError(msg)
+        stored = self._offline.table_schema(v.name)
+        rows = prepare_rows(v, data, stored)
+        if rows.is_empty() and stored is not None:
+            return self._offline.current_version(v.name)  # type: ignore[return-value]
+        return self._offline.append(v, rows, idempotency_key=idempotency_key)
+
+    def read(self, view: str | FeatureView, *, as_of: AsOf = None) -> pl.LazyFrame:
+        """The raw rows of a view (as of a version or time), in tie-breaking order.
+
+        Rows come sorted by event time, then created time, then write order: for equal
+        keys and times, the row that ``get_historical_features`` would pick comes last.
+        """
+        v = self._view(view)
+        version = self._pin(as_of, [v.name]).get(v.name)
+        columns = [
+            *v.join_keys,
+            v.timestamp_field,
+            *([v.created_timestamp_field] if v.created_timestamp_field else []),
+            *v.feature_names,
+        ]
+        frame = None
+        if version != EMPTY_VERSION:
+            frame = self._offline.scan(v, version=version)
+        if frame is None:
+            schema = self._offline.table_schema(v.name) or {}
+            return pl.LazyFrame(
+                schema={c: schema.get(c, v.schema.get(c, pl.Datetime("us", "UTC"))) for c in columns}
+            )
+        order = [c for c in columns[len(v.join_keys) : len(v.join_keys) + 2] if c not in v.schema]
+        return frame.sort([*order, SEQ_COLUMN]).select(columns)
+
+    def history(self, view: str | FeatureView) -> pl.DataFrame:
+        """One row per table version: version, commit time, operation, rows added."""
+        return self._offline.history(self._view(view).name)
+
+    def versions(self) -> dict[str, int]:
+        """The current version of every view (-1 for a view with no data): a pin for as_of."""
+        return {
+            name: v if (v := self._offline.current_version(name)) is not None else EMPTY_VERSION
+            for name in self._state().views
+        }
+
+    def compact(self, view: str | FeatureView) -> int:
+        """Rewrite the view's table into sorted, non-overlapping files; return the new version.
+
+        Every row is kept with its write order, so answers are unchanged; retrieval gets
+        faster because files no longer overlap in time.
+        """
+        v = self._view(view)
+        frame = self._offline.scan(v)
+        if frame is None:
+            msg = f"view {v.name!r} has no data to compact."
+            raise NotFoundError(msg)
+        order = [v.timestamp_field, *([v.created_timestamp_field] or []), SEQ_COLUMN]
+        rows = frame.sort([c for c in order if c]).collect()
+        return self._offline.rewrite(v, rows, "compact")
+
+    # --- retrieval ------------------------------------------------------------------------
+
+    def _pin(self, as_of: AsOf, views: Iterable[str]) -> dict[str, int | None]:
+        """Normalise ``as_of`` to a version per view (None: current; -1: no data then)."""
+        names = list(dict.fromkeys(views))
+        if as_of is None:
+            return {}
+        if isinstance(as_of, Mapping):
+            known = self._state().views
+            pins: dict[str, int | None] = {}
+            for name, version in as_of.items():
+                if name not in known:
+                    msg = f"as_of names no feature view {name!r}." + did_you_mean(name, known)
+                    raise NotFoundError(msg)
+                if isinstance(version, bool) or not isinstance(version, int):
+                    msg = f"as_of[{name!r}] must be a table version (int), got {version!r}."
+                    raise ValidationError(msg)
+                if version != EMPTY_VERSION:
+                    self._offline.check_version(name, version)
+                pins[name] = version
+            return pins
+        moment = to_utc(as_of, what="as_of")  # type: ignore[arg-type]
+        return {
+            name: v if (v := self._offline.version_at(name, moment)) is not None else EMPTY_VERSION
+            for name in names
+        }
+
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = "event_timestamp",
+        full_feature_names: bool = False,
+        as_of: AsOf = None,
+    ) -> pl.LazyFrame:
+        """Point-in-time join: for each spine row, each feature's latest value at that time.
+
+        See the specification's point-in-time rules. One row per ``entity_df`` row, in input
+        order, input columns unchanged, then the features in the requested order.
+        ``features`` holds ``"view:feature"`` / ``"view:*"`` references or a
+        ``FeatureService``; ``as_of`` is a datetime, or a dict of view name to table version.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime, timedelta
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}, ttl=timedelta(days=1)))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1], "clicks": [4],
+        ...                    "event_timestamp": [datetime(2024, 1, 1)]}))
+        0
+        >>> spine = pl.DataFrame({"user_id": [1, 1, 2], "event_timestamp": [
+        ...     datetime(2024, 1, 1), datetime(2024, 1, 3), datetime(2024, 1, 1)]})
+        >>> store.get_historical_features(spine, ["stats:*"]).collect()["clicks"].to_list()
+        [4, None, None]
+        """
+        state = self._state()
+        if isinstance(features, str) and ":" not in features and features in state.services:
+            features = state.services[features]
+        requested = resolve_features(
+            state.views, features, full_feature_names=full_feature_names
+        )
+        versions = self._pin(as_of, [r.view.name for r in requested])
+        return historical_features(
+            self._offline,
+            entity_df,
+            requested,
+            timestamp_field=timestamp_field,
+            versions=versions,
+        )
+
+    def save_dataset(
+        self,
+        name: str,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = "event_timestamp",
+        full_feature_names: bool = False,
+        as_of: AsOf = None,
+        overwrite: bool = False,
+    ) -> pl.LazyFrame:
+        """Store a reproducible training set: the spine and the pinned view versions.
+
+        ``load_dataset(name)`` later returns exactly the same rows, whatever was written since
+        (until old versions are vacuumed).
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> def clicks(n): return pl.DataFrame({"user_id": [1], "clicks": [n],
+        ...                    "event_timestamp": [datetime(2024, 1, 1)]})
+        >>> _ = store.write("stats", clicks(1))
+        >>> spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 2, 1)]})
+        >>> _ = store.save_dataset("train", spine, ["stats:clicks"])
+        >>> _ = store.write("stats", clicks(2))  # a later correction
+        >>> store.load_dataset("train").collect()["clicks"].to_list()
+        [1]
+        """
+        check_name(name, what="dataset")
+        spine = to_polars(entity_df, what=f"save_dataset {name!r} entity_df")
+        refs = list(as_references(features, where=f"save_dataset {name!r}"))
+        state = self._state()
+        requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
+        pins = self._pin(as_of, [r.view.name for r in requested])
+        current = self.versions()
+        versions = {
+            r.view.name: pins.get(r.view.name, current[r.view.name]) for r in requested
+        }
+        result = self.get_historical_features(
+            spine,
+            refs,
+            timestamp_field=timestamp_field,
+            full_feature_names=full_feature_names,
+            as_of=versions,  # type: ignore[arg-type]
+        )
+        if name in state.datasets and not overwrite:
+            msg = f"dataset {name!r} already exists; pass overwrite=True to replace it."
+            raise ValidationError(msg)
+        spine_path = self.path / "datasets" / f"{name}.parquet"
+        spine_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spine_path.with_suffix(f".{os.getpid()}.tmp")
+        spine.write_parquet(tmp)
+        os.replace(tmp, spine_path)
+        entry = {
+            "features": refs,
+            "versions": versions,
+            "timestamp_field": timestamp_field,
+            "full_feature_names": full_feature_names,
+            "rows": spine.height,
+            "created_at": utc_now().isoformat(),
+            "spine": f"datasets/{name}.parquet",
+        }
+        self._registry.update(lambda s: s.datasets.__setitem__(name, entry))
+        return result
+
+    def load_dataset(self, name: str) -> pl.LazyFrame:
+        """The training set saved under ``name``, rebuilt from its spine and pinned versions."""
+        datasets = self._state().datasets
+        if name not in datasets:
+            msg = f"there is no dataset {name!r}." + did_you_mean(name, datasets)
+            raise NotFoundError(msg)
+        entry = datasets[name]
+        spine = pl.read_parquet(self.path / entry["spine"])
+        return self.get_historical_features(
+            spine,
+            entry["features"],
+            timestamp_field=entry["timestamp_field"],
+            full_feature_names=entry["full_feature_names"],
+            as_of=entry["versions"],
+        )
+
+    def list_datasets(self) -> dict[str, dict[str, Any]]:
+        return dict(self._state().datasets)
+
+    # --- online store -----------------------------------------------------------------------
+
+    def _online(self) -> Any:
+        if self._online_store is None:
+            from polarstore._online import OnlineStore
+
+            self._online_store = OnlineStore(self.online_path)
+        return self._online_store
+
+    def materialize(
+        self,
+        views: str | FeatureView | Iterable[str | FeatureView] | None = None,
+        *,
+        end: datetime | date | str | None = None,
+        progress: bool | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Sync the latest row per entity of each online view into LMDB, incrementally.
+
+        Only rows committed since the last sync are read; ``end`` limits the sync to rows with
+        event time at or before it (later rows are synced by a later call). Each view's sync is
+        one LMDB transaction. Returns, per view: rows read, entities written, version synced,
+        seconds.
+        """
+        state = self._state()
+        if views is None:
+            targets = [v for v in state.views.values() if v.online]
+        else:
+            items = [views] if isinstance(views, (str, FeatureView)) else list(views)
+            targets = [self._view(v) for v in items]
+            offline_only = [v.name for v in targets if not v.online]
+            if offline_only:
+                msg = f"views {offline_only} are not online (online=False); nothing to sync."
+                raise ValidationError(msg)
+        until = None if end is None else to_utc(end, what="end")
+        return self._online().materialize(self._offline, targets, end=until, progress=progress)  # type: ignore[no-any-return]
+
+    def get_online_features(
+        self,
+        entity_rows: Any,
+        features: Any,
+        *,
+        full_feature_names: bool = False,
+        now: datetime | None = None,
+    ) -> pl.DataFrame:
+        """Latest feature values for a batch of entities, from one LMDB snapshot.
+
+        ``entity_rows`` is a dict, a list of dicts, or a DataFrame of join keys. Missing
+        entities give nulls. Values older than ``now - ttl`` read as null, as offline.
+        """
+        state = self._state()
+        if isinstance(features, str) and ":" not in features and features in state.services:
+            features = state.services[features]
+        requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
+        moment = utc_now() if now is None else to_utc(now, what="now")
+        return self._online().lookup(entity_rows, requested, moment)  # type: ignore[no-any-return]
+
+    def get_feature_vector(
+        self,
+        entity: Mapping[str, Any],
+        features: Any,
+        *,
+        full_feature_names: bool = False,
+        now: datetime | None = None,
+    ) -> dict[str, Any]:
+        """One entity's feature values as a plain dict: the request-time path, no DataFrame."""
+        return self._online().vector(  # type: ignore[no-any-return]
+            self, entity, features, full_feature_names=full_feature_names, now=now
+        )
+
+
+def _check_evolution(old: FeatureView, new: FeatureView) -> None:
+    where = f"feature view {new.name!r} has data; "
+    for attr in ("timestamp_field", "created_timestamp_field"):
+        if getattr(old, attr) != getattr(new, attr):
+            msg = (
+                f"{where}cannot change {attr} from {getattr(old, attr)!r} to "
+                f"{getattr(new, attr)!r}. Create a new view instead."
+            )
+            raise SchemaError(msg)
+    if old.join_keys != new.join_keys:
+        msg = (
+            f"{where}cannot change its entities' join keys from {list(old.join_keys)} to "
+            f"{list(new.join_keys)}. Create a new view instead."
+        )
+        raise SchemaError(msg)
+    for name, dtype in old.schema.items():
+        if name not in new.schema:
+            msg = (
+                f"{where}cannot remove feature {name!r} (its history is in the table). Keep it "
+                "in the schema or create a new view."
+            )
+            raise SchemaError(msg)
+        if new.schema[name] != dtype:
+            msg = (
+                f"{where}cannot change the dtype of feature {name!r} from {dtype} to "
+                f"{new.schema[name]}. Add a new feature instead."
+            )
+            raise SchemaError(msg)
+
+
+def _replace_entities(view: FeatureView, entities: list[Entity]) -> FeatureView:
+    if list(view.entities) == entities:  # type: ignore[arg-type]
+        return view
+    return FeatureView(
+        view.name,
+        entities=entities,
+        schema=view.schema,
+        timestamp_field=view.timestamp_field,
+        created_timestamp_field=view.created_timestamp_field,
+        ttl=view.ttl,
+        online=view.online,
+        description=view.description,
+        owner=view.owner,
+        tags=view.tags,
+    )
+
+

@@ -1,0 +1,140 @@
+"""A brute-force point-in-time join: plain loops over lists of dicts, no Polars.
+
+It is deliberately naive, so that it is obviously correct; the property tests in
+``test_pit_properties.py`` hold ``FeatureStore.get_historical_features`` to it, and
+``test_reference.py`` checks it by hand on tiny cases. It implements SPEC, "Point-in-time
+semantics", rules 1-4, for each spine row ``r`` and each requested view ``v``:
+
+1. the join keys of the feature row equal those of ``r``; a null key in ``r`` matches nothing;
+2. ``event_timestamp <= r.timestamp``;
+3. if ``v.ttl`` is set: ``event_timestamp >= r.timestamp - v.ttl`` (inclusive);
+4. the greatest event timestamp wins; ties go to the greatest created timestamp (if the view
+   has one), then to the row written last.
+
+A null spine timestamp matches nothing either. Times are compared as UTC instants: a naive
+``datetime`` is UTC, an aware one is converted.
+
+>>> from datetime import datetime
+>>> view = RefView("v", join_keys=("k",), features=("x",))
+>>> rows = {"v": [{"k": 1, "event_timestamp": datetime(2024, 1, 1), "x": 1.5}]}
+>>> spine = [{"k": 1, "event_timestamp": datetime(2024, 1, 2)}, {"k": 2, "event_timestamp": None}]
+>>> point_in_time(spine, ["v:x"], {"v": view}, rows)
+[{'x': 1.5}, {'x': None}]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+__all__ = ["RefView", "pick_row", "point_in_time", "resolve_features", "to_utc"]
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RefView:
+    """What the reference needs to know about a feature view."""
+
+    name: str
+    join_keys: tuple[str, ...]
+    features: tuple[str, ...]
+    timestamp_field: str = "event_timestamp"
+    created_timestamp_field: str | None = None
+    ttl: timedelta | None = None
+
+
+def to_utc(value: datetime | None) -> datetime | None:
+    """An aware UTC datetime; a naive one is read as UTC. ``None`` stays ``None``."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def resolve_features(
+    views: Mapping[str, RefView], features: Sequence[str], *, full_feature_names: bool
+) -> list[tuple[str, str, str]]:
+    """``(view, feature, output name)`` for each reference, ``"view:*"`` expanded in order."""
+    resolved: list[tuple[str, str, str]] = []
+    for ref in features:
+        view_name, feature = ref.split(":")
+        names = views[view_name].features if feature == "*" else (feature,)
+        for name in names:
+            if name not in views[view_name].features:
+                msg = f"view {view_name!r} has no feature {name!r}"
+                raise KeyError(msg)
+            output = f"{view_name}__{name}" if full_feature_names else name
+            resolved.append((view_name, name, output))
+    outputs = [output for _, _, output in resolved]
+    if len(set(outputs)) != len(outputs):
+        msg = f"two requested features have the same output name: {outputs}"
+        raise ValueError(msg)
+    return resolved
+
+
+def pick_row(view: RefView, rows: Sequence[Row], keys: Sequence[Any], at: datetime | None) -> Row | None:
+    """The row of ``view`` (``rows`` in write order) that SPEC rules 1-4 select, or None.
+
+    ``keys`` are the spine row's values of ``view.join_keys``; ``at`` its timestamp.
+    """
+    at = to_utc(at)
+    if at is None or any(key is None for key in keys):
+        return None
+    best: Row | None = None
+    best_event = best_created = datetime.min.replace(tzinfo=timezone.utc)
+    for row in rows:
+        # Rule 1: every join key equal (the spine's keys are not null here).
+        if any(row[name] != key for name, key in zip(view.join_keys, keys)):
+            continue
+        event = to_utc(row[view.timestamp_field])
+        if event is None:
+            msg = f"view {view.name!r}: a written row has a null event timestamp"
+            raise ValueError(msg)
+        # Rule 2: observed at or before the spine time.
+        if event > at:
+            continue
+        # Rule 3: not older than the TTL; the lower bound is inclusive.
+        if view.ttl is not None and event < at - view.ttl:
+            continue
+        # Rule 4: greatest event time, then greatest created time, then written last.
+        # Rows come in write order, so ">=" on a full tie lets the later row win.
+        created = best_created
+        if view.created_timestamp_field is not None:
+            created = to_utc(row[view.created_timestamp_field])
+            if created is None:
+                msg = f"view {view.name!r}: the SPEC does not rank a null created timestamp"
+                raise ValueError(msg)
+        if best is None or (event, created) >= (best_event, best_created):
+            best, best_event, best_created = row, event, created
+    return best
+
+
+def point_in_time(
+    spine: Sequence[Row],
+    features: Sequence[str],
+    views: Mapping[str, RefView],
+    rows: Mapping[str, Sequence[Row]],
+    *,
+    timestamp_field: str = "event_timestamp",
+    full_feature_names: bool = False,
+) -> list[dict[str, Any]]:
+    """The expected feature values, one dict (output name -> value) per spine row, in order.
+
+    ``rows[view]`` holds every row written to the view, in write order (across writes).
+    """
+    resolved = resolve_features(views, features, full_feature_names=full_feature_names)
+    result: list[dict[str, Any]] = []
+    for spine_row in spine:
+        at = spine_row[timestamp_field]
+        values: dict[str, Any] = {}
+        for view_name, feature, output in resolved:
+            view = views[view_name]
+            keys = [spine_row[name] for name in view.join_keys]
+            match = pick_row(view, rows.get(view_name, ()), keys, at)
+            values[output] = None if match is None else match[feature]
+        result.append(values)
+    return result

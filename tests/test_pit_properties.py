@@ -1,0 +1,449 @@
+"""Property tests: ``get_historical_features`` against the brute-force reference.
+
+Every example builds a fresh repository in a temporary folder (hypothesis does not reset
+function-scoped fixtures), defines one or two views, writes 1-4 batches to each, then compares
+the point-in-time join of a random spine with ``reference.point_in_time`` row for row.
+
+Timestamps sit on a 15-minute grid over four hours, so ties on event and created time happen
+often; spine times are drawn on the grid, one microsecond either side of it, and exactly at
+``event + ttl`` (and one microsecond past it) of written rows, so TTL and "same instant" edges
+are hit on purpose. The grid starts just before New York's spring-forward (2024-03-10 07:00Z).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from polars.testing import assert_frame_equal
+from reference import RefView, point_in_time, resolve_features
+
+from polarstore import Entity, FeatureStore, FeatureView, PolarstoreError
+
+UTC = timezone.utc
+BASE = datetime(2024, 3, 10, 5, 0, tzinfo=UTC)
+STEP = timedelta(minutes=15)
+GRID = 17  # event and created times are BASE + k * STEP, k in [0, GRID)
+US = timedelta(microseconds=1)
+TTLS: list[timedelta | None] = [
+    None,
+    timedelta(0),
+    STEP,
+    2 * STEP,
+    timedelta(hours=1),
+    timedelta(minutes=7),
+]
+
+INT_KEYS = [0, 1, 2, -3]
+STR_KEYS = ["", "a", "A", "é", "e\u0301", "日本", "a b", "🦀"]
+KEY_DTYPES: dict[str, pl.DataType] = {"user_id": pl.Int64(), "item_id": pl.String()}
+KEY_VALUES: dict[str, list[Any]] = {"user_id": INT_KEYS, "item_id": STR_KEYS}
+ENTITY_KEYS: dict[str, tuple[str, ...]] = {
+    "user": ("user_id",),
+    "item": ("item_id",),
+    "user_item": ("user_id", "item_id"),
+}
+FEATURE_DTYPES: list[pl.DataType] = [pl.Float64(), pl.Int64(), pl.String(), pl.Boolean()]
+ZONES: list[str | None] = [None, "UTC", "America/New_York", "Asia/Kolkata"]
+SPINE_TS_NAMES = ["event_timestamp", "ts", "when"]
+
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TimeUnit = Literal["us", "ns"]
+
+
+@dataclass
+class Write:
+    view: str
+    rows: list[dict[str, Any]]  # times as aware UTC datetimes
+    zone: str | None  # the zone the timestamp columns are written in (None: naive)
+    columns: list[str]  # column order of the written frame
+
+
+@dataclass
+class Case:
+    views: dict[str, RefView]
+    dtypes: dict[str, dict[str, pl.DataType]]  # view -> feature -> dtype
+    entities: dict[str, str]  # view -> entity name
+    writes: list[Write]  # in write order, views interleaved
+    spine: list[dict[str, Any]]  # times as aware UTC datetimes
+    spine_columns: list[str]
+    spine_ts: str
+    spine_zone: str | None
+    spine_unit: TimeUnit
+    features: list[str]
+    full_feature_names: bool
+    versions: dict[str, list[int]] = field(default_factory=dict)  # view -> version per write
+
+
+# --- strategies ----------------------------------------------------------------------------
+
+
+def grid(k: int) -> datetime:
+    return BASE + k * STEP
+
+
+def feature_values(dtype: pl.DataType) -> st.SearchStrategy[Any]:
+    if dtype == pl.Float64():
+        return st.none() | st.integers(-400, 400).map(lambda i: i / 4)
+    if dtype == pl.Int64():
+        return st.none() | st.integers(-(2**63), 2**63 - 1)
+    if dtype == pl.String():
+        return st.none() | st.text(max_size=4)
+    return st.none() | st.booleans()
+
+
+@st.composite
+def view_defs(draw: st.DrawFn, name: str, entity: str) -> tuple[RefView, dict[str, pl.DataType]]:
+    n_features = draw(st.integers(1, 3))
+    dtypes = {f"{name[0]}{i}": draw(st.sampled_from(FEATURE_DTYPES)) for i in range(n_features)}
+    view = RefView(
+        name=name,
+        join_keys=ENTITY_KEYS[entity],
+        features=tuple(dtypes),
+        timestamp_field=draw(st.sampled_from(["event_timestamp", "ts"])),
+        created_timestamp_field=draw(st.sampled_from([None, "created"])),
+        ttl=draw(st.sampled_from(TTLS)),
+    )
+    return view, dtypes
+
+
+@st.composite
+def feature_rows(
+    draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {key: draw(st.sampled_from(KEY_VALUES[key])) for key in view.join_keys}
+    row[view.timestamp_field] = grid(draw(st.integers(0, GRID - 1)))
+    if view.created_timestamp_field is not None:
+        # A narrow range of created times, so ties on (event, created) are common.
+        row[view.created_timestamp_field] = grid(draw(st.integers(0, 3)))
+    for feature, dtype in dtypes.items():
+        row[feature] = draw(feature_values(dtype))
+    return row
+
+
+@st.composite
+def writes_for(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -> list[Write]:
+    columns = list(view.join_keys) + [view.timestamp_field]
+    if view.created_timestamp_field is not None:
+        columns.append(view.created_timestamp_field)
+    columns += list(dtypes)
+    writes = []
+    for _ in range(draw(st.integers(1, 4))):
+        rows = draw(st.lists(feature_rows(view, dtypes), min_size=1, max_size=6))
+        # Exact duplicates of earlier rows (same keys and times, maybe other values) make ties.
+        if writes and draw(st.booleans()):
+            earlier = draw(st.sampled_from([r for w in writes for r in w.rows]))
+            value_row = draw(feature_rows(view, dtypes))
+            rows.append({**earlier, **{f: value_row[f] for f in dtypes}})
+        zone = draw(st.sampled_from(ZONES))
+        writes.append(Write(view.name, rows, zone, list(draw(st.permutations(columns)))))
+    return writes
+
+
+@st.composite
+def spine_times(draw: st.DrawFn, case_views: dict[str, RefView], writes: list[Write]) -> datetime:
+    how = draw(st.sampled_from(["grid", "edge", "edge"]))
+    if how == "grid":
+        return grid(draw(st.integers(-1, GRID + 4))) + draw(st.sampled_from([-US, 0 * US, US]))
+    write = draw(st.sampled_from(writes))
+    row = draw(st.sampled_from(write.rows))
+    view = case_views[write.view]
+    event: datetime = row[view.timestamp_field]
+    ttl = view.ttl if view.ttl is not None else timedelta(hours=2)
+    return event + draw(st.sampled_from([0 * US, -US, ttl, ttl + US, ttl - US]))
+
+
+@st.composite
+def spine_rows(
+    draw: st.DrawFn, case_views: dict[str, RefView], writes: list[Write], ts_name: str
+) -> list[dict[str, Any]]:
+    all_rows = [r for w in writes for r in w.rows]
+    rows: list[dict[str, Any]] = []
+    for i in range(draw(st.integers(1, 8))):
+        source = draw(st.sampled_from(all_rows))
+        row: dict[str, Any] = {"row_id": i}
+        for key, values in KEY_VALUES.items():
+            # Mostly keys that were written (so matches happen), sometimes any key or null.
+            if key in source and draw(st.integers(0, 3)) > 0:
+                row[key] = source[key]
+            else:
+                row[key] = draw(st.sampled_from([*values, None]))
+        row[ts_name] = draw(spine_times(case_views, writes))
+        row["label"] = draw(st.none() | st.integers(0, 1).map(float))
+        rows.append(row)
+    # Duplicate spine rows: each must get its own, identical, output row.
+    for _ in range(draw(st.integers(0, 3))):
+        rows.append(dict(draw(st.sampled_from(rows))))
+    return list(draw(st.permutations(rows)))
+
+
+@st.composite
+def requested_features(draw: st.DrawFn, views: dict[str, RefView]) -> list[str]:
+    refs: list[str] = []
+    for view in views.values():
+        if draw(st.integers(0, 4)) == 0:
+            refs.append(f"{view.name}:*")
+        else:
+            chosen = draw(st.lists(st.sampled_from(view.features), min_size=1, unique=True))
+            refs += [f"{view.name}:{feature}" for feature in chosen]
+    return list(draw(st.permutations(refs)))
+
+
+@st.composite
+def cases(draw: st.DrawFn, n_views: int) -> Case:
+    names = ["alpha", "beta"][:n_views]
+    entities = draw(st.permutations(list(ENTITY_KEYS)))[:n_views]
+    views: dict[str, RefView] = {}
+    dtypes: dict[str, dict[str, pl.DataType]] = {}
+    per_view: list[list[Write]] = []
+    for name, entity in zip(names, entities):
+        view, view_dtypes = draw(view_defs(name, entity))
+        views[name], dtypes[name] = view, view_dtypes
+        per_view.append(draw(writes_for(view, view_dtypes)))
+    # Interleave the views' writes; each view keeps its own write order.
+    writes: list[Write] = []
+    while any(per_view):
+        pending = [ws for ws in per_view if ws]
+        writes.append(draw(st.sampled_from(pending)).pop(0))
+    spine_ts = draw(st.sampled_from(SPINE_TS_NAMES))
+    spine = draw(spine_rows(views, writes, spine_ts))
+    spine_columns = list(draw(st.permutations(["row_id", "user_id", "item_id", spine_ts, "label"])))
+    return Case(
+        views=views,
+        dtypes=dtypes,
+        entities=dict(zip(names, entities)),
+        writes=writes,
+        spine=spine,
+        spine_columns=spine_columns,
+        spine_ts=spine_ts,
+        spine_zone=draw(st.sampled_from(ZONES)),
+        spine_unit=draw(st.sampled_from(["us", "ns"])),
+        features=draw(requested_features(views)),
+        full_feature_names=draw(st.booleans()),
+    )
+
+
+# --- building frames and checking answers ---------------------------------------------------
+
+
+def time_series(name: str, values: Sequence[datetime | None], zone: str | None, unit: TimeUnit) -> pl.Series:
+    """UTC instants as a column in ``zone`` (None: naive wall time in UTC)."""
+    naive = [None if v is None else v.astimezone(UTC).replace(tzinfo=None) for v in values]
+    series = pl.Series(name, naive, dtype=pl.Datetime(unit)).dt.replace_time_zone("UTC")
+    if zone is None:
+        return series.dt.replace_time_zone(None)
+    return series.dt.convert_time_zone(zone)
+
+
+def in_zone(value: datetime | None, zone: str | None) -> datetime | None:
+    """How the reference sees a spine time given in ``zone``: naive UTC, or aware in the zone."""
+    if value is None:
+        return None
+    if zone is None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value.astimezone(ZoneInfo(zone))
+
+
+def write_frame(case: Case, write: Write) -> pl.DataFrame:
+    view = case.views[write.view]
+    time_fields = {view.timestamp_field, view.created_timestamp_field}
+    columns = []
+    for name in write.columns:
+        values = [row[name] for row in write.rows]
+        if name in time_fields:
+            columns.append(time_series(name, values, write.zone, "us"))
+        else:
+            dtype = KEY_DTYPES.get(name) or case.dtypes[write.view][name]
+            columns.append(pl.Series(name, values, dtype=dtype))
+    return pl.DataFrame(columns)
+
+
+def spine_frame(case: Case) -> pl.DataFrame:
+    dtypes: dict[str, pl.DataType] = {**KEY_DTYPES, "row_id": pl.Int64(), "label": pl.Float64()}
+    columns = []
+    for name in case.spine_columns:
+        values = [row[name] for row in case.spine]
+        if name == case.spine_ts:
+            columns.append(time_series(name, values, case.spine_zone, case.spine_unit))
+        else:
+            columns.append(pl.Series(name, values, dtype=dtypes[name]))
+    return pl.DataFrame(columns)
+
+
+def build_store(path: str, case: Case) -> FeatureStore:
+    store = FeatureStore(path)
+    entities = {name: Entity(name, join_keys=list(keys)) for name, keys in ENTITY_KEYS.items()}
+    objects: list[Any] = [entities[case.entities[name]] for name in case.views]
+    for name, view in case.views.items():
+        objects.append(
+            FeatureView(
+                name,
+                entities=[entities[case.entities[name]]],
+                schema=case.dtypes[name],
+                timestamp_field=view.timestamp_field,
+                created_timestamp_field=view.created_timestamp_field,
+                ttl=view.ttl,
+            )
+        )
+    store.apply(objects)
+    for write in case.writes:
+        version = store.write(write.view, write_frame(case, write))
+        assert isinstance(version, int)
+        case.versions.setdefault(write.view, []).append(version)
+    return store
+
+
+def check(
+    store: FeatureStore,
+    case: Case,
+    rows: dict[str, list[dict[str, Any]]],
+    *,
+    as_of: dict[str, int] | None = None,
+) -> None:
+    """The library's answer equals the reference's, row for row and column for column."""
+    spine = spine_frame(case)
+    got = store.get_historical_features(
+        spine,
+        case.features,
+        timestamp_field=case.spine_ts,
+        full_feature_names=case.full_feature_names,
+        as_of=as_of,
+    ).collect()
+    reference_spine = [
+        {**row, case.spine_ts: in_zone(row[case.spine_ts], case.spine_zone)} for row in case.spine
+    ]
+    expected = point_in_time(
+        reference_spine,
+        case.features,
+        case.views,
+        rows,
+        timestamp_field=case.spine_ts,
+        full_feature_names=case.full_feature_names,
+    )
+    resolved = resolve_features(
+        case.views, case.features, full_feature_names=case.full_feature_names
+    )
+    outputs = [output for _, _, output in resolved]
+
+    assert got.columns == spine.columns + outputs
+    assert got.height == spine.height
+    # Input columns unchanged: same dtypes (time zone and unit included), values and order.
+    assert_frame_equal(got.select(spine.columns), spine, check_exact=True)
+    for view_name, feature, output in resolved:
+        assert got.schema[output] == case.dtypes[view_name][feature], output
+        want = [row[output] for row in expected]
+        have = got[output].to_list()
+        if have != want:
+            bad = next(i for i, (h, w) in enumerate(zip(have, want)) if h != w)
+            msg = (
+                f"{output} ({view_name}:{feature}) differs at spine row {bad}: "
+                f"got {have[bad]!r}, expected {want[bad]!r}; spine row {case.spine[bad]}"
+            )
+            raise AssertionError(msg)
+
+
+def all_rows(case: Case, upto: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Rows written to each view in write order; with ``upto``, only its first n writes."""
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in case.views}
+    seen: dict[str, int] = dict.fromkeys(case.views, 0)
+    for write in case.writes:
+        seen[write.view] += 1
+        if upto is None or seen[write.view] <= upto[write.view]:
+            rows[write.view] += write.rows
+    return rows
+
+
+# --- the properties -------------------------------------------------------------------------
+
+
+@settings(SETTINGS, max_examples=150)
+@given(case=cases(n_views=1))
+def test_one_view_matches_reference(case: Case) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        check(store, case, all_rows(case))
+
+
+@settings(SETTINGS, max_examples=100)
+@given(case=cases(n_views=2))
+def test_two_views_on_one_spine_match_reference(case: Case) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        check(store, case, all_rows(case))
+
+
+@settings(SETTINGS, max_examples=60)
+@given(case=cases(n_views=2), data=st.data())
+def test_as_of_version_matches_reference_on_earlier_writes(case: Case, data: st.DataObject) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        upto = {
+            name: data.draw(st.integers(1, len(versions)), label=f"writes of {name}")
+            for name, versions in case.versions.items()
+        }
+        as_of = {name: case.versions[name][n - 1] for name, n in upto.items()}
+        check(store, case, all_rows(case, upto), as_of=as_of)
+
+
+# --- a few fixed edges the properties leave out ----------------------------------------------
+
+
+def simple_case(spine: list[dict[str, Any]], ttl: timedelta | None = None) -> Case:
+    view = RefView("alpha", ("user_id",), ("a0",), ttl=ttl)
+    rows = [
+        {"user_id": 1, "event_timestamp": grid(0), "a0": 1.0},
+        {"user_id": 1, "event_timestamp": grid(2), "a0": 2.0},
+    ]
+    return Case(
+        views={"alpha": view},
+        dtypes={"alpha": {"a0": pl.Float64()}},
+        entities={"alpha": "user"},
+        writes=[Write("alpha", rows, None, ["user_id", "event_timestamp", "a0"])],
+        spine=spine,
+        spine_columns=["row_id", "user_id", "item_id", "event_timestamp", "label"],
+        spine_ts="event_timestamp",
+        spine_zone="UTC",
+        spine_unit="us",
+        features=["alpha:a0"],
+        full_feature_names=False,
+    )
+
+
+def test_null_spine_timestamp_gives_null_features() -> None:
+    spine = [
+        {"row_id": i, "user_id": 1, "item_id": None, "event_timestamp": ts, "label": None}
+        for i, ts in enumerate([grid(3), None, grid(1), None])
+    ]
+    case = simple_case(spine)
+    with tempfile.TemporaryDirectory() as path:
+        check(build_store(path, case), case, all_rows(case))
+
+
+def test_empty_spine_gives_empty_result_with_all_columns() -> None:
+    case = simple_case([])
+    with tempfile.TemporaryDirectory() as path:
+        check(build_store(path, case), case, all_rows(case))
+
+
+def test_same_output_name_twice_is_an_error() -> None:
+    case = simple_case([{"row_id": 0, "user_id": 1, "item_id": "a", "event_timestamp": grid(3)}])
+    case.spine[0]["label"] = 1.0
+    beta = RefView("beta", ("item_id",), ("a0",))
+    case.views["beta"], case.dtypes["beta"], case.entities["beta"] = beta, {"a0": pl.Int64()}, "item"
+    case.writes.append(Write("beta", [{"item_id": "a", "event_timestamp": grid(1), "a0": 5}], "UTC", ["item_id", "event_timestamp", "a0"]))
+    case.features = ["alpha:a0", "beta:a0"]
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        with pytest.raises(PolarstoreError, match="a0"):
+            store.get_historical_features(spine_frame(case), case.features).collect()
+        # With full names the two are distinct: alpha__a0 = 2.0 (grid 2 <= grid 3), beta__a0 = 5.
+        case.full_feature_names = True
+        check(store, case, all_rows(case))
