@@ -30,6 +30,7 @@ tie-break rule. No column is added for it.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -341,7 +342,7 @@ def plan_writes(
             shuffled = frame[perm]
             bounds = np.linspace(0, frame.height, n_appends + 1).astype(np.int64)
             chunks[view.name] = [
-                shuffled.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])
+                shuffled.slice(int(a), int(b - a)) for a, b in itertools.pairwise(bounds)
             ]
             frames[view.name] = shuffled
         else:

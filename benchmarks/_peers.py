@@ -279,7 +279,9 @@ def compare_frames(got: pl.DataFrame, want: pl.DataFrame) -> str | None:
         return f"{got.height} rows != {want.height}"
     problems = []
     dtypes = [
-        f"{c}: {a} != {b}" for c, a, b in zip(got.columns, got.dtypes, want.dtypes) if a != b
+        f"{c}: {a} != {b}"
+        for c, a, b in zip(got.columns, got.dtypes, want.dtypes, strict=True)
+        if a != b
     ]
     if dtypes:
         problems.append("dtypes " + "; ".join(dtypes))
@@ -314,7 +316,7 @@ def _check(workload: Workload, layouts: Sequence[str] = ("bulk", "appends")) -> 
             tag = f"n={workload.n} seed={workload.seed} layout={layout} {name}"
             if problem:
                 errors.append(f"{tag}: {problem}")
-            print(f"{tag}: {'OK' if not problem else problem}  (matched {matched.row(0)})")
+            print(f"{tag}: {problem or 'OK'}  (matched {matched.row(0)})")
     return errors
 
 

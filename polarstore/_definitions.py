@@ -101,10 +101,14 @@ def dtype_to_str(dtype: pl.DataType) -> str:
     """
     # Only what a Delta table stores as it is: Delta has no unsigned ints, no durations, and
     # timestamps in µs only (naive, or UTC).
-    if isinstance(dtype, pl.Datetime) and dtype.time_unit == "us" and dtype.time_zone in (None, "UTC"):
-        return f"Datetime(us, UTC)" if dtype.time_zone else "Datetime(us)"
+    if (
+        isinstance(dtype, pl.Datetime)
+        and dtype.time_unit == "us"
+        and dtype.time_zone in (None, "UTC")
+    ):
+        return "Datetime(us, UTC)" if dtype.time_zone else "Datetime(us)"
     if isinstance(dtype, pl.List):
-        return f"List({dtype_to_str(dtype.inner)})"
+        return f"List({dtype_to_str(dtype.inner)})"  # type: ignore[arg-type]
     text = str(dtype)
     if text in _SIMPLE:
         return text
@@ -329,7 +333,10 @@ def as_references(features: object, *, where: str) -> tuple[str, ...]:
         if isinstance(item, str):
             view, sep, feature = item.partition(":")
             if not sep or not view or not feature:
-                msg = f"{where}: feature reference {item!r} must look like 'view:feature' or 'view:*'."
+                msg = (
+                    f"{where}: feature reference {item!r} must look like 'view:feature' "
+                    "or 'view:*'."
+                )
                 raise ValidationError(msg)
             refs.append(item)
         elif isinstance(item, FeatureView):

@@ -60,9 +60,11 @@ def _lossless_cast(frame: pl.DataFrame, column: str, target: pl.DataType, where:
     source = frame.schema[column]
     if source == target or source == pl.Null:
         return pl.col(column).cast(target)
-    if source.is_numeric() and target.is_numeric() or (
-        isinstance(source, (pl.Categorical, pl.Enum)) and target == pl.String
-    ) or (isinstance(source, pl.List) and isinstance(target, pl.List)):
+    if (
+        (source.is_numeric() and target.is_numeric())
+        or (isinstance(source, (pl.Categorical, pl.Enum)) and target == pl.String)
+        or (isinstance(source, pl.List) and isinstance(target, pl.List))
+    ):
         cast = frame.select(pl.col(column).cast(target, strict=False))[column]
         original = frame[column]
         back = cast.cast(source, strict=False) if source.is_numeric() else cast
@@ -108,13 +110,12 @@ def prepare_rows(
     exprs: list[pl.Expr] = []
     for key in view.join_keys:
         target = key_dtype(frame.schema[key], where=where, column=key)
-        if stored_keys and key in stored_keys and target != pl.Null:
-            if stored_keys[key] != target:
-                msg = (
-                    f"{where}: join key {key!r} is {frame.schema[key]} but the view's stored "
-                    f"keys are {stored_keys[key]}."
-                )
-                raise ValidationError(msg)
+        if stored_keys and target not in (stored_keys.get(key, target), pl.Null()):
+            msg = (
+                f"{where}: join key {key!r} is {frame.schema[key]} but the view's stored "
+                f"keys are {stored_keys[key]}."
+            )
+            raise ValidationError(msg)
         if target == pl.Null:
             target = stored_keys.get(key, pl.Int64()) if stored_keys else pl.Int64()
         exprs.append(_lossless_cast(frame, key, target, where))

@@ -11,12 +11,10 @@ predicate on one column that Parquet statistics can answer without opening most 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -95,11 +93,11 @@ class OfflineStore:
 
     def history(self, view: str) -> pl.DataFrame:
         table = self._open(view)
-        schema = {
-            "version": pl.Int64,
+        schema: dict[str, pl.DataType] = {
+            "version": pl.Int64(),
             "timestamp": pl.Datetime("us", "UTC"),
-            "operation": pl.String,
-            "rows_added": pl.Int64,
+            "operation": pl.String(),
+            "rows_added": pl.Int64(),
         }
         if table is None:
             return pl.DataFrame(schema=schema)
@@ -159,9 +157,12 @@ class OfflineStore:
         with self._write_lock(view.name):
             table = self._open(view.name)
             app_id = f"polarstore-write:{view.name}:{idempotency_key}"
-            if table is not None and idempotency_key is not None:
-                if table.transaction_version(app_id) is not None:
-                    return table.version()
+            if (
+                table is not None
+                and idempotency_key is not None
+                and table.transaction_version(app_id) is not None
+            ):
+                return table.version()
             version = 0 if table is None else table.version() + 1
             frame = frame.with_columns(
                 (pl.int_range(pl.len(), dtype=pl.Int64) + seq_floor(version)).alias(SEQ_COLUMN)
@@ -204,7 +205,7 @@ class OfflineStore:
             write_deltalake(
                 self.table_uri(view),
                 data,
-                mode=mode,  # type: ignore[arg-type]
+                mode=mode,  # type: ignore[arg-type,call-overload]
                 schema_mode="merge" if mode == "append" else "overwrite",
                 storage_options=self.storage_options,
                 commit_properties=CommitProperties(
@@ -281,7 +282,7 @@ class OfflineStore:
             and not (until is not None and f.min_ts is not None and f.min_ts > until)
             and not (min_seq is not None and f.max_seq is not None and f.max_seq < min_seq)
         ]
-        keep.sort(key=lambda f: (f.min_ts or datetime.min.replace(tzinfo=timezone.utc)))
+        keep.sort(key=lambda f: f.min_ts or datetime.min.replace(tzinfo=timezone.utc))
         base = self.table_uri(view.name)
         if keep:
             frame = pl.scan_parquet(

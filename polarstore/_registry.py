@@ -144,9 +144,9 @@ def _decode(text: str, path: Path) -> RegistryState:
         raise PolarstoreError(msg)
     try:
         state = RegistryState()
-        for name, e in doc["entities"].items():
+        for name, ent in doc["entities"].items():
             state.entities[name] = Entity(
-                name, e["join_keys"], description=e["description"], tags=e["tags"]
+                name, ent["join_keys"], description=ent["description"], tags=ent["tags"]
             )
         for name, v in doc["feature_views"].items():
             state.views[name] = _view_from_json(name, v, state.entities)
@@ -156,13 +156,10 @@ def _decode(text: str, path: Path) -> RegistryState:
             )
             state.service_versions[name] = int(s["version"])
         state.datasets = dict(doc["datasets"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        if isinstance(e, PolarstoreError):
-            detail = str(e)
-        else:
-            detail = f"{type(e).__name__}: {e}"
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        detail = str(err) if isinstance(err, PolarstoreError) else f"{type(err).__name__}: {err}"
         msg = f"the registry {path} is damaged: {detail}."
-        raise PolarstoreError(msg) from e
+        raise PolarstoreError(msg) from err
     return state
 
 

@@ -115,9 +115,7 @@ def historical_features(
         )
         raise ValidationError(msg)
     left_exprs: list[pl.Expr] = [
-        pl.int_range(pl.len(), dtype=pl.UInt32 if spine.height < 2**32 else pl.UInt64).alias(
-            _ROW
-        ),
+        pl.int_range(pl.len(), dtype=pl.UInt32 if spine.height < 2**32 else pl.UInt64).alias(_ROW),
         to_utc_expr(timestamp_field, spine.schema[timestamp_field], where=where).alias(_TS),
     ]
     plans: list[tuple[list[Requested], dict[str, pl.DataType]]] = []
@@ -128,8 +126,7 @@ def historical_features(
         if missing:
             msg = (
                 f"{where}: view {view_name!r} is keyed by {list(view.join_keys)} but the "
-                f"entity_df has no column(s) {missing}."
-                + did_you_mean(missing[0], spine.columns)
+                f"entity_df has no column(s) {missing}." + did_you_mean(missing[0], spine.columns)
             )
             raise ValidationError(msg)
         version = versions.get(view_name)
@@ -173,7 +170,7 @@ def historical_features(
     outputs = [r.output for r in requested]
     features = joined.select(_ROW, *outputs)
     if null_ts:
-        rows = pl.LazyFrame({_ROW: pl.int_range(spine.height, dtype=left.schema[_ROW], eager=True)})
+        rows = pl.LazyFrame({_ROW: pl.Series(_ROW, range(spine.height), dtype=left.schema[_ROW])})
         features = rows.join(features, on=_ROW, how="left")
     features = features.sort(_ROW).select(outputs)
     return pl.concat([spine.lazy(), features], how="horizontal")
@@ -209,7 +206,7 @@ def _view_rows(
             }
         )
     return frame.sort(order).select(
-        *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys)],
+        *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys, strict=True)],
         pl.col(ts).alias(_TS),
         *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],
     )

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import polars as pl
 
@@ -23,7 +23,7 @@ from polarstore._frames import prepare_rows, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import EMPTY_VERSION, historical_features, resolve_features
-from polarstore._time import to_utc, utc_now
+from polarstore._time import STORED_DTYPE, to_utc, utc_now
 
 __all__ = ["FeatureStore"]
 
@@ -116,8 +116,10 @@ class FeatureStore:
         >>> [e.name for e in store.list_entities()]
         ['user']
         """
-        items = [objects] if isinstance(objects, (Entity, FeatureView, FeatureService)) else list(
-            objects
+        items = (
+            [objects]
+            if isinstance(objects, (Entity, FeatureView, FeatureService))
+            else list(objects)
         )
         for item in items:
             if not isinstance(item, (Entity, FeatureView, FeatureService)):
@@ -326,7 +328,7 @@ class FeatureStore:
         if frame is None:
             schema = self._offline.table_schema(v.name) or {}
             return pl.LazyFrame(
-                schema={c: schema.get(c, v.schema.get(c, pl.Datetime("us", "UTC"))) for c in columns}
+                schema={c: schema.get(c) or v.schema.get(c, STORED_DTYPE) for c in columns}
             )
         order = [c for c in columns[len(v.join_keys) : len(v.join_keys) + 2] if c not in v.schema]
         return frame.sort([*order, SEQ_COLUMN]).select(columns)
@@ -353,7 +355,7 @@ class FeatureStore:
         if frame is None:
             msg = f"view {v.name!r} has no data to compact."
             raise NotFoundError(msg)
-        order = [v.timestamp_field, *([v.created_timestamp_field] or []), SEQ_COLUMN]
+        order = [v.timestamp_field, v.created_timestamp_field, SEQ_COLUMN]
         rows = frame.sort([c for c in order if c]).collect()
         return self._offline.rewrite(v, rows, "compact")
 
@@ -418,9 +420,7 @@ class FeatureStore:
         state = self._state()
         if isinstance(features, str) and ":" not in features and features in state.services:
             features = state.services[features]
-        requested = resolve_features(
-            state.views, features, full_feature_names=full_feature_names
-        )
+        requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
         versions = self._pin(as_of, [r.view.name for r in requested])
         return historical_features(
             self._offline,
@@ -469,9 +469,7 @@ class FeatureStore:
         requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
         pins = self._pin(as_of, [r.view.name for r in requested])
         current = self.versions()
-        versions = {
-            r.view.name: pins.get(r.view.name, current[r.view.name]) for r in requested
-        }
+        versions = {r.view.name: pins.get(r.view.name, current[r.view.name]) for r in requested}
         result = self.get_historical_features(
             spine,
             refs,
@@ -633,5 +631,3 @@ def _replace_entities(view: FeatureView, entities: list[Entity]) -> FeatureView:
         owner=view.owner,
         tags=view.tags,
     )
-
-

@@ -1,0 +1,443 @@
+"""Point-in-time join benchmark: polarstore against naive Polars, DuckDB and pandas.
+
+    python -m benchmarks.pit_join --size 2M              # tiny | 2M | 10M | a row count
+    python -m benchmarks.pit_join --size 10M --no-pandas --layout compacted
+
+The workload (``benchmarks/_data.py``): two views of 100k users, ``n`` rows each, a spine of
+``n // 10`` rows; 8 features requested (``user_stats:f0..f4``, ``user_profile:score, segment,
+count``).
+
+Layouts (how the rows reach the store; each a fresh repository in a temporary folder):
+
+- ``bulk``: one write per view;
+- ``appends``: 20 appends per view of shuffled rows;
+- ``compacted``: the appends repository, then ``store.compact(view)`` for each view.
+
+Contenders, each run ``--repeat`` times in a fresh process (best time, max peak RSS):
+
+- ``polarstore``: ``FeatureStore(path).get_historical_features(spine, features).collect()``.
+  **Timed: the whole query including reading the Delta tables** (that is the product). Not
+  timed: reading the spine from parquet, opening ``FeatureStore(path)``.
+- ``naive_polars`` / ``duckdb_asof`` / ``pandas_merge_asof`` (``benchmarks/_peers.py``): given
+  the rows in write order. **Not timed: loading them** (from parquet files written once from
+  the write-order frames, which equal the stored rows: checked against ``store.read(view)``)
+  and converting them to the peer's own format (pandas frames); timed: the join itself
+  including its tie deduplication and restoring the spine order.
+
+Every answer must equal polarstore's exactly (names, dtypes, row order, float bits); without
+polarstore, naive_polars' answer is the reference. Time travel: polarstore with
+``as_of={view: version}`` against the current query, checked against the expected answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from benchmarks._data import (
+    Workload,
+    WritePlan,
+    define_store,
+    generate,
+    parse_size,
+    plan_writes,
+    view_definitions,
+    write_plan,
+)
+from benchmarks._harness import Measurement, best_of
+from benchmarks._peers import PEERS, compare_frames, naive_polars
+
+LAYOUTS = ("bulk", "appends", "compacted")
+TIME_TRAVEL_PREFIX = 10  # appends layout: as_of the version after 10 of the 20 appends
+
+# --- tasks (run in a fresh process by benchmarks._harness) ----------------------------------
+
+
+def polarstore_task(
+    repo: str,
+    spine_path: str,
+    features: list[str],
+    as_of: dict[str, int] | None = None,
+    result_path: str | None = None,
+) -> tuple[Any, Any]:
+    import polarstore as ps
+
+    spine = pl.read_parquet(spine_path)  # not timed
+    store = ps.FeatureStore(repo)  # not timed: opening the repository (registry read)
+
+    def run() -> pl.DataFrame:
+        # Timed: planning the query, reading the Delta tables, the join, collecting.
+        return store.get_historical_features(spine, features, as_of=as_of).collect()
+
+    return run, _saver(result_path)
+
+
+def peer_task(
+    peer: str, spine_path: str, view_paths: dict[str, str], result_path: str | None = None
+) -> tuple[Any, Any]:
+    impl = PEERS[peer]
+    spine = pl.read_parquet(spine_path)  # not timed: loading
+    views = [v.with_frame(pl.read_parquet(view_paths[v.name])) for v in view_definitions()]
+    native = impl.prepare(spine, views)  # not timed: the peer's own input format
+    del spine, views
+
+    def run() -> Any:
+        return impl.run(native)  # timed: the join
+
+    def finish(result: Any) -> dict[str, Any]:
+        return _saver(result_path)(impl.finish(result))
+
+    return run, finish
+
+
+def _saver(path: str | None) -> Any:
+    def finish(df: pl.DataFrame) -> dict[str, Any]:
+        if path:
+            df.write_parquet(path)
+        return {"rows": df.height}
+
+    return finish
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    table: str  # "join" or "time_travel"
+    layout: str
+    contender: str
+    seconds: float
+    peak_mib: float
+    delta_mib: float
+    ratio: float | None
+    answer: str
+    note: str = ""
+
+
+def _mib(n: int) -> float:
+    return n / 2**20
+
+
+def _polarstore_available() -> str | None:
+    try:
+        import polarstore
+
+        polarstore.FeatureStore  # noqa: B018
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _check(result_path: Path, want: pl.DataFrame | None) -> str:
+    if want is None:
+        return "no reference"
+    if not result_path.exists():
+        return "no answer"
+    problem = compare_frames(pl.read_parquet(result_path), want)
+    return "equal" if problem is None else f"DIFFERS: {problem}"
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workload: Workload, work: Path) -> None:
+        self.args = args
+        self.wl = workload
+        self.work = work
+        self.rows: list[Row] = []
+        self.spine_path = work / "spine.parquet"
+        workload.spine.write_parquet(self.spine_path)
+        self.plans: dict[str, WritePlan] = {}
+        self.peer_inputs: dict[str, dict[str, str]] = {}
+        self.peer_results: dict[str, dict[str, tuple[Measurement, Path]]] = {}
+        self.stores: dict[str, Any] = {}
+        self.no_polarstore = _polarstore_available()
+        self.peers = [p for p in PEERS if not (args.no_pandas and p == "pandas_merge_asof")]
+
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    # -- inputs
+
+    def plan(self, key: str) -> WritePlan:
+        if key not in self.plans:
+            self.plans[key] = plan_writes(self.wl, key)  # type: ignore[arg-type]
+        return self.plans[key]
+
+    def peer_paths(self, key: str) -> dict[str, str]:
+        """Write the rows in write order to parquet once per write order (peers' input)."""
+        if key not in self.peer_inputs:
+            folder = self.work / f"peer_input_{key}"
+            folder.mkdir()
+            paths = {}
+            for name, frame in self.plan(key).frames.items():
+                paths[name] = str(folder / f"{name}.parquet")
+                frame.write_parquet(paths[name])
+            self.peer_inputs[key] = paths
+        return self.peer_inputs[key]
+
+    def build_store(self, layout: str) -> Any:
+        import polarstore as ps
+
+        key = "bulk" if layout == "bulk" else "appends"
+        if layout == "compacted" and "appends" in self.stores:
+            store = self.stores.pop("appends")  # compact the appends repository in place
+        else:
+            repo = self.work / f"repo_{key}"
+            store = ps.FeatureStore(str(repo))
+            define_store(store, self.wl)
+            t0 = time.perf_counter()
+            write_plan(store, self.plan(key))
+            writes = len(self.plan(key).chunks[self.wl.views[0].name])
+            self.log(
+                f"[{layout}] wrote {len(self.wl.views)} views x {writes} writes "
+                f"in {time.perf_counter() - t0:.2f} s"
+            )
+            self._verify_stored(store, key)
+        if layout == "compacted":
+            t0 = time.perf_counter()
+            for v in self.wl.views:
+                store.compact(v.name)
+            self.log(f"[compacted] compact() of every view in {time.perf_counter() - t0:.2f} s")
+            self._verify_stored(store, key)
+        self.stores[layout] = store
+        return store
+
+    def _verify_stored(self, store: Any, key: str) -> None:
+        """The stored rows are exactly the rows written (as a multiset; order is not checked)."""
+        for name, frame in self.plan(key).frames.items():
+            cols = frame.columns
+            got = store.read(name).collect().select(cols).sort(cols)
+            problem = compare_frames(got, frame.sort(cols))
+            if problem:
+                msg = f"stored rows of {name} differ from the written rows: {problem}"
+                raise RuntimeError(msg)
+
+    # -- measurements
+
+    def measure_peers(self, key: str) -> dict[str, tuple[Measurement, Path]]:
+        if key in self.peer_results:
+            return self.peer_results[key]
+        out = {}
+        paths = self.peer_paths(key)
+        for peer in self.peers:
+            result = self.work / f"answer_{key}_{peer}.parquet"
+            self.log(f"[{key}] {peer} x{self.args.repeat} ...")
+            m, _ = best_of(
+                "benchmarks.pit_join:peer_task",
+                {"peer": peer, "spine_path": str(self.spine_path), "view_paths": paths},
+                self.args.repeat,
+                first_args={"result_path": str(result)},
+            )
+            self.log(f"    {_fmt_measure(m)}")
+            out[peer] = (m, result)
+        self.peer_results[key] = out
+        return out
+
+    def measure_polarstore(
+        self, layout: str, tag: str, as_of: dict[str, int] | None = None
+    ) -> tuple[Measurement, Path]:
+        result = self.work / f"answer_{layout}_polarstore_{tag}.parquet"
+        self.log(f"[{layout}] polarstore {tag} x{self.args.repeat} ...")
+        m, _ = best_of(
+            "benchmarks.pit_join:polarstore_task",
+            {
+                "repo": str(self.work / f"repo_{'bulk' if layout == 'bulk' else 'appends'}"),
+                "spine_path": str(self.spine_path),
+                "features": self.wl.features,
+                "as_of": as_of,
+            },
+            self.args.repeat,
+            first_args={"result_path": str(result)},
+        )
+        self.log(f"    {_fmt_measure(m)}")
+        return m, result
+
+    def run_layout(self, layout: str) -> None:
+        key = "bulk" if layout == "bulk" else "appends"
+        peers = self.measure_peers(key)
+        _, naive_path = peers["naive_polars"]
+        naive_answer = pl.read_parquet(naive_path) if naive_path.exists() else None
+        ps_m: Measurement | None = None
+        reference = naive_answer
+        if self.no_polarstore is None:
+            try:
+                self.build_store(layout)
+            except Exception as exc:
+                self.no_polarstore = f"building the {layout} repository failed: {exc!r}"
+                self.log(self.no_polarstore)
+        if self.no_polarstore is None:
+            ps_m, ps_path = self.measure_polarstore(layout, "current")
+            if ps_m.ok:
+                reference = pl.read_parquet(ps_path)
+                vs_naive = _check(ps_path, naive_answer)
+                self._add(
+                    "join", layout, "polarstore", ps_m, ps_m, f"reference; vs naive: {vs_naive}"
+                )
+            else:
+                self._add("join", layout, "polarstore", ps_m, None, ps_m.error or "")
+        note = "" if layout != "compacted" else "peers: same inputs as appends, measured once"
+        for peer, (m, path) in peers.items():
+            answer = _check(path, reference) if m.ok else (m.error or "failed")
+            self._add("join", layout, peer, m, ps_m, answer, note)
+        if self.no_polarstore is None and ps_m is not None and ps_m.ok:
+            self.time_travel(layout, ps_m, reference)
+
+    def time_travel(self, layout: str, current: Measurement, current_answer: pl.DataFrame) -> None:
+        store = self.stores[layout]
+        plan = self.plan("bulk" if layout == "bulk" else "appends")
+        cases: list[tuple[str, dict[str, int], pl.DataFrame]] = []
+        latest = {v.name: int(store.versions()[v.name]) for v in self.wl.views}
+        cases.append((f"pinned latest {latest}", latest, current_answer))
+        if layout == "appends":
+            older = {v.name: plan.versions[v.name][TIME_TRAVEL_PREFIX - 1] for v in self.wl.views}
+            prefix = plan.prefix_views(self.wl, TIME_TRAVEL_PREFIX)
+            want = naive_polars(self.wl.spine, prefix)
+            cases.append((f"after {TIME_TRAVEL_PREFIX}/20 appends {older}", older, want))
+        if layout == "compacted":
+            before = {v.name: plan.versions[v.name][-1] for v in self.wl.views}
+            cases.append((f"before compact {before}", before, current_answer))
+        for label, as_of, want in cases:
+            tag = "asof_" + "_".join(str(x) for x in as_of.values())
+            m, path = self.measure_polarstore(layout, tag, as_of)
+            answer = _check(path, want) if m.ok else (m.error or "failed")
+            row = self._add("time_travel", layout, f"as_of {label}", m, None, answer)
+            row.ratio = m.seconds / current.seconds if m.ok else None
+
+    def _add(
+        self,
+        table: str,
+        layout: str,
+        contender: str,
+        m: Measurement,
+        ps: Measurement | None,
+        answer: str,
+        note: str = "",
+    ) -> Row:
+        ratio = ps.seconds / m.seconds if (ps is not None and ps.ok and m.ok) else None
+        row = Row(
+            table=table,
+            layout=layout,
+            contender=contender,
+            seconds=m.seconds,
+            peak_mib=_mib(m.peak_rss),
+            delta_mib=_mib(m.peak_rss - m.base_rss),
+            ratio=ratio,
+            answer=answer,
+            note=note,
+        )
+        self.rows.append(row)
+        return row
+
+
+def _fmt_measure(m: Measurement) -> str:
+    if not m.ok:
+        return f"FAILED: {m.error}"
+    return (
+        f"{m.seconds:.3f} s, peak {_mib(m.peak_rss):.0f} MiB (+{_mib(m.peak_rss - m.base_rss):.0f})"
+    )
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}"
+
+
+def render(rows: Sequence[Row], header: str) -> str:
+    lines = [header, ""]
+    lines.append(
+        "| layout | contender | best s | peak RSS MiB | Δ RSS MiB | polarstore / contender "
+        "| answer |"
+    )
+    lines.append("|---|---|---:|---:|---:|---:|---|")
+    for r in (r for r in rows if r.table == "join"):
+        answer = r.answer + (f" ({r.note})" if r.note else "")
+        lines.append(
+            f"| {r.layout} | {r.contender} | {r.seconds:.3f} | {r.peak_mib:.0f} | "
+            f"{r.delta_mib:.0f} | {_fmt_ratio(r.ratio)} | {answer} |"
+        )
+    tt = [r for r in rows if r.table == "time_travel"]
+    if tt:
+        lines += ["", "Time travel (polarstore, `as_of={view: version}`):", ""]
+        lines.append(
+            "| layout | as_of | best s | peak RSS MiB | Δ RSS MiB | as_of / current | answer |"
+        )
+        lines.append("|---|---|---:|---:|---:|---:|---|")
+        for r in tt:
+            lines.append(
+                f"| {r.layout} | {r.contender.removeprefix('as_of ')} | {r.seconds:.3f} | "
+                f"{r.peak_mib:.0f} | {r.delta_mib:.0f} | {_fmt_ratio(r.ratio)} | {r.answer} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.pit_join",
+        description="Point-in-time join: polarstore vs naive Polars, DuckDB, pandas.",
+    )
+    parser.add_argument("--size", default="2M", help="tiny (20k), 2M, 10M or rows per view")
+    parser.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
+    parser.add_argument("--repeat", type=int, default=3, help="fresh processes per contender")
+    parser.add_argument("--no-pandas", action="store_true", help="skip pandas (slow at 10M)")
+    parser.add_argument("--workdir", default=None, help="where the temporary folder goes")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    n = parse_size(args.size)
+    layouts = list(LAYOUTS) if args.layout == "all" else [args.layout]
+    t0 = time.perf_counter()
+    wl = generate(n)
+    print(
+        f"generated {n:,} rows x {len(wl.views)} views, spine {wl.spine.height:,} rows "
+        f"in {time.perf_counter() - t0:.2f} s",
+        file=sys.stderr,
+    )
+    work = Path(tempfile.mkdtemp(prefix="polarstore_pit_join_", dir=args.workdir))
+    bench = Bench(args, wl, work)
+    if bench.no_polarstore:
+        print(f"polarstore unavailable ({bench.no_polarstore}): peers only", file=sys.stderr)
+    try:
+        for layout in layouts:
+            bench.run_layout(layout)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+    import platform
+
+    import duckdb
+    import pandas
+
+    header = (
+        f"pit_join --size {args.size}: {n:,} rows per view x 2 views, spine "
+        f"{wl.spine.height:,}, 8 features; best of {args.repeat} fresh processes; "
+        f"polars {pl.__version__}, duckdb {duckdb.__version__}, pandas {pandas.__version__}, "
+        f"python {platform.python_version()}"
+    )
+    if bench.no_polarstore:
+        header += f"\n(polarstore unavailable: {bench.no_polarstore}; reference: naive_polars)"
+    print(render(bench.rows, header))
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {"size": args.size, "n": n, "rows": [asdict(r) for r in bench.rows]}, indent=2
+            )
+        )
+    bad = [r for r in bench.rows if not (r.answer == "equal" or r.answer.startswith("reference"))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
