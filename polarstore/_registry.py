@@ -98,10 +98,12 @@ class Registry:
         """Apply ``change`` to a fresh copy of the state under the lock, then save it."""
         with file_lock(self._lock_path):
             self._cache = None
-            state = self.load()
-            result = change(state)
-            atomic_write_text(self.path, _encode(state))
-            self._cache = None
+            try:
+                state = self.load()
+                result = change(state)  # may raise half-way: then nothing is saved
+                atomic_write_text(self.path, _encode(state))
+            finally:
+                self._cache = None  # the cached state may hold the mutated copy
             return result
 
 

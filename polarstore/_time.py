@@ -51,6 +51,8 @@ def to_utc_expr(name: str, dtype: pl.DataType, *, where: str) -> pl.Expr:
         return col.dt.cast_time_unit("us")
     if dtype == pl.Date:
         return col.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+    if dtype == pl.Null:  # an empty or all-null column; nulls are rejected by the caller
+        return col.cast(STORED_DTYPE)
     msg = f"{where}: column {name!r} must be a Datetime or Date, got {dtype}."
     raise ValidationError(msg)
 

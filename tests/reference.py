@@ -76,7 +76,9 @@ def resolve_features(
     return resolved
 
 
-def pick_row(view: RefView, rows: Sequence[Row], keys: Sequence[Any], at: datetime | None) -> Row | None:
+def pick_row(
+    view: RefView, rows: Sequence[Row], keys: Sequence[Any], at: datetime | None
+) -> Row | None:
     """The row of ``view`` (``rows`` in write order) that SPEC rules 1-4 select, or None.
 
     ``keys`` are the spine row's values of ``view.join_keys``; ``at`` its timestamp.
@@ -88,7 +90,7 @@ def pick_row(view: RefView, rows: Sequence[Row], keys: Sequence[Any], at: dateti
     best_event = best_created = datetime.min.replace(tzinfo=timezone.utc)
     for row in rows:
         # Rule 1: every join key equal (the spine's keys are not null here).
-        if any(row[name] != key for name, key in zip(view.join_keys, keys)):
+        if any(row[name] != key for name, key in zip(view.join_keys, keys, strict=True)):
             continue
         event = to_utc(row[view.timestamp_field])
         if event is None:

@@ -24,9 +24,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
-from reference import RefView, point_in_time, resolve_features
 
 from polarstore import Entity, FeatureStore, FeatureView, PolarstoreError
+from tests.reference import RefView, point_in_time, resolve_features
 
 UTC = timezone.utc
 BASE = datetime(2024, 3, 10, 5, 0, tzinfo=UTC)
@@ -116,9 +116,7 @@ def view_defs(draw: st.DrawFn, name: str, entity: str) -> tuple[RefView, dict[st
 
 
 @st.composite
-def feature_rows(
-    draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]
-) -> dict[str, Any]:
+def feature_rows(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -> dict[str, Any]:
     row: dict[str, Any] = {key: draw(st.sampled_from(KEY_VALUES[key])) for key in view.join_keys}
     row[view.timestamp_field] = grid(draw(st.integers(0, GRID - 1)))
     if view.created_timestamp_field is not None:
@@ -131,31 +129,31 @@ def feature_rows(
 
 @st.composite
 def writes_for(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -> list[Write]:
-    columns = list(view.join_keys) + [view.timestamp_field]
+    columns = [*view.join_keys, view.timestamp_field]
     if view.created_timestamp_field is not None:
         columns.append(view.created_timestamp_field)
     columns += list(dtypes)
-    writes = []
+    tied = [*view.join_keys, view.timestamp_field]
+    writes: list[Write] = []
     for _ in range(draw(st.integers(1, 4))):
         rows = draw(st.lists(feature_rows(view, dtypes), min_size=1, max_size=6))
-        # Exact duplicates of earlier rows (same keys and times, maybe other values) make ties.
-        if writes and draw(st.booleans()):
-            earlier = draw(st.sampled_from([r for w in writes for r in w.rows]))
-            value_row = draw(feature_rows(view, dtypes))
-            rows.append({**earlier, **{f: value_row[f] for f in dtypes}})
+        # Rows with the keys and event time of an earlier row (in this write or an earlier
+        # one), with the same created time (a full tie) or another one, and new values.
+        for _ in range(draw(st.integers(0, 3))):
+            earlier = draw(st.sampled_from([*(r for w in writes for r in w.rows), *rows]))
+            copied = tied + [view.created_timestamp_field] * draw(st.booleans())
+            new_row = draw(feature_rows(view, dtypes))
+            rows.append({**new_row, **{c: earlier[c] for c in copied if c is not None}})
         zone = draw(st.sampled_from(ZONES))
         writes.append(Write(view.name, rows, zone, list(draw(st.permutations(columns)))))
     return writes
 
 
 @st.composite
-def spine_times(draw: st.DrawFn, case_views: dict[str, RefView], writes: list[Write]) -> datetime:
-    how = draw(st.sampled_from(["grid", "edge", "edge"]))
-    if how == "grid":
+def spine_times(draw: st.DrawFn, view: RefView, row: dict[str, Any]) -> datetime:
+    """A time on the grid (or 1 µs off it), or at an edge of ``row``'s validity."""
+    if draw(st.integers(0, 2)) == 0:
         return grid(draw(st.integers(-1, GRID + 4))) + draw(st.sampled_from([-US, 0 * US, US]))
-    write = draw(st.sampled_from(writes))
-    row = draw(st.sampled_from(write.rows))
-    view = case_views[write.view]
     event: datetime = row[view.timestamp_field]
     ttl = view.ttl if view.ttl is not None else timedelta(hours=2)
     return event + draw(st.sampled_from([0 * US, -US, ttl, ttl + US, ttl - US]))
@@ -163,20 +161,20 @@ def spine_times(draw: st.DrawFn, case_views: dict[str, RefView], writes: list[Wr
 
 @st.composite
 def spine_rows(
-    draw: st.DrawFn, case_views: dict[str, RefView], writes: list[Write], ts_name: str
+    draw: st.DrawFn, views: dict[str, RefView], writes: list[Write], ts_name: str
 ) -> list[dict[str, Any]]:
-    all_rows = [r for w in writes for r in w.rows]
     rows: list[dict[str, Any]] = []
     for i in range(draw(st.integers(1, 8))):
-        source = draw(st.sampled_from(all_rows))
+        # Most spine rows aim at a written row: its keys, a time at one of its edges.
+        write = draw(st.sampled_from(writes))
+        source = draw(st.sampled_from(write.rows))
         row: dict[str, Any] = {"row_id": i}
         for key, values in KEY_VALUES.items():
-            # Mostly keys that were written (so matches happen), sometimes any key or null.
             if key in source and draw(st.integers(0, 3)) > 0:
                 row[key] = source[key]
             else:
                 row[key] = draw(st.sampled_from([*values, None]))
-        row[ts_name] = draw(spine_times(case_views, writes))
+        row[ts_name] = draw(spine_times(views[write.view], source))
         row["label"] = draw(st.none() | st.integers(0, 1).map(float))
         rows.append(row)
     # Duplicate spine rows: each must get its own, identical, output row.
@@ -204,7 +202,7 @@ def cases(draw: st.DrawFn, n_views: int) -> Case:
     views: dict[str, RefView] = {}
     dtypes: dict[str, dict[str, pl.DataType]] = {}
     per_view: list[list[Write]] = []
-    for name, entity in zip(names, entities):
+    for name, entity in zip(names, entities, strict=True):
         view, view_dtypes = draw(view_defs(name, entity))
         views[name], dtypes[name] = view, view_dtypes
         per_view.append(draw(writes_for(view, view_dtypes)))
@@ -219,7 +217,7 @@ def cases(draw: st.DrawFn, n_views: int) -> Case:
     return Case(
         views=views,
         dtypes=dtypes,
-        entities=dict(zip(names, entities)),
+        entities=dict(zip(names, entities, strict=True)),
         writes=writes,
         spine=spine,
         spine_columns=spine_columns,
@@ -234,7 +232,9 @@ def cases(draw: st.DrawFn, n_views: int) -> Case:
 # --- building frames and checking answers ---------------------------------------------------
 
 
-def time_series(name: str, values: Sequence[datetime | None], zone: str | None, unit: TimeUnit) -> pl.Series:
+def time_series(
+    name: str, values: Sequence[datetime | None], zone: str | None, unit: TimeUnit
+) -> pl.Series:
     """UTC instants as a column in ``zone`` (None: naive wall time in UTC)."""
     naive = [None if v is None else v.astimezone(UTC).replace(tzinfo=None) for v in values]
     series = pl.Series(name, naive, dtype=pl.Datetime(unit)).dt.replace_time_zone("UTC")
@@ -342,7 +342,7 @@ def check(
         want = [row[output] for row in expected]
         have = got[output].to_list()
         if have != want:
-            bad = next(i for i, (h, w) in enumerate(zip(have, want)) if h != w)
+            bad = next(i for i, (h, w) in enumerate(zip(have, want, strict=True)) if h != w)
             msg = (
                 f"{output} ({view_name}:{feature}) differs at spine row {bad}: "
                 f"got {have[bad]!r}, expected {want[bad]!r}; spine row {case.spine[bad]}"
@@ -434,11 +434,13 @@ def test_empty_spine_gives_empty_result_with_all_columns() -> None:
 
 
 def test_same_output_name_twice_is_an_error() -> None:
-    case = simple_case([{"row_id": 0, "user_id": 1, "item_id": "a", "event_timestamp": grid(3)}])
-    case.spine[0]["label"] = 1.0
-    beta = RefView("beta", ("item_id",), ("a0",))
-    case.views["beta"], case.dtypes["beta"], case.entities["beta"] = beta, {"a0": pl.Int64()}, "item"
-    case.writes.append(Write("beta", [{"item_id": "a", "event_timestamp": grid(1), "a0": 5}], "UTC", ["item_id", "event_timestamp", "a0"]))
+    spine = [{"row_id": 0, "user_id": 1, "item_id": "a", "event_timestamp": grid(3), "label": 1.0}]
+    case = simple_case(spine)
+    case.views["beta"] = RefView("beta", ("item_id",), ("a0",))
+    case.dtypes["beta"] = {"a0": pl.Int64()}
+    case.entities["beta"] = "item"
+    beta_rows = [{"item_id": "a", "event_timestamp": grid(1), "a0": 5}]
+    case.writes.append(Write("beta", beta_rows, "UTC", ["item_id", "event_timestamp", "a0"]))
     case.features = ["alpha:a0", "beta:a0"]
     with tempfile.TemporaryDirectory() as path:
         store = build_store(path, case)
@@ -446,4 +448,24 @@ def test_same_output_name_twice_is_an_error() -> None:
             store.get_historical_features(spine_frame(case), case.features).collect()
         # With full names the two are distinct: alpha__a0 = 2.0 (grid 2 <= grid 3), beta__a0 = 5.
         case.full_feature_names = True
+        check(store, case, all_rows(case))
+
+
+def test_null_key_in_spine_does_not_match_a_null_key_written() -> None:
+    spine = [
+        {"row_id": i, "user_id": key, "item_id": None, "event_timestamp": grid(3), "label": None}
+        for i, key in enumerate([None, 1, None])
+    ]
+    case = simple_case(spine)
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        # Storing a null key may be refused; if it is stored, it must never match (rule 1).
+        null_rows = [{"user_id": None, "event_timestamp": grid(2), "a0": 9.0}]
+        write = Write("alpha", null_rows, None, ["user_id", "event_timestamp", "a0"])
+        try:
+            store.write("alpha", write_frame(case, write))
+        except PolarstoreError:
+            pass
+        else:
+            case.writes.append(write)
         check(store, case, all_rows(case))

@@ -11,7 +11,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from reference import RefView, point_in_time
+
+from tests.reference import RefView, point_in_time
 
 UTC = timezone.utc
 US = timedelta(microseconds=1)
