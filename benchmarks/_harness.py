@@ -7,7 +7,8 @@ worker process (``python -m benchmarks._harness '<json>'``):
 2. collects garbage, records RSS (the baseline), resets the kernel's peak-RSS counter
    (``/proc/self/clear_refs`` ← ``5``) so the peak covers the timed part only on top of what is
    already resident;
-3. times ``result = run()`` with ``time.perf_counter``;
+3. times ``result = run()`` with ``time.perf_counter`` (wall) and ``getrusage`` (CPU time of
+   all threads: on a busy machine the wall time suffers, the CPU time much less);
 4. reads ``VmHWM`` (peak RSS) from ``/proc/self/status``;
 5. calls ``finish(result)`` (not timed: e.g. writes the answer for the equality check);
 6. prints one JSON line: seconds, peak and baseline RSS in bytes.
@@ -53,6 +54,13 @@ def _reset_peak() -> bool:
     return True
 
 
+def _cpu_seconds() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
 def _peak_bytes() -> int:
     hwm = _status_kib("VmHWM")
     if hwm is not None:
@@ -68,6 +76,7 @@ class Measurement:
     peak_rss: int  # bytes
     base_rss: int  # bytes, resident before the timed part
     peak_reset: bool
+    cpu_seconds: float = float("nan")  # user + system time of every thread in the timed part
     error: str | None = None
     extra: dict[str, Any] | None = None
 
@@ -123,6 +132,7 @@ def best_of(
             peak_rss=max(m.peak_rss for m in runs),
             base_rss=min(m.base_rss for m in runs),
             peak_reset=all(m.peak_reset for m in runs),
+            cpu_seconds=best.cpu_seconds,
             extra=best.extra,
         ),
         runs,
@@ -137,9 +147,11 @@ def _worker(payload: str) -> None:
     gc.collect()
     base = (_status_kib("VmRSS") or 0) * 1024
     reset = _reset_peak()
+    c0 = _cpu_seconds()
     t0 = time.perf_counter()
     result = run()
     seconds = time.perf_counter() - t0
+    cpu = _cpu_seconds() - c0
     peak = _peak_bytes()
     extra = finish(result)
     out = {
@@ -147,6 +159,7 @@ def _worker(payload: str) -> None:
         "peak_rss": peak,
         "base_rss": base,
         "peak_reset": reset,
+        "cpu_seconds": cpu,
         "extra": extra if isinstance(extra, dict) else None,
     }
     sys.stdout.flush()

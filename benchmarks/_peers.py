@@ -126,6 +126,7 @@ def _duckdb_prepare(spine: pl.DataFrame, views: Sequence[ViewData]) -> Any:
     con = duckdb.connect()  # default threads: every core
     # TIMESTAMPTZ arithmetic and output follow the session zone; UTC keeps both exact.
     con.execute("SET TimeZone = 'UTC'")
+    con.execute("SET enable_progress_bar = false")
     return con, spine, tuple(views)
 
 

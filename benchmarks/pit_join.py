@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -118,6 +119,7 @@ class Row:
     layout: str
     contender: str
     seconds: float
+    cpu_seconds: float
     peak_mib: float
     delta_mib: float
     ratio: float | None
@@ -160,7 +162,9 @@ class Bench:
         self.peer_inputs: dict[str, dict[str, str]] = {}
         self.peer_results: dict[str, dict[str, tuple[Measurement, Path]]] = {}
         self.stores: dict[str, Any] = {}
-        self.no_polarstore = _polarstore_available()
+        self.no_polarstore = (
+            "skipped (--peers-only)" if args.peers_only else _polarstore_available()
+        )
         self.peers = [p for p in PEERS if not (args.no_pandas and p == "pandas_merge_asof")]
 
     def log(self, msg: str) -> None:
@@ -329,6 +333,7 @@ class Bench:
             layout=layout,
             contender=contender,
             seconds=m.seconds,
+            cpu_seconds=m.cpu_seconds,
             peak_mib=_mib(m.peak_rss),
             delta_mib=_mib(m.peak_rss - m.base_rss),
             ratio=ratio,
@@ -343,8 +348,13 @@ def _fmt_measure(m: Measurement) -> str:
     if not m.ok:
         return f"FAILED: {m.error}"
     return (
-        f"{m.seconds:.3f} s, peak {_mib(m.peak_rss):.0f} MiB (+{_mib(m.peak_rss - m.base_rss):.0f})"
+        f"{m.seconds:.3f} s (cpu {m.cpu_seconds:.2f} s), peak {_mib(m.peak_rss):.0f} MiB "
+        f"(+{_mib(m.peak_rss - m.base_rss):.0f})"
     )
+
+
+def _fmt_load(load: tuple[float, float, float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in load)
 
 
 def _fmt_ratio(r: float | None) -> str:
@@ -354,26 +364,29 @@ def _fmt_ratio(r: float | None) -> str:
 def render(rows: Sequence[Row], header: str) -> str:
     lines = [header, ""]
     lines.append(
-        "| layout | contender | best s | peak RSS MiB | Δ RSS MiB | polarstore / contender "
-        "| answer |"
+        "| layout | contender | best s | CPU s | peak RSS MiB | Δ RSS MiB "
+        "| polarstore / contender | answer |"
     )
-    lines.append("|---|---|---:|---:|---:|---:|---|")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---|")
     for r in (r for r in rows if r.table == "join"):
         answer = r.answer + (f" ({r.note})" if r.note else "")
         lines.append(
-            f"| {r.layout} | {r.contender} | {r.seconds:.3f} | {r.peak_mib:.0f} | "
+            f"| {r.layout} | {r.contender} | {r.seconds:.3f} | {r.cpu_seconds:.2f} | "
+            f"{r.peak_mib:.0f} | "
             f"{r.delta_mib:.0f} | {_fmt_ratio(r.ratio)} | {answer} |"
         )
     tt = [r for r in rows if r.table == "time_travel"]
     if tt:
         lines += ["", "Time travel (polarstore, `as_of={view: version}`):", ""]
         lines.append(
-            "| layout | as_of | best s | peak RSS MiB | Δ RSS MiB | as_of / current | answer |"
+            "| layout | as_of | best s | CPU s | peak RSS MiB | Δ RSS MiB | as_of / current "
+            "| answer |"
         )
-        lines.append("|---|---|---:|---:|---:|---:|---|")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---|")
         for r in tt:
             lines.append(
                 f"| {r.layout} | {r.contender.removeprefix('as_of ')} | {r.seconds:.3f} | "
+                f"{r.cpu_seconds:.2f} | "
                 f"{r.peak_mib:.0f} | {r.delta_mib:.0f} | {_fmt_ratio(r.ratio)} | {r.answer} |"
             )
     return "\n".join(lines)
@@ -388,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per contender")
     parser.add_argument("--no-pandas", action="store_true", help="skip pandas (slow at 10M)")
+    parser.add_argument("--peers-only", action="store_true", help="skip polarstore")
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -402,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"in {time.perf_counter() - t0:.2f} s",
         file=sys.stderr,
     )
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="polarstore_pit_join_", dir=args.workdir))
     bench = Bench(args, wl, work)
     if bench.no_polarstore:
@@ -426,6 +441,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"polars {pl.__version__}, duckdb {duckdb.__version__}, pandas {pandas.__version__}, "
         f"python {platform.python_version()}"
     )
+    load_end = os.getloadavg()
+    header += (
+        f"\nload average (1, 5, 15 min) at start {_fmt_load(load_start)}, at end "
+        f"{_fmt_load(load_end)}; {os.cpu_count()} cores"
+    )
+    if min(load_start[0], load_end[0]) > 0.5:
+        header += " — other work was running: wall times are pessimistic, see CPU s"
     if bench.no_polarstore:
         header += f"\n(polarstore unavailable: {bench.no_polarstore}; reference: naive_polars)"
     print(render(bench.rows, header))

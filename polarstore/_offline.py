@@ -11,6 +11,7 @@ predicate on one column that Parquet statistics can answer without opening most 
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,6 +31,7 @@ __all__ = ["OfflineStore", "seq_floor"]
 
 _SEQ_SHIFT = 32
 _OPERATION_KEY = "polarstore.operation"
+_ONE_FILE = 1 << 50
 
 
 def seq_floor(version: int) -> int:
@@ -207,6 +209,9 @@ class OfflineStore:
                 data,
                 mode=mode,  # type: ignore[arg-type,call-overload]
                 schema_mode="merge" if mode == "append" else "overwrite",
+                # One file per write: each file is then one sorted run, which is what lets
+                # readers skip the sort when files don't overlap in time.
+                target_file_size=_ONE_FILE,
                 storage_options=self.storage_options,
                 commit_properties=CommitProperties(
                     custom_metadata=metadata, app_transactions=transactions
@@ -262,11 +267,15 @@ class OfflineStore:
         since: datetime | None = None,
         until: datetime | None = None,
         min_seq: int | None = None,
+        ordered: bool = False,
     ) -> pl.LazyFrame | None:
         """The view's rows as a lazy scan, files ordered by event time.
 
         ``since``/``until`` bound the event time (inclusive); ``min_seq`` keeps rows written
         at or after a write sequence. Files whose statistics rule them out are not opened.
+        With ``ordered``, rows come in tie-breaking order — (event time, created time, write
+        sequence) — without a sort when files don't overlap in time (every file is written
+        sorted). ``columns`` must then include the ordering columns.
         Returns None when the view has no table (nothing was ever written) at ``version``.
         """
         table = self._open(view.name, version)
@@ -282,7 +291,7 @@ class OfflineStore:
             and not (until is not None and f.min_ts is not None and f.min_ts > until)
             and not (min_seq is not None and f.max_seq is not None and f.max_seq < min_seq)
         ]
-        keep.sort(key=lambda f: f.min_ts or datetime.min.replace(tzinfo=timezone.utc))
+        keep.sort(key=_file_order)
         base = self.table_uri(view.name)
         if keep:
             frame = pl.scan_parquet(
@@ -305,7 +314,31 @@ class OfflineStore:
             frame = frame.filter(pl.col(SEQ_COLUMN) >= min_seq)
         if columns is not None:
             frame = frame.select(columns)
+        if ordered and not _in_order(keep, has_created=view.created_timestamp_field is not None):
+            # Files overlap in time: sort now, in memory. Polars' streaming sort is several
+            # times slower than the in-memory one at 10M rows; compact() avoids both.
+            by = [ts, *([view.created_timestamp_field] if view.created_timestamp_field else [])]
+            frame = frame.sort([*by, SEQ_COLUMN]).collect(engine="in-memory").lazy()
         return frame
+
+
+def _file_order(f: _File) -> tuple[datetime, datetime, int]:
+    lowest = datetime.min.replace(tzinfo=timezone.utc)
+    return (f.min_ts or lowest, f.max_ts or lowest, f.min_seq or 0)
+
+
+def _in_order(files: Sequence[_File], *, has_created: bool) -> bool:
+    """Whether concatenating ``files`` (each sorted) gives rows in tie-breaking order."""
+    for a, b in itertools.pairwise(files):
+        if a.max_ts is None or b.min_ts is None or a.max_seq is None or b.min_seq is None:
+            return False
+        if a.max_ts < b.min_ts:
+            continue
+        # Equal boundary times are in order only if write order decides those ties.
+        if a.max_ts == b.min_ts and not has_created and a.max_seq < b.min_seq:
+            continue
+        return False
+    return True
 
 
 def _polars_schema(table: DeltaTable) -> dict[str, pl.DataType]:

@@ -196,6 +196,7 @@ def _view_rows(
             columns=[*view.join_keys, *order, *dict.fromkeys(r.feature for r in reqs)],
             since=lo - view.ttl if view.ttl is not None else None,
             until=hi,
+            ordered=True,
         )
     if frame is None:  # no data (yet, or as of the pinned moment): every feature is null
         return pl.LazyFrame(
@@ -205,7 +206,7 @@ def _view_rows(
                 **{r.output: view.schema[r.feature] for r in reqs},
             }
         )
-    return frame.sort(order).select(
+    return frame.select(
         *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys, strict=True)],
         pl.col(ts).alias(_TS),
         *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],

@@ -11,7 +11,6 @@ from typing import Any
 import polars as pl
 
 from polarstore._definitions import (
-    SEQ_COLUMN,
     Entity,
     FeatureService,
     FeatureView,
@@ -324,14 +323,13 @@ class FeatureStore:
         ]
         frame = None
         if version != EMPTY_VERSION:
-            frame = self._offline.scan(v, version=version)
+            frame = self._offline.scan(v, version=version, ordered=True)
         if frame is None:
             schema = self._offline.table_schema(v.name) or {}
             return pl.LazyFrame(
                 schema={c: schema.get(c) or v.schema.get(c, STORED_DTYPE) for c in columns}
             )
-        order = [c for c in columns[len(v.join_keys) : len(v.join_keys) + 2] if c not in v.schema]
-        return frame.sort([*order, SEQ_COLUMN]).select(columns)
+        return frame.select(columns)
 
     def history(self, view: str | FeatureView) -> pl.DataFrame:
         """One row per table version: version, commit time, operation, rows added."""
@@ -351,13 +349,11 @@ class FeatureStore:
         faster because files no longer overlap in time.
         """
         v = self._view(view)
-        frame = self._offline.scan(v)
+        frame = self._offline.scan(v, ordered=True)
         if frame is None:
             msg = f"view {v.name!r} has no data to compact."
             raise NotFoundError(msg)
-        order = [v.timestamp_field, v.created_timestamp_field, SEQ_COLUMN]
-        rows = frame.sort([c for c in order if c]).collect()
-        return self._offline.rewrite(v, rows, "compact")
+        return self._offline.rewrite(v, frame.collect(), "compact")
 
     # --- retrieval ------------------------------------------------------------------------
 

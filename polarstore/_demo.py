@@ -1,0 +1,587 @@
+"""The ``polarstore demo`` story: e-commerce churn, from raw events to online serving.
+
+Everything is synthetic and seeded, so the figures are the same on every run:
+
+1. ~20k users with a profile view (plan, country, age; plan changes over time), an orders
+   view (~300k rows) and a sessions view (~200k rows, 30-day TTL);
+2. late-arriving corrections to ~2% of orders, written as a second commit (same event
+   times, later created timestamps);
+3. a labelled spine (~50k rows: user, cutoff time, churned) and its point-in-time training
+   set;
+4. a leakage check (a naive "latest value per user" join against the point-in-time join);
+5. time travel (the training set as it was before the corrections);
+6. materialize, online lookups, and a train/serve parity check.
+
+``run_demo`` returns the key figures as a dict so tests (and curious users) can check them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+
+from polarstore._definitions import Entity, FeatureService, FeatureView
+from polarstore._errors import ValidationError
+from polarstore._store import FeatureStore
+
+__all__ = [
+    "DEMO_MARKER",
+    "NOW",
+    "T0",
+    "DemoData",
+    "definitions",
+    "make_data",
+    "prepare_demo_path",
+    "run_demo",
+]
+
+#: The file that marks a folder as a demo repository (only such folders are ever wiped).
+DEMO_MARKER = ".polarstore-demo"
+#: The start of the simulated half year and the moment the demo "serves" at.
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+DAYS = 182
+NOW = T0 + timedelta(days=DAYS)
+#: A user churned if they place no order within this window after the cutoff.
+CHURN_WINDOW = timedelta(days=30)
+
+_STAMP = pl.Datetime("us", "UTC")
+_PLANS = np.array(["free", "plus", "pro"])
+_COUNTRIES = np.array(["US", "GB", "DE", "FR", "NL", "ES", "IT", "PL"])
+_DEVICES = np.array(["mobile", "desktop", "tablet"])
+
+
+# --- definitions ----------------------------------------------------------------------------
+
+
+def definitions() -> list[Entity | FeatureView | FeatureService]:
+    """The demo's entity, three feature views and one feature service.
+
+    Examples
+    --------
+    >>> [d.name for d in definitions()]
+    ['user', 'user_profile', 'orders', 'sessions', 'churn_model']
+    """
+    user = Entity("user", join_keys="user_id", description="a shopper")
+    profile = FeatureView(
+        "user_profile",
+        entities=[user],
+        schema={"plan": pl.String, "country": pl.String, "age": pl.Int64},
+        description="account profile; a new row whenever the plan changes",
+        owner="crm@example.com",
+        tags={"domain": "account"},
+    )
+    orders = FeatureView(
+        "orders",
+        entities=[user],
+        schema={"order_amount": pl.Float64, "items": pl.Int64, "order_count": pl.Int64},
+        created_timestamp_field="created_at",
+        description="one row per order: amount, items and the user's running order count",
+        owner="commerce@example.com",
+        tags={"domain": "commerce"},
+    )
+    sessions = FeatureView(
+        "sessions",
+        entities=[user],
+        schema={"session_minutes": pl.Float64, "pages_viewed": pl.Int64, "device": pl.String},
+        ttl=timedelta(days=30),
+        description="the latest web/app session; stale after 30 days",
+        owner="web@example.com",
+        tags={"domain": "engagement"},
+    )
+    churn = FeatureService(
+        "churn_model",
+        features=["user_profile:*", "orders:*", "sessions:*"],
+        description="features of the churn model, for training and serving alike",
+        owner="ds@example.com",
+    )
+    return [user, profile, orders, sessions, churn]
+
+
+# --- synthetic data -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """The demo's raw frames, ready for ``FeatureStore.write`` (and the labelled spine)."""
+
+    profile: pl.DataFrame
+    orders: pl.DataFrame
+    corrections: pl.DataFrame
+    sessions: pl.DataFrame
+    spine: pl.DataFrame
+
+
+def _stamp(days: np.ndarray) -> pl.Series:
+    """Day offsets from ``T0`` to UTC timestamps, whole seconds."""
+    seconds = np.floor(days * 86_400).astype(np.int64)
+    micros = int(T0.timestamp()) * 1_000_000 + seconds * 1_000_000
+    return pl.Series(micros).cast(_STAMP)
+
+
+def make_data(n_users: int = 20_000, *, seed: int = 7) -> DemoData:
+    """Generate the demo's users, orders, corrections, sessions and labelled spine.
+
+    Sizes scale with ``n_users``: ~15 orders, ~10 sessions and 2.5 spine rows per user.
+
+    Examples
+    --------
+    >>> data = make_data(200)
+    >>> data.spine.columns
+    ['user_id', 'event_timestamp', 'churned']
+    >>> data.spine.height, data.profile["user_id"].n_unique()
+    (500, 200)
+    """
+    if n_users < 1:
+        msg = f"n_users must be at least 1, got {n_users}."
+        raise ValidationError(msg)
+    rng = np.random.default_rng(seed)
+    users = np.arange(1, n_users + 1, dtype=np.int64)
+    signup = rng.uniform(-300, 29, n_users)  # days from T0; everyone exists by day 29
+    start = np.maximum(signup, 0.0)
+    churner = rng.random(n_users) < 0.45
+    stop = np.where(churner, rng.uniform(20, DAYS, n_users), float(DAYS))
+    active = np.maximum(stop - start, 0.0)
+    appetite = rng.gamma(2.0, 1.0, n_users)
+
+    profile = _profile(rng, users, signup, start, stop, churner)
+    orders = _events(rng, users, start, active, appetite, per_user=15)
+    n = len(orders[0])
+    items = rng.integers(1, 6, n)
+    orders_df = (
+        pl.DataFrame(
+            {
+                "user_id": orders[0],
+                "event_timestamp": _stamp(orders[1]),
+                "order_amount": np.round(items * rng.lognormal(2.8, 0.5, n), 2),
+                "items": items,
+            }
+        )
+        .sort("user_id", "event_timestamp")
+        .with_columns(
+            order_count=pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over("user_id"),
+            created_at=pl.col("event_timestamp") + pl.duration(minutes=5),
+        )
+    )
+    # Late-arriving corrections: partial refunds restate ~2% of orders days later.
+    fix = np.sort(rng.choice(n, size=max(1, n // 50), replace=False))
+    corrections = orders_df[fix].with_columns(
+        order_amount=(pl.col("order_amount") * pl.Series(rng.uniform(0.5, 0.95, len(fix)))).round(
+            2
+        ),
+        created_at=pl.col("created_at")
+        + pl.duration(hours=pl.Series(rng.integers(24, 24 * 14, len(fix)))),
+    )
+    browse_stop = np.minimum(stop + 14.0, float(DAYS))  # churners browse a little longer
+    sessions = _events(
+        rng, users, start, np.maximum(browse_stop - start, 0.0), appetite, per_user=10
+    )
+    m = len(sessions[0])
+    sessions_df = pl.DataFrame(
+        {
+            "user_id": sessions[0],
+            "event_timestamp": _stamp(sessions[1]),
+            "session_minutes": np.round(rng.lognormal(2.0, 0.8, m), 1),
+            "pages_viewed": rng.poisson(6, m) + 1,
+            "device": rng.choice(_DEVICES, m, p=[0.6, 0.3, 0.1]),
+        }
+    ).sort("event_timestamp", "user_id")
+    spine = _spine(rng, users, orders_df)
+    return DemoData(profile, orders_df, corrections, sessions_df, spine)
+
+
+def _profile(
+    rng: np.random.Generator,
+    users: np.ndarray,
+    signup: np.ndarray,
+    start: np.ndarray,
+    stop: np.ndarray,
+    churner: np.ndarray,
+) -> pl.DataFrame:
+    n = len(users)
+    plan = rng.choice(_PLANS, n, p=[0.6, 0.3, 0.1])
+    first = pl.DataFrame(
+        {
+            "user_id": users,
+            "event_timestamp": _stamp(signup),
+            "plan": plan,
+            "country": rng.choice(_COUNTRIES, n),
+            "age": rng.integers(18, 76, n),
+        }
+    )
+    # Most churners downgrade to "free" shortly before they leave; some others upgrade.
+    downgrade = churner & (rng.random(n) < 0.6)
+    upgrade = ~churner & (rng.random(n) < 0.2)
+    change = downgrade | upgrade
+    when = np.where(
+        downgrade,
+        np.maximum(stop - rng.uniform(0, 10, n), start),
+        rng.uniform(start, DAYS),
+    )
+    new_plan = np.where(downgrade, "free", np.where(plan == "free", "plus", "pro"))
+    changes = first.filter(pl.Series(change)).with_columns(
+        event_timestamp=_stamp(when[change]), plan=pl.Series(new_plan[change])
+    )
+    return pl.concat([first, changes]).sort("event_timestamp", "user_id")
+
+
+def _events(
+    rng: np.random.Generator,
+    users: np.ndarray,
+    start: np.ndarray,
+    active: np.ndarray,
+    appetite: np.ndarray,
+    *,
+    per_user: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Poisson event times per user within their active days; ~``per_user`` on average."""
+    weight = (appetite * active).sum()
+    rate = appetite * per_user * len(users) / weight if weight > 0 else appetite * 0
+    counts = rng.poisson(rate * active)
+    who = np.repeat(users, counts)
+    when = np.repeat(start, counts) + rng.random(counts.sum()) * np.repeat(active, counts)
+    return who, when
+
+
+def _spine(rng: np.random.Generator, users: np.ndarray, orders: pl.DataFrame) -> pl.DataFrame:
+    """Users at midnight cutoffs, labelled churned when no order follows within 30 days."""
+    size = len(users) * 5 // 2
+    cutoff = np.floor(rng.uniform(30, DAYS - 32, size))
+    spine = pl.DataFrame(
+        {"user_id": rng.choice(users, size), "event_timestamp": _stamp(cutoff)}
+    ).sort("event_timestamp", "user_id")
+    following = orders.select("user_id", next_order=pl.col("event_timestamp")).sort("next_order")
+    nxt = spine.join_asof(
+        following,
+        left_on="event_timestamp",
+        right_on="next_order",
+        by="user_id",
+        strategy="forward",
+        allow_exact_matches=False,
+    )
+    churned = nxt["next_order"].is_null() | (
+        nxt["next_order"] > nxt["event_timestamp"] + CHURN_WINDOW
+    )
+    return spine.with_columns(churned=churned)
+
+
+# --- the story ------------------------------------------------------------------------------
+
+
+def prepare_demo_path(path: str | os.PathLike[str]) -> Path:
+    """Make ``path`` an empty demo folder; wipe it only if it is empty or a previous demo.
+
+    Anything else (a file, a symlink, a folder with other content) is refused with a
+    ``ValidationError``, so a mistyped path can never destroy data.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> folder = prepare_demo_path(Path(tempfile.mkdtemp()) / "demo")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['.polarstore-demo']
+    """
+    target = Path(path)
+    if target.is_symlink():
+        msg = f"refusing to use {str(target)!r} for the demo: it is a symbolic link."
+        raise ValidationError(msg)
+    if target.exists():
+        if not target.is_dir():
+            msg = f"refusing to use {str(target)!r} for the demo: it is not a folder."
+            raise ValidationError(msg)
+        if (target / DEMO_MARKER).is_file():
+            shutil.rmtree(target)
+        elif any(target.iterdir()):
+            msg = (
+                f"refusing to use {str(target)!r} for the demo: the folder is not empty and "
+                "is not a previous polarstore demo. Pick a new or empty folder."
+            )
+            raise ValidationError(msg)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / DEMO_MARKER).write_text(
+        "This folder was made by `polarstore demo`; the next demo run may delete it.\n",
+        encoding="utf-8",
+    )
+    return target.resolve()
+
+
+class _Steps:
+    """Numbered, timed steps printed to a rich console."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self.console = console
+        self.total = total
+        self.number = 0
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def step(self, key: str, title: str) -> Iterator[list[str]]:
+        self.number += 1
+        notes: list[str] = []
+        began = time.perf_counter()
+        with self.console.status(f"{title}…"):
+            yield notes
+        took = time.perf_counter() - began
+        self.seconds[key] = round(took, 3)
+        head = f"[bold cyan]{self.number:>2}/{self.total}[/] [bold]{title}[/]"
+        self.console.print(f"{head} [dim]({took:.2f} s)[/]")
+        for note in notes:
+            self.console.print(f"       {note}")
+
+
+def _frame_table(frame: pl.DataFrame, title: str | None = None) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for name in frame.columns:
+        table.add_column(name, overflow="fold")
+    for row in frame.iter_rows():
+        table.add_row(*("∅" if v is None else _short(v) for v in row))
+    return table
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    return str(value)
+
+
+def run_demo(
+    path: str | os.PathLike[str] = "demo_repo",
+    console: Console | None = None,
+    *,
+    n_users: int = 20_000,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """Build the demo repository at ``path`` and walk through the churn story.
+
+    ``path`` must be new, empty, or a previous demo (which is wiped). Returns the key
+    figures: sizes, the leakage count, time-travel differences, the materialize summary,
+    the online vector of one user, the parity mismatches and per-step timings.
+
+    Examples
+    --------
+    >>> import io, tempfile
+    >>> quiet = Console(file=io.StringIO())
+    >>> figures = run_demo(Path(tempfile.mkdtemp()) / "demo", quiet, n_users=300)
+    >>> figures["parity_mismatches"], figures["training_rows"]
+    (0, 750)
+    """
+    console = console or Console()
+    began = time.perf_counter()
+    root = prepare_demo_path(path)
+    steps = _Steps(console, total=10)
+    figures: dict[str, Any] = {"path": str(root), "n_users": n_users, "seed": seed}
+    console.rule("[bold]polarstore demo: e-commerce churn[/]")
+    console.print(f"repository: [green]{root}[/]\n")
+
+    with steps.step("generate", "Generate synthetic users, orders and sessions") as notes:
+        data = make_data(n_users, seed=seed)
+        figures.update(
+            profile_rows=data.profile.height,
+            orders_rows=data.orders.height,
+            corrections_rows=data.corrections.height,
+            sessions_rows=data.sessions.height,
+            spine_rows=data.spine.height,
+            churn_rate=round(float(data.spine["churned"].mean()), 4),  # type: ignore[arg-type]
+        )
+        notes.append(
+            f"{n_users:,} users · {data.profile.height:,} profile rows · "
+            f"{data.orders.height:,} orders · {data.sessions.height:,} sessions"
+        )
+
+    with FeatureStore(root) as store:
+        with steps.step("apply", "Register the definitions") as notes:
+            defs = definitions()
+            store.apply(defs)
+            notes.append(", ".join(f"{type(d).__name__} [green]{d.name}[/]" for d in defs))
+
+        with steps.step("write", "Write the offline history (Delta tables)") as notes:
+            for view, frame in (
+                ("user_profile", data.profile),
+                ("orders", data.orders),
+                ("sessions", data.sessions),
+            ):
+                version = store.write(view, frame)
+                notes.append(f"{view}: {frame.height:,} rows → version {version}")
+            before = store.versions()
+            figures["versions_before_corrections"] = dict(before)
+
+        with steps.step("corrections", "Late-arriving corrections (second write)") as notes:
+            version = store.write("orders", data.corrections)
+            figures["versions_after_corrections"] = store.versions()
+            notes.append(
+                f"orders: {data.corrections.height:,} restated amounts, same event times, "
+                f"later created_at → version {version}"
+            )
+
+        service = store.get_feature_service("churn_model")
+        with steps.step("training", "Point-in-time training set") as notes:
+            training = store.get_historical_features(data.spine, service).collect()
+            figures.update(training_rows=training.height, training_columns=training.columns)
+            notes.append(
+                f"{training.height:,} spine rows × {len(training.columns) - 3} features, "
+                f"churn rate {figures['churn_rate']:.1%}"
+            )
+        console.print(_frame_table(training.head(5)))
+
+        with steps.step("leakage", "Leakage check: naive latest-value join vs point-in-time"):
+            leaks = _leakage(store, data.spine)
+            figures.update(leaks)
+        console.print(
+            f"       a naive join on the latest value per user would use data from after the "
+            f"cutoff in [bold red]{leaks['leaky_rows']:,}[/] of {data.spine.height:,} rows "
+            f"({leaks['leaky_fraction']:.1%}): "
+            + ", ".join(f"{v} {n:,}" for v, n in leaks["leaky_rows_by_view"].items())
+        )
+        console.print(
+            f"       the plan feature alone differs in {leaks['plan_differs']:,} rows; "
+            "the point-in-time join uses none of that future data"
+        )
+
+        with steps.step("time_travel", "Time travel: the training set before the corrections"):
+            old = store.get_historical_features(data.spine, service, as_of=before).collect()
+            changed = _changed_rows(training, old, service_features(store, service))
+            figures.update(time_travel_changed_rows=changed)
+        console.print(
+            f"       as_of={before} → [bold]{changed:,}[/] training rows differ from today's "
+            "(the corrected order amounts); the old set is rebuilt exactly"
+        )
+
+        with steps.step("materialize", "Materialize the latest values into LMDB") as notes:
+            summary = store.materialize()
+            figures["materialize"] = summary
+        console.print(_summary_table(summary))
+
+        user_id = int(data.spine["user_id"][0])
+        with steps.step("online", f"Online lookup for user {user_id}") as notes:
+            row = store.get_online_features({"user_id": user_id}, service, now=NOW)
+            vector = store.get_feature_vector({"user_id": user_id}, service, now=NOW)
+            reps = 2_000
+            tick = time.perf_counter()
+            for _ in range(reps):
+                store.get_feature_vector({"user_id": user_id}, service, now=NOW)
+            per_call = (time.perf_counter() - tick) / reps
+            figures.update(
+                online_user=user_id,
+                online_vector=vector,
+                vector_matches_online=_vector_matches(vector, row),
+                feature_vector_us=round(per_call * 1e6, 1),
+            )
+            notes.append(
+                f"get_feature_vector: {per_call * 1e6:,.0f} µs per call "
+                f"(now={NOW:%Y-%m-%d}); same values as get_online_features: "
+                f"{figures['vector_matches_online']}"
+            )
+        console.print(_frame_table(row, title=f"get_online_features(user_id={user_id})"))
+
+        with steps.step("parity", "Train/serve parity: online at now == offline at now") as notes:
+            sample = min(1_000, n_users)
+            keys = np.random.default_rng(seed + 1).choice(
+                np.arange(1, n_users + 1), sample, replace=False
+            )
+            mismatches = _parity(store, service, keys)
+            figures.update(parity_checked=sample, parity_mismatches=mismatches)
+            status = "[bold green]OK[/]" if mismatches == 0 else "[bold red]MISMATCH[/]"
+            notes.append(f"{sample:,} users checked, {mismatches} mismatching rows {status}")
+
+    figures["seconds"] = steps.seconds
+    figures["total_seconds"] = round(time.perf_counter() - began, 3)
+    console.rule(f"[bold]done in {figures['total_seconds']:.1f} s[/]")
+    console.print(
+        f"try: [cyan]polarstore --repo {root} ls[/] · "
+        f"[cyan]polarstore --repo {root} get churn_model --key user_id={user_id} "
+        f"--now {NOW:%Y-%m-%d}[/]"
+    )
+    return figures
+
+
+def service_features(store: FeatureStore, service: FeatureService) -> list[str]:
+    """The output column names of a service's features (``view:*`` expanded)."""
+    names: list[str] = []
+    for ref in service.features:
+        view, _, feature = str(ref).partition(":")
+        if feature == "*":
+            names.extend(store.get_feature_view(view).feature_names)
+        else:
+            names.append(feature)
+    return names
+
+
+def _leakage(store: FeatureStore, spine: pl.DataFrame) -> dict[str, Any]:
+    """Join every view's *latest* row per user, ignoring time; count rows that see the future."""
+    cutoff = pl.col("event_timestamp")
+    flags: list[pl.Expr] = []
+    joined = spine.with_row_index("_row")
+    for view in ("user_profile", "orders", "sessions"):
+        # read() returns rows in tie-breaking order, so last() is the value a naive
+        # "current state" table would hold.
+        latest = store.read(view).group_by("user_id", maintain_order=True).last().collect()
+        latest = latest.select(
+            "user_id",
+            pl.col("event_timestamp").alias(f"{view}_seen"),
+            *(pl.col(f).alias(f"naive_{f}") for f in store.get_feature_view(view).feature_names),
+        )
+        joined = joined.join(latest, on="user_id", how="left")
+        flags.append(pl.col(f"{view}_seen") > cutoff)
+    pit = store.get_historical_features(spine, ["user_profile:plan"]).collect()
+    joined = joined.sort("_row").with_columns(pit_plan=pit["plan"])
+    by_view = {
+        view: int(joined.select(flag.sum()).item())
+        for view, flag in zip(("user_profile", "orders", "sessions"), flags, strict=True)
+    }
+    leaky = int(joined.select(pl.any_horizontal(flags).sum()).item())
+    differs = int(joined.select(pl.col("naive_plan").ne_missing(pl.col("pit_plan")).sum()).item())
+    return {
+        "leaky_rows": leaky,
+        "leaky_fraction": round(leaky / max(spine.height, 1), 4),
+        "leaky_rows_by_view": by_view,
+        "plan_differs": differs,
+    }
+
+
+def _changed_rows(new: pl.DataFrame, old: pl.DataFrame, features: list[str]) -> int:
+    """How many rows differ between two frames of the same shape in any of ``features``."""
+    differs = pl.Series([False] * new.height)
+    for name in features:
+        differs = differs | new[name].ne_missing(old[name])
+    return int(differs.sum())
+
+
+def _vector_matches(vector: dict[str, Any], row: pl.DataFrame) -> bool:
+    online = row.row(0, named=True)
+    return all(online.get(k) == v for k, v in vector.items() if k in online)
+
+
+def _parity(store: FeatureStore, service: FeatureService, keys: np.ndarray) -> int:
+    entities = pl.DataFrame({"user_id": keys})
+    online = store.get_online_features(entities, service, now=NOW)
+    offline = store.get_historical_features(
+        entities.with_columns(event_timestamp=pl.lit(NOW, dtype=_STAMP)), service
+    ).collect()
+    features = service_features(store, service)
+    return _changed_rows(online.select(features), offline.select(features), features)
+
+
+def _summary_table(summary: dict[str, dict[str, Any]]) -> Table:
+    columns: list[str] = []
+    for info in summary.values():
+        columns.extend(k for k in info if k not in columns)
+    table = Table(header_style="bold")
+    table.add_column("view")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for view, info in summary.items():
+        table.add_row(view, *(_short(info.get(c, "")) for c in columns))
+    return table
