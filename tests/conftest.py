@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -8,6 +10,11 @@ import polars as pl
 import pytest
 
 from polarstore import Entity, FeatureStore, FeatureView
+
+# Every test runs in a zone far from UTC: tz-naive values must still mean UTC, never local
+# time (delta-rs's own load_as_version reads a naive datetime as local time).
+os.environ["TZ"] = "America/Los_Angeles"
+time.tzset()
 
 T0 = datetime(2024, 1, 1)
 USER = Entity("user", join_keys="user_id", description="a shopper", tags={"domain": "shop"})
