@@ -176,12 +176,11 @@ def make_data(n_users: int = 20_000, *, seed: int = 7) -> DemoData:
     )
     # Late-arriving corrections: partial refunds restate ~2% of orders days later.
     fix = np.sort(rng.choice(n, size=max(1, n // 50), replace=False))
+    refund = pl.Series(rng.uniform(0.5, 0.95, len(fix)))
+    delay = pl.Series(rng.integers(24, 24 * 14, len(fix)) * 3_600_000_000).cast(pl.Duration("us"))
     corrections = orders_df[fix].with_columns(
-        order_amount=(pl.col("order_amount") * pl.Series(rng.uniform(0.5, 0.95, len(fix)))).round(
-            2
-        ),
-        created_at=pl.col("created_at")
-        + pl.duration(hours=pl.Series(rng.integers(24, 24 * 14, len(fix)))),
+        order_amount=(pl.col("order_amount") * refund).round(2),
+        created_at=pl.col("created_at") + delay,
     )
     browse_stop = np.minimum(stop + 14.0, float(DAYS))  # churners browse a little longer
     sessions = _events(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -10,7 +11,7 @@ from polarstore._definitions import FeatureView
 from polarstore._errors import ValidationError, did_you_mean
 from polarstore._time import STORED_DTYPE, to_utc_expr
 
-__all__ = ["KEY_DTYPES", "key_dtype", "prepare_rows", "to_polars"]
+__all__ = ["KEY_DTYPES", "entity_frame", "key_dtype", "prepare_rows", "to_polars"]
 
 _INTEGER = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 # Join keys are stored as Int64 or String whatever the input width, so spines, views and the
@@ -134,3 +135,29 @@ def prepare_rows(
             raise ValidationError(msg)
     assert out.schema[ts] == STORED_DTYPE
     return out
+
+
+def entity_frame(rows: Any, join_keys: Sequence[str], *, where: str) -> pl.DataFrame:
+    """Join keys given as a dict, a list of dicts or a frame, as a DataFrame of those keys."""
+    if isinstance(rows, Mapping):
+        rows = [rows]
+    if isinstance(rows, list):
+        if not all(isinstance(r, Mapping) for r in rows):
+            msg = f"{where}: entity rows must be dicts of join key to value."
+            raise ValidationError(msg)
+        try:
+            frame = pl.DataFrame(rows, infer_schema_length=None)
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
+            msg = f"{where}: could not read the entity rows: {e}"
+            raise ValidationError(msg) from e
+    else:
+        frame = to_polars(rows, what=where)
+    missing = [k for k in join_keys if k not in frame.columns]
+    if missing:
+        msg = f"{where}: missing join key(s) {missing}; expected {list(join_keys)}." + did_you_mean(
+            missing[0], frame.columns
+        )
+        raise ValidationError(msg)
+    for key in join_keys:
+        key_dtype(frame.schema[key], where=where, column=key)
+    return frame.select(join_keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -183,15 +183,26 @@ class OfflineStore:
             self._commit(view.name, frame.select(columns), "append", metadata, transactions)
             return self._committed_version(view.name, expected=version)
 
-    def rewrite(self, view: FeatureView, frame: pl.DataFrame, operation: str) -> int:
-        """Replace the table's rows with ``frame`` (rows keep their write sequence)."""
+    def rewrite(
+        self,
+        view: FeatureView,
+        change: Callable[[pl.LazyFrame], pl.DataFrame],
+        operation: str,
+    ) -> int:
+        """Replace the table's rows with ``change(rows)``, read and written under the lock.
+
+        ``rows`` come in tie-breaking order and keep their write sequence, so answers stay
+        the same for every row ``change`` keeps. Returns the new version.
+        """
         with self._write_lock(view.name):
             table = self._open(view.name)
-            if table is None:
+            frame = self.scan(view, ordered=True)
+            if table is None or frame is None:
                 msg = f"view {view.name!r} has no data to {operation}."
                 raise NotFoundError(msg)
             version = table.version() + 1
-            self._commit(view.name, frame, "overwrite", {_OPERATION_KEY: operation}, None)
+            rows = change(frame)
+            self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
             return self._committed_version(view.name, expected=version)
 
     def _commit(
@@ -229,21 +240,6 @@ class OfflineStore:
             msg = f"the write to view {view!r} did not commit (table is at version {got})."
             raise ConflictError(msg)
         return got
-
-    def delete(self, view: str, predicate: str) -> int:
-        with self._write_lock(view):
-            table = self._open(view)
-            if table is None:
-                return -1
-            try:
-                table.delete(
-                    predicate,
-                    commit_properties=CommitProperties(custom_metadata={_OPERATION_KEY: "delete"}),
-                )
-            except DeltaError as e:
-                msg = f"deleting rows of view {view!r} failed; nothing was committed: {e}"
-                raise PolarstoreError(msg) from e
-            return self._committed_version(view, expected=0)
 
     def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
         table = self._open(view)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from polarstore._definitions import (
     check_name,
 )
 from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
-from polarstore._frames import prepare_rows, to_polars
+from polarstore._frames import entity_frame, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import EMPTY_VERSION, historical_features, resolve_features
@@ -349,11 +349,67 @@ class FeatureStore:
         faster because files no longer overlap in time.
         """
         v = self._view(view)
-        frame = self._offline.scan(v, ordered=True)
-        if frame is None:
-            msg = f"view {v.name!r} has no data to compact."
-            raise NotFoundError(msg)
-        return self._offline.rewrite(v, frame.collect(), "compact")
+        return self._offline.rewrite(v, lambda rows: rows.collect(engine="in-memory"), "compact")
+
+    def delete_entities(self, view: str | FeatureView, keys: Any) -> int:
+        """Remove every row of the given entities, offline (a new version) and online.
+
+        For right-to-be-forgotten requests. ``keys`` is a dict, a list of dicts or a
+        DataFrame of join keys. Older table versions still hold the rows until ``vacuum``
+        removes their files; returns the new table version.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}, online=False))
+        >>> _ = store.write("stats", pl.DataFrame({"user_id": [1, 2], "clicks": [3, 4],
+        ...                    "event_timestamp": [datetime(2024, 1, 1)] * 2}))
+        >>> store.delete_entities("stats", {"user_id": 1})
+        1
+        >>> store.read("stats").collect()["user_id"].to_list()
+        [2]
+        """
+        v = self._view(view)
+        stored = self._offline.table_schema(v.name) or {}
+        frame = entity_frame(keys, v.join_keys, where=f"delete_entities({v.name!r})")
+        frame = frame.select(
+            pl.col(k).cast(stored.get(k, frame.schema[k])) for k in v.join_keys
+        ).drop_nulls()
+        version = self._offline.rewrite(
+            v,
+            lambda rows: rows.join(
+                frame.lazy(), on=list(v.join_keys), how="anti", maintain_order="left"
+            ).collect(engine="in-memory"),
+            "delete",
+        )
+        if v.online:
+            self._online().delete(v, frame)
+        return version
+
+    def vacuum(
+        self, *, retention: timedelta = timedelta(days=7), force: bool = False
+    ) -> dict[str, list[str]]:
+        """Delete data files no version newer than ``retention`` needs; return them per view.
+
+        Files that a saved dataset's pinned version still needs are kept unless ``force``
+        (those datasets can then no longer be loaded).
+        """
+        pinned: dict[str, set[int]] = {}
+        if not force:
+            for entry in self._state().datasets.values():
+                for name, version in entry["versions"].items():
+                    if version != EMPTY_VERSION:
+                        pinned.setdefault(name, set()).add(version)
+        hours = max(0, int(retention.total_seconds() // 3600))
+        return {
+            name: self._offline.vacuum(
+                name, retention_hours=hours, keep_versions=sorted(pinned.get(name, ()))
+            )
+            for name in self._state().views
+        }
 
     # --- retrieval ------------------------------------------------------------------------
 

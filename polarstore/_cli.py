@@ -1,0 +1,732 @@
+"""The ``polarstore`` command line: a thin click layer over ``FeatureStore`` with rich output.
+
+Every command takes ``--repo PATH`` (default: ``$POLARSTORE_REPO``, else the current folder).
+Bad input ends the command with a one-line ``Error: ...`` on stderr and a non-zero exit
+code (2 for usage errors, 1 otherwise), never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import polars as pl
+from click.core import ParameterSource
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from polarstore._definitions import Entity, FeatureService, FeatureView
+from polarstore._errors import PolarstoreError, ValidationError
+from polarstore._registry import REGISTRY_FILE
+from polarstore._store import FeatureStore
+from polarstore._time import to_utc
+
+__all__ = ["EXAMPLE_DEFINITIONS", "REPO_ENV", "cli", "main", "parse_keys"]
+
+REPO_ENV = "POLARSTORE_REPO"
+DEFAULT_DEMO_PATH = "demo_repo"
+F = TypeVar("F", bound=Callable[..., Any])
+Definition = Entity | FeatureView | FeatureService
+
+EXAMPLE_DEFINITIONS = '''\
+"""Feature definitions of this repository.
+
+Register them (again after every edit; applying is idempotent) with:
+
+    polarstore --repo REPO apply REPO/features.py
+
+Every Entity, FeatureView and FeatureService defined at module level is applied. Adding
+features to a view later is fine; changing a stored feature's dtype is refused.
+"""
+
+from datetime import timedelta
+
+import polars as pl
+
+from polarstore import Entity, FeatureService, FeatureView
+
+# An entity is the thing features describe; join_keys names its key column(s)
+# (a list makes a compound key, e.g. ["user_id", "item_id"]).
+user = Entity("user", join_keys="user_id", description="a shopper")
+
+# A feature view is one Delta table: the join keys, an event-time column and typed
+# features. Load rows from parquet or CSV with:
+#     polarstore write user_stats rows.csv
+# where rows.csv has the columns user_id, event_timestamp, orders_7d, spend_7d.
+user_stats = FeatureView(
+    "user_stats",
+    entities=[user],
+    schema={"orders_7d": pl.Int64, "spend_7d": pl.Float64},
+    timestamp_field="event_timestamp",  # when the values were observed
+    ttl=timedelta(days=7),  # values older than this read as null (None: never stale)
+    description="rolling 7-day order activity",
+    owner="you@example.com",
+    tags={"team": "growth"},
+)
+
+# A feature service names the features one model uses, so training
+# (get_historical_features) and serving (polarstore get churn_model --key user_id=42)
+# ask for exactly the same ones.
+churn_model = FeatureService("churn_model", features=["user_stats:*"])
+'''
+
+
+# --- errors: one line on stderr, never a traceback ----------------------------------------
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {_one_line(message)}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """A group whose errors are one line on stderr: usage errors, library errors, OS errors."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "polarstore"
+            _fail(f"{e.format_message()} (see '{where} --help')", e.exit_code)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("aborted.", 1)
+        except PolarstoreError as e:
+            _fail(str(e), 1)
+        except OSError as e:
+            _fail(str(e), 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+# --- shared helpers ---------------------------------------------------------------------
+
+
+def _repo_option(func: F) -> F:
+    return click.option(
+        "--repo",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
+    )(func)
+
+
+def _repo_path(repo: Path | None) -> Path:
+    """The repository: the command's ``--repo``, else the group's (or the env var), else ."""
+    if repo is not None:
+        return repo
+    group_repo = click.get_current_context().find_root().params.get("repo")
+    return Path(group_repo) if group_repo else Path()
+
+
+def _open(repo: Path | None, *, must_exist: bool = True) -> FeatureStore:
+    path = _repo_path(repo)
+    if must_exist and not (path / REGISTRY_FILE).is_file():
+        msg = (
+            f"{str(path)!r} is not a polarstore repository (it has no {REGISTRY_FILE}). "
+            f"Run 'polarstore init {path}' first, or pass --repo / set ${REPO_ENV}."
+        )
+        raise click.ClickException(msg)
+    return FeatureStore(path)
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _cell(value: Any) -> Text:
+    """A table cell showing ``value`` literally (never as rich markup)."""
+    if value is None:
+        return Text("∅", style="dim")
+    if isinstance(value, datetime):
+        text = value.isoformat(sep=" ")
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k}={v}" for k, v in value.items())
+    else:
+        text = str(value)
+    return Text(text)
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
+    table = Table(title=title, title_justify="left", title_style="bold", header_style="bold")
+    for name in columns:
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    return table
+
+
+def _frame_table(title: str, frame: pl.DataFrame) -> Table:
+    return _table(title, frame.columns, list(frame.iter_rows()))
+
+
+def _utc(text: str) -> datetime:
+    """An ISO-8601 text (a trailing ``Z`` allowed; naive means UTC) as a UTC datetime."""
+    text = text.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    return to_utc(text)
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return _utc(value)
+    except ValidationError:
+        msg = (
+            f"{value!r} is not a date or time; use ISO 8601, e.g. 2024-05-01 or "
+            "2024-05-01T12:00:00Z (naive times are UTC)."
+        )
+        raise click.BadParameter(msg, param_hint=option) from None
+
+
+_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)\Z", re.DOTALL)
+_INT = re.compile(r"[+-]?(0|[1-9][0-9]*)\Z")
+
+
+def _key_value(text: str) -> int | str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]  # quoted: always a string
+    return int(text) if _INT.match(text) else text
+
+
+def parse_keys(pairs: Sequence[str]) -> list[dict[str, Any]]:
+    """Turn ``--key NAME=VALUE`` options into entity rows.
+
+    Repeating a name gives several entities; different names form one compound key.
+    Values that look like integers become ints (quote them to keep a string).
+
+    Examples
+    --------
+    >>> parse_keys(["user_id=42"])
+    [{'user_id': 42}]
+    >>> parse_keys(["user_id=1", "user_id=2", "item=ab"][:2])
+    [{'user_id': 1}, {'user_id': 2}]
+    >>> parse_keys(["user_id=7", "item_id='0012'"])
+    [{'user_id': 7, 'item_id': '0012'}]
+    """
+    columns: dict[str, list[int | str]] = {}
+    for pair in pairs:
+        match = _KEY.match(pair.strip())
+        if not match or not match.group(2):
+            msg = f"{pair!r} is not NAME=VALUE, e.g. --key user_id=42."
+            raise click.BadParameter(msg, param_hint="--key")
+        name, raw = match.groups()
+        columns.setdefault(name, []).append(_key_value(raw))
+    counts = {name: len(values) for name, values in columns.items()}
+    if len(set(counts.values())) > 1:
+        msg = f"every key name needs the same number of values, got {counts}."
+        raise click.BadParameter(msg, param_hint="--key")
+    for name, values in columns.items():
+        if any(isinstance(v, str) for v in values):
+            columns[name] = [str(v) for v in values]
+    height = next(iter(counts.values()), 0)
+    return [{name: values[i] for name, values in columns.items()} for i in range(height)]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bytes):
+        return value.hex()
+    return str(value)
+
+
+def _ttl(value: timedelta | None) -> str:
+    if value is None:
+        return "∞"
+    if value % timedelta(days=1) == timedelta(0):
+        return f"{value.days}d"
+    return str(value)
+
+
+# --- the commands -------------------------------------------------------------------------
+
+
+@click.group(
+    name="polarstore",
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--repo",
+    type=click.Path(file_okay=False),
+    envvar=REPO_ENV,
+    default=None,
+    help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
+)
+@click.version_option(package_name="polarstore", prog_name="polarstore")
+def cli(repo: str | None) -> None:
+    """polarstore: a serverless, time-travel feature store on Polars, Delta Lake and LMDB.
+
+    \b
+    Quick start:
+      polarstore demo                       # the whole story on synthetic data
+      polarstore init my_repo               # a repository with an example features.py
+      polarstore --repo my_repo apply my_repo/features.py
+      polarstore --repo my_repo write user_stats rows.csv
+      polarstore --repo my_repo materialize
+      polarstore --repo my_repo get user_stats:spend_7d --key user_id=42
+    """
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@_repo_option
+def init(path: Path | None, repo: Path | None) -> None:
+    """Create a repository with a commented example definitions file, features.py.
+
+    PATH defaults to --repo (or the current folder). An existing features.py is kept.
+
+    \b
+    Example:
+      polarstore init my_repo
+      polarstore --repo my_repo apply my_repo/features.py
+    """
+    target = path if path is not None else _repo_path(repo)
+    existed = (target / REGISTRY_FILE).is_file()
+    store = FeatureStore(target)
+    if not existed:
+        store.apply([])  # writes an empty registry.json
+    console = _console()
+    defs = target / "features.py"
+    if defs.exists():
+        console.print(Text(f"kept the existing {defs}"))
+    else:
+        defs.write_text(EXAMPLE_DEFINITIONS.replace("REPO", str(target)), encoding="utf-8")
+    state = "already a repository" if existed else "initialised a repository"
+    console.print(Text(f"{state} at {store.path}", style="green"))
+    console.print(Text(f"next: edit {defs}, then: polarstore --repo {target} apply {defs}"))
+
+
+def _load_definitions(path: Path) -> list[Definition]:
+    """Import a definitions file and return its module-level definitions, in order."""
+    name = f"_polarstore_definitions_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        msg = f"cannot import {str(path)!r}: not a Python file."
+        raise click.ClickException(msg)
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # any error in user code: report it in one line
+        detail = f"{type(e).__name__}: {e}"
+        msg = f"cannot import the definitions file {str(path)!r}: {detail}"
+        raise click.ClickException(msg) from e
+    finally:
+        sys.modules.pop(name, None)
+        if folder in sys.path:
+            sys.path.remove(folder)
+    found: dict[int, Definition] = {}
+    for value in vars(module).values():
+        if isinstance(value, (Entity, FeatureView, FeatureService)):
+            found.setdefault(id(value), value)
+    if not found:
+        msg = (
+            f"the definitions file {str(path)!r} defines no Entity, FeatureView or "
+            "FeatureService at module level."
+        )
+        raise click.ClickException(msg)
+    rank = {Entity: 0, FeatureView: 1, FeatureService: 2}
+    return sorted(found.values(), key=lambda d: rank[type(d)])
+
+
+def _registered(store: FeatureStore) -> dict[tuple[str, str], Definition]:
+    items: list[Definition] = [
+        *store.list_entities(),
+        *store.list_feature_views(),
+        *store.list_feature_services(),
+    ]
+    return {(type(d).__name__, d.name): d for d in items}
+
+
+@cli.command()
+@click.argument("defs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_repo_option
+def apply(defs: Path, repo: Path | None) -> None:
+    """Register every Entity, FeatureView and FeatureService defined in DEFS (a .py file).
+
+    The file is imported; its module-level definitions are applied in one go. Applying
+    the same definitions again changes nothing.
+
+    \b
+    Example:
+      polarstore --repo my_repo apply my_repo/features.py
+    """
+    definitions = _load_definitions(defs)
+    store = _open(repo, must_exist=False)
+    before = _registered(store)
+    store.apply(definitions)
+    after = _registered(store)
+    rows = []
+    for item in definitions:
+        key = (type(item).__name__, item.name)
+        status = "created" if key not in before else "unchanged"
+        if key in before and before[key] != after.get(key):
+            status = "updated"
+        rows.append((key[0], item.name, status))
+    console = _console()
+    console.print(
+        _table(f"applied {len(definitions)} definitions", ["kind", "name", "status"], rows)
+    )
+
+
+@cli.command(name="ls")
+@_repo_option
+def ls_(repo: Path | None) -> None:
+    """List the entities, feature views and feature services of the repository.
+
+    \b
+    Example:
+      polarstore --repo my_repo ls
+    """
+    store = _open(repo)
+    console = _console()
+    entities = store.list_entities()
+    views = store.list_feature_views()
+    services = store.list_feature_services()
+    if not (entities or views or services):
+        console.print(f"the repository at {store.path} has no definitions yet.")
+        console.print("add them to a file such as features.py and run: polarstore apply FILE")
+        return
+    console.print(
+        _table(
+            "Entities",
+            ["name", "join keys", "description"],
+            [(e.name, list(e.join_keys), e.description) for e in entities],
+        )
+    )
+    versions = store.versions()
+    console.print(
+        _table(
+            "Feature views",
+            ["name", "entities", "features", "ttl", "online", "version", "owner"],
+            [
+                (
+                    v.name,
+                    [e.name for e in v.entities],  # type: ignore[union-attr]
+                    list(v.feature_names),
+                    _ttl(v.ttl),
+                    "yes" if v.online else "no",
+                    versions.get(v.name, -1) if versions.get(v.name, -1) >= 0 else "no data",
+                    v.owner,
+                )
+                for v in views
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "Feature services",
+            ["name", "features", "owner", "description"],
+            [(s.name, list(s.features), s.owner, s.description) for s in services],
+        )
+    )
+
+
+@cli.command()
+@click.argument("view")
+@_repo_option
+def describe(view: str, repo: Path | None) -> None:
+    """Show a feature view: schema, rows, versions, latest event time, online state.
+
+    \b
+    Example:
+      polarstore --repo my_repo describe user_stats
+    """
+    store = _open(repo)
+    info = store.describe(view)
+    schema = info.pop("schema")
+    info["ttl"] = _ttl(info["ttl"])
+    console = _console()
+    console.print(_table(f"Feature view {view}", ["property", "value"], list(info.items())))
+    console.print(_table("Schema", ["feature", "dtype"], [(n, str(t)) for n, t in schema.items()]))
+
+
+@cli.command()
+@click.argument("view")
+@_repo_option
+def history(view: str, repo: Path | None) -> None:
+    """Show one row per table version of VIEW: version, commit time, operation, rows added.
+
+    \b
+    Example:
+      polarstore --repo my_repo history user_stats
+    """
+    store = _open(repo)
+    frame = store.history(view)
+    console = _console()
+    if frame.is_empty():
+        console.print(f"view {view!r} has no data yet.")
+        return
+    console.print(_frame_table(f"History of {view}", frame))
+
+
+_READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def _read_file(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
+    kind = _READERS.get(path.suffix.lower())
+    if kind is None:
+        msg = f"cannot read {str(path)!r}: use a .parquet or .csv file."
+        raise click.ClickException(msg)
+    try:
+        if kind == "parquet":
+            return pl.read_parquet(path)
+        return _read_csv(path, view, key_dtypes)
+    except pl.exceptions.PolarsError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = f"cannot read {str(path)!r} as {kind.upper()}: {first}"
+        raise click.ClickException(msg) from e
+
+
+def _read_csv(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
+    """A CSV with the view's dtypes; timestamp (and date/time feature) strings parsed."""
+    header = pl.read_csv(path, n_rows=0).columns
+    temporal = [view.timestamp_field]
+    if view.created_timestamp_field:
+        temporal.append(view.created_timestamp_field)
+    overrides: dict[str, pl.DataType] = {}
+    for name, dtype in view.schema.items():
+        if isinstance(dtype, (pl.Datetime, pl.Date)):
+            temporal.append(name)
+        elif not isinstance(dtype, (pl.List, pl.Binary)):
+            overrides[name] = dtype
+    overrides.update(key_dtypes)
+    frame = pl.read_csv(
+        path,
+        schema_overrides={k: v for k, v in overrides.items() if k in header},
+        try_parse_dates=True,
+    )
+    for name in temporal:
+        if name in frame.columns and frame.schema[name] == pl.String:
+            want_date = view.schema.get(name) == pl.Date
+            frame = frame.with_columns(_parse_column(frame[name], path, want_date=want_date))
+    return frame
+
+
+def _parse_column(column: pl.Series, path: Path, *, want_date: bool) -> pl.Series:
+    try:
+        if want_date:
+            return column.str.to_date(strict=True)
+        return column.str.to_datetime(time_unit="us", strict=True)
+    except pl.exceptions.PolarsError:
+        pass  # mixed formats: parse value by value below
+    values: list[Any] = []
+    for text in column:
+        try:
+            parsed = None if text is None else _utc(text)
+        except ValidationError:
+            msg = (
+                f"{str(path)!r}: column {column.name!r} has {text!r}, which is not an ISO-8601 "
+                "date or time (e.g. 2024-05-01T12:00:00Z)."
+            )
+            raise click.ClickException(msg) from None
+        values.append(parsed.date() if parsed is not None and want_date else parsed)
+    dtype = pl.Date() if want_date else pl.Datetime("us", "UTC")
+    return pl.Series(column.name, values, dtype=dtype)
+
+
+@cli.command()
+@click.argument("view")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@_repo_option
+def write(view: str, file: Path, repo: Path | None) -> None:
+    """Append the rows of FILE (.parquet or .csv) to VIEW as one new table version.
+
+    The file holds the join keys, the timestamp column(s) and every declared feature. CSV
+    timestamps are parsed (ISO 8601; naive times are UTC).
+
+    \b
+    Example:
+      polarstore --repo my_repo write user_stats rows.csv
+    """
+    store = _open(repo)
+    definition = store.get_feature_view(view)
+    key_dtypes: dict[str, pl.DataType] = {}
+    if store.versions().get(view, -1) >= 0:
+        stored = store.read(view).collect_schema()
+        key_dtypes = {k: stored[k] for k in definition.join_keys if k in stored}
+    frame = _read_file(file, definition, key_dtypes)
+    version = store.write(view, frame)
+    _console().print(
+        Text(f"wrote {frame.height:,} rows to {view}: version {version}", style="green")
+    )
+
+
+@cli.command()
+@click.argument("views", nargs=-1)
+@click.option("--end", default=None, help="Sync only rows with event time at or before this.")
+@_repo_option
+def materialize(views: tuple[str, ...], end: str | None, repo: Path | None) -> None:
+    """Sync the latest values of online views (default: all) into the online store.
+
+    Incremental: only rows committed since the last sync are read. Rows after --end are
+    not lost; a later materialize syncs them.
+
+    \b
+    Examples:
+      polarstore --repo my_repo materialize
+      polarstore --repo my_repo materialize user_stats --end 2024-05-01T00:00:00Z
+    """
+    until = _parse_time(end, "--end")
+    store = _open(repo)
+    names = list(views) or [v.name for v in store.list_feature_views() if v.online]
+    for name in names:
+        store.get_feature_view(name)  # unknown names fail before anything is synced
+    console = _console()
+    if not names:
+        console.print("there are no online feature views to materialize.")
+        return
+    summary: dict[str, dict[str, Any]] = {}
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("materialize", total=len(names))
+        for name in names:
+            progress.update(task, description=f"materialize {name}")
+            summary.update(store.materialize([name], end=until, progress=False))
+            progress.advance(task)
+    columns: list[str] = []
+    for info in summary.values():
+        columns.extend(k for k in info if k not in columns)
+    rows = [(name, *(info.get(c) for c in columns)) for name, info in summary.items()]
+    console.print(_table("Materialized", ["view", *columns], rows))
+
+
+@cli.command()
+@click.argument("features", nargs=-1, required=True)
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    required=True,
+    help="A join key value, NAME=VALUE; repeat a name for several entities.",
+)
+@click.option("--now", default=None, help="Look up as of this time (default: now); for TTLs.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
+@click.option("--full-names", is_flag=True, help="Name outputs view__feature.")
+@_repo_option
+def get(
+    features: tuple[str, ...],
+    keys: tuple[str, ...],
+    now: str | None,
+    as_json: bool,
+    full_names: bool,
+    repo: Path | None,
+) -> None:
+    """Look up the latest feature values of entities in the online store.
+
+    FEATURES are view:feature references, view:* for all features of a view, or the name
+    of a feature service. Key values that look like integers are sent as integers.
+
+    \b
+    Examples:
+      polarstore --repo my_repo get user_stats:spend_7d --key user_id=42
+      polarstore --repo my_repo get churn_model --key user_id=1 --key user_id=2 --json
+    """
+    rows = parse_keys(keys)
+    moment = _parse_time(now, "--now")
+    store = _open(repo)
+    requested: str | list[str] = features[0] if len(features) == 1 else list(features)
+    frame = store.get_online_features(rows, requested, full_feature_names=full_names, now=moment)
+    if as_json:
+        click.echo(json.dumps(frame.to_dicts(), default=_json_default, indent=2))
+        return
+    console = _console()
+    key_names = list(rows[0])
+    if frame.height <= 4:  # one column per entity reads best
+        labels = [", ".join(f"{k}={r[k]}" for k in key_names) for r in rows]
+        values = [frame[c].to_list() for c in frame.columns if c not in key_names]
+        names = [c for c in frame.columns if c not in key_names]
+        console.print(
+            _table(
+                "Online features",
+                ["feature", *labels],
+                [(n, *v) for n, v in zip(names, values, strict=True)],
+            )
+        )
+    else:
+        console.print(_frame_table("Online features", frame))
+
+
+@cli.command()
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--users", default=20_000, show_default=True, help="How many users to simulate.")
+@_repo_option
+def demo(path: Path | None, users: int, repo: Path | None) -> None:
+    """Build a demo repository and walk through a churn model's feature story.
+
+    PATH (or --repo given on the command line) defaults to ./demo_repo. The folder must be
+    new, empty, or a previous demo, which is wiped and rebuilt; anything else is refused.
+
+    \b
+    Example:
+      polarstore demo
+      polarstore --repo demo_repo ls
+    """
+    from polarstore._demo import run_demo
+
+    target = path or repo
+    if target is None:
+        root = click.get_current_context().find_root()
+        if root.get_parameter_source("repo") == ParameterSource.COMMANDLINE:
+            target = Path(root.params["repo"])
+    if users < 1:
+        raise click.BadParameter(f"must be at least 1, got {users}.", param_hint="--users")
+    run_demo(target or Path(DEFAULT_DEMO_PATH), _console(), n_users=users)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``polarstore`` console script."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="polarstore")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
