@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Measurement", "best_of", "run_task"]
+__all__ = ["Measurement", "best_of", "run_task", "summarize"]
 
 _MARKER = "__BENCH_RESULT__ "
 
@@ -113,30 +113,33 @@ def run_task(task: str, args: dict[str, Any], *, timeout: float | None = None) -
     )
 
 
+def summarize(runs: list[Measurement]) -> Measurement:
+    """Best (min) time and its CPU time, max peak RSS, min baseline; the first failure if any."""
+    failed = [m for m in runs if not m.ok]
+    if failed or not runs:
+        return failed[0] if failed else Measurement(float("nan"), 0, 0, False, error="no run")
+    best = min(runs, key=lambda m: m.seconds)
+    return Measurement(
+        seconds=best.seconds,
+        peak_rss=max(m.peak_rss for m in runs),
+        base_rss=min(m.base_rss for m in runs),
+        peak_reset=all(m.peak_reset for m in runs),
+        cpu_seconds=best.cpu_seconds,
+        extra=best.extra,
+    )
+
+
 def best_of(
     task: str, args: dict[str, Any], repeat: int, *, first_args: dict[str, Any] | None = None
-) -> tuple[Measurement, list[Measurement]]:
-    """``repeat`` fresh processes; the first gets ``args | first_args`` (e.g. where to save the
-    answer). Returns (best: min seconds with the max peak RSS over the runs, all runs); stops
-    at the first failure."""
+) -> Measurement:
+    """``repeat`` fresh processes, one after the other; the first gets ``args | first_args``
+    (e.g. where to save the answer). Stops at the first failure."""
     runs: list[Measurement] = []
     for i in range(repeat):
-        m = run_task(task, {**args, **(first_args or {})} if i == 0 else args)
-        runs.append(m)
-        if not m.ok:
-            return m, runs
-    best = min(runs, key=lambda m: m.seconds)
-    return (
-        Measurement(
-            seconds=best.seconds,
-            peak_rss=max(m.peak_rss for m in runs),
-            base_rss=min(m.base_rss for m in runs),
-            peak_reset=all(m.peak_reset for m in runs),
-            cpu_seconds=best.cpu_seconds,
-            extra=best.extra,
-        ),
-        runs,
-    )
+        runs.append(run_task(task, {**args, **(first_args or {})} if i == 0 else args))
+        if not runs[-1].ok:
+            break
+    return summarize(runs)
 
 
 def _worker(payload: str) -> None:

@@ -13,7 +13,7 @@ Layouts (how the rows reach the store; each a fresh repository in a temporary fo
 - ``appends``: 20 appends per view of shuffled rows;
 - ``compacted``: the appends repository, then ``store.compact(view)`` for each view.
 
-Contenders, each run ``--repeat`` times in a fresh process (best time, max peak RSS):
+Contenders, each run ``--repeat`` times in a fresh process, round-robin (best time, max peak RSS):
 
 - ``polarstore``: ``FeatureStore(path).get_historical_features(spine, features).collect()``.
   **Timed: the whole query including reading the Delta tables** (that is the product). Not
@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,7 @@ from benchmarks._data import (
     view_definitions,
     write_plan,
 )
-from benchmarks._harness import Measurement, best_of
+from benchmarks._harness import Measurement, run_task, summarize
 from benchmarks._peers import PEERS, compare_frames, naive_polars
 
 LAYOUTS = ("bulk", "appends", "compacted")
@@ -111,6 +111,15 @@ def _saver(path: str | None) -> Any:
 
 
 # --- the benchmark --------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    name: str
+    task: str
+    args: dict[str, Any]
+    result: Path  # where the first run saves its answer
+    runs: list[Measurement] = field(default_factory=list)
 
 
 @dataclass
@@ -228,94 +237,108 @@ class Bench:
 
     # -- measurements
 
-    def measure_peers(self, key: str) -> dict[str, tuple[Measurement, Path]]:
-        if key in self.peer_results:
-            return self.peer_results[key]
-        out = {}
-        paths = self.peer_paths(key)
-        for peer in self.peers:
-            result = self.work / f"answer_{key}_{peer}.parquet"
-            self.log(f"[{key}] {peer} x{self.args.repeat} ...")
-            m, _ = best_of(
-                "benchmarks.pit_join:peer_task",
-                {"peer": peer, "spine_path": str(self.spine_path), "view_paths": paths},
-                self.args.repeat,
-                first_args={"result_path": str(result)},
-            )
-            self.log(f"    {_fmt_measure(m)}")
-            out[peer] = (m, result)
-        self.peer_results[key] = out
-        return out
+    def _peer_job(self, key: str, peer: str) -> Job:
+        return Job(
+            name=peer,
+            task="benchmarks.pit_join:peer_task",
+            args={
+                "peer": peer,
+                "spine_path": str(self.spine_path),
+                "view_paths": self.peer_paths(key),
+            },
+            result=self.work / f"answer_{key}_{peer}.parquet",
+        )
 
-    def measure_polarstore(
-        self, layout: str, tag: str, as_of: dict[str, int] | None = None
-    ) -> tuple[Measurement, Path]:
-        result = self.work / f"answer_{layout}_polarstore_{tag}.parquet"
-        self.log(f"[{layout}] polarstore {tag} x{self.args.repeat} ...")
-        m, _ = best_of(
-            "benchmarks.pit_join:polarstore_task",
-            {
+    def _polarstore_job(self, layout: str, name: str, as_of: dict[str, int] | None) -> Job:
+        tag = "current" if as_of is None else "asof_" + "_".join(map(str, as_of.values()))
+        return Job(
+            name=name,
+            task="benchmarks.pit_join:polarstore_task",
+            args={
                 "repo": str(self.work / f"repo_{'bulk' if layout == 'bulk' else 'appends'}"),
                 "spine_path": str(self.spine_path),
                 "features": self.wl.features,
                 "as_of": as_of,
             },
-            self.args.repeat,
-            first_args={"result_path": str(result)},
+            result=self.work / f"answer_{layout}_polarstore_{tag}.parquet",
         )
-        self.log(f"    {_fmt_measure(m)}")
-        return m, result
+
+    def _run_jobs(self, layout: str, jobs: list[Job]) -> None:
+        """Round-robin: run 1 of every job, then run 2 of every job, ... so a change in the
+        machine's load over time hits every contender alike. The first run saves the answer."""
+        for i in range(self.args.repeat):
+            for job in jobs:
+                if job.runs and not job.runs[-1].ok:
+                    continue
+                extra = {"result_path": str(job.result)} if i == 0 else {}
+                m = run_task(job.task, {**job.args, **extra})
+                job.runs.append(m)
+                self.log(f"[{layout}] run {i + 1}/{self.args.repeat} {job.name}: {_fmt_measure(m)}")
+
+    def _time_travel_cases(self, layout: str) -> list[tuple[str, dict[str, int], str]]:
+        """(label, as_of, what the answer must equal: "current" or "prefix")."""
+        store = self.stores[layout]
+        plan = self.plan("bulk" if layout == "bulk" else "appends")
+        latest = {v.name: int(store.versions()[v.name]) for v in self.wl.views}
+        cases = [(f"pinned latest {latest}", latest, "current")]
+        if layout == "appends":
+            older = {v.name: plan.versions[v.name][TIME_TRAVEL_PREFIX - 1] for v in self.wl.views}
+            cases.append((f"after {TIME_TRAVEL_PREFIX}/20 appends {older}", older, "prefix"))
+        if layout == "compacted":
+            before = {v.name: plan.versions[v.name][-1] for v in self.wl.views}
+            cases.append((f"before compact {before}", before, "current"))
+        return cases
 
     def run_layout(self, layout: str) -> None:
         key = "bulk" if layout == "bulk" else "appends"
-        peers = self.measure_peers(key)
-        _, naive_path = peers["naive_polars"]
-        naive_answer = pl.read_parquet(naive_path) if naive_path.exists() else None
-        ps_m: Measurement | None = None
-        reference = naive_answer
         if self.no_polarstore is None:
             try:
                 self.build_store(layout)
             except Exception as exc:
                 self.no_polarstore = f"building the {layout} repository failed: {exc!r}"
                 self.log(self.no_polarstore)
+        peer_jobs = [] if key in self.peer_results else [self._peer_job(key, p) for p in self.peers]
+        ps_jobs: list[Job] = []
+        cases: list[tuple[str, dict[str, int], str]] = []
         if self.no_polarstore is None:
-            ps_m, ps_path = self.measure_polarstore(layout, "current")
+            ps_jobs.append(self._polarstore_job(layout, "polarstore", None))
+            cases = self._time_travel_cases(layout)
+            ps_jobs += [self._polarstore_job(layout, f"as_of {c[0]}", c[1]) for c in cases]
+        self._run_jobs(layout, [*peer_jobs, *ps_jobs])
+        if peer_jobs:
+            self.peer_results[key] = {j.name: (summarize(j.runs), j.result) for j in peer_jobs}
+        peers = self.peer_results[key]
+
+        _, naive_path = peers["naive_polars"]
+        naive_answer = pl.read_parquet(naive_path) if naive_path.exists() else None
+        reference = naive_answer
+        ps_m: Measurement | None = None
+        if ps_jobs:
+            ps_m = summarize(ps_jobs[0].runs)
             if ps_m.ok:
-                reference = pl.read_parquet(ps_path)
-                vs_naive = _check(ps_path, naive_answer)
-                self._add(
-                    "join", layout, "polarstore", ps_m, ps_m, f"reference; vs naive: {vs_naive}"
-                )
+                reference = pl.read_parquet(ps_jobs[0].result)
+                vs_naive = _check(ps_jobs[0].result, naive_answer)
+                answer = f"reference; vs naive: {vs_naive}"
             else:
-                self._add("join", layout, "polarstore", ps_m, None, ps_m.error or "")
+                answer = ps_m.error or "failed"
+            self._add("join", layout, "polarstore", ps_m, ps_m if ps_m.ok else None, answer)
         note = "" if layout != "compacted" else "peers: same inputs as appends, measured once"
         for peer, (m, path) in peers.items():
             answer = _check(path, reference) if m.ok else (m.error or "failed")
             self._add("join", layout, peer, m, ps_m, answer, note)
-        if self.no_polarstore is None and ps_m is not None and ps_m.ok:
-            self.time_travel(layout, ps_m, reference)
 
-    def time_travel(self, layout: str, current: Measurement, current_answer: pl.DataFrame) -> None:
-        store = self.stores[layout]
-        plan = self.plan("bulk" if layout == "bulk" else "appends")
-        cases: list[tuple[str, dict[str, int], pl.DataFrame]] = []
-        latest = {v.name: int(store.versions()[v.name]) for v in self.wl.views}
-        cases.append((f"pinned latest {latest}", latest, current_answer))
-        if layout == "appends":
-            older = {v.name: plan.versions[v.name][TIME_TRAVEL_PREFIX - 1] for v in self.wl.views}
-            prefix = plan.prefix_views(self.wl, TIME_TRAVEL_PREFIX)
-            want = naive_polars(self.wl.spine, prefix)
-            cases.append((f"after {TIME_TRAVEL_PREFIX}/20 appends {older}", older, want))
-        if layout == "compacted":
-            before = {v.name: plan.versions[v.name][-1] for v in self.wl.views}
-            cases.append((f"before compact {before}", before, current_answer))
-        for label, as_of, want in cases:
-            tag = "asof_" + "_".join(str(x) for x in as_of.values())
-            m, path = self.measure_polarstore(layout, tag, as_of)
-            answer = _check(path, want) if m.ok else (m.error or "failed")
+        for (label, _, expect), job in zip(cases, ps_jobs[1:], strict=True):
+            m = summarize(job.runs)
+            want: pl.DataFrame | None
+            if expect == "prefix":
+                plan = self.plan(key)
+                want = naive_polars(self.wl.spine, plan.prefix_views(self.wl, TIME_TRAVEL_PREFIX))
+            else:
+                want = reference if ps_m is not None and ps_m.ok else None
+            answer = _check(job.result, want) if m.ok else (m.error or "failed")
             row = self._add("time_travel", layout, f"as_of {label}", m, None, answer)
-            row.ratio = m.seconds / current.seconds if m.ok else None
+            if m.ok and ps_m is not None and ps_m.ok:
+                row.ratio = m.seconds / ps_m.seconds
 
     def _add(
         self,

@@ -214,7 +214,9 @@ class OfflineStore:
         metadata: dict[str, str],
         transactions: list[Transaction] | None,
     ) -> None:
-        data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+        # One chunk: delta-rs may write the batches of a multi-chunk table out of order, and
+        # the row order inside a file is the tie order (the write sequence) readers rely on.
+        data = frame.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
         try:
             write_deltalake(
                 self.table_uri(view),

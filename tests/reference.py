@@ -106,10 +106,11 @@ def pick_row(
         # Rows come in write order, so ">=" on a full tie lets the later row win.
         created = best_created
         if view.created_timestamp_field is not None:
-            created = to_utc(row[view.created_timestamp_field])
-            if created is None:
+            stamp = to_utc(row[view.created_timestamp_field])
+            if stamp is None:
                 msg = f"view {view.name!r}: the SPEC does not rank a null created timestamp"
                 raise ValueError(msg)
+            created = stamp
         if best is None or (event, created) >= (best_event, best_created):
             best, best_event, best_created = row, event, created
     return best

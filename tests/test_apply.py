@@ -137,7 +137,7 @@ def test_bad_definitions(store: FeatureStore) -> None:
         FeatureView("v", entities=USER, schema={"x": int})
     with pytest.raises(SchemaError, match="'user_id' is both a join key and a feature"):
         FeatureView("v", entities=USER, schema={"user_id": pl.Int64})
-    with pytest.raises(ValidationError, match="ttl .* must not be negative"):
+    with pytest.raises(ValidationError, match=r"ttl .* must not be negative"):
         FeatureView("v", entities=USER, schema={"x": pl.Int64}, ttl=timedelta(-1))
     with pytest.raises(ValidationError, match="apply"):
         store.apply(["not a definition"])  # type: ignore[list-item]

@@ -6,6 +6,9 @@ out on paper, and the expected values come from SPEC rules 1-4, not from running
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -16,6 +19,20 @@ from tests.reference import RefView, point_in_time
 
 UTC = timezone.utc
 US = timedelta(microseconds=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _local_time_is_not_utc() -> Iterator[None]:
+    """Naive times mean UTC, never local time: run these tests with a local zone far from UTC."""
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = "Pacific/Chatham"  # UTC+13:45 in March
+    time.tzset()
+    yield
+    if old is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = old
+    time.tzset()
 
 
 def at(hour: int, minute: int = 0) -> datetime:
@@ -93,11 +110,11 @@ def test_ttl_lower_bound_is_inclusive() -> None:
 
 def test_null_key_matches_nothing() -> None:
     view = RefView("v", ("k",), ("x",))
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"k": None, "event_timestamp": at(10), "x": 1},
         {"k": 0, "event_timestamp": at(10), "x": 2},
     ]
-    spine = [
+    spine: list[dict[str, Any]] = [
         {"k": None, "event_timestamp": at(11)},  # null never equals null -> None
         {"k": 0, "event_timestamp": at(11)},  # 0 is a key, not a null -> 2
     ]
@@ -124,7 +141,7 @@ def test_spine_time_before_any_event_or_null_gives_null() -> None:
         {"k": 1, "event_timestamp": at(10), "x": True},
         {"k": 1, "event_timestamp": at(12), "x": False},
     ]
-    spine = [
+    spine: list[dict[str, Any]] = [
         {"k": 1, "event_timestamp": at(9)},  # before both events -> None
         {"k": 1, "event_timestamp": None},  # null time -> None
         {"k": 1, "event_timestamp": at(11)},  # only the 10:00 row -> True

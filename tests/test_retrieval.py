@@ -7,8 +7,14 @@ from datetime import timedelta
 import polars as pl
 import pytest
 
-from polarstore import Entity, FeatureService, FeatureStore, FeatureView, NotFoundError
-from polarstore import ValidationError
+from polarstore import (
+    Entity,
+    FeatureService,
+    FeatureStore,
+    FeatureView,
+    NotFoundError,
+    ValidationError,
+)
 
 from .conftest import STATS, T0, stats_rows
 
@@ -50,7 +56,7 @@ def test_bad_references_fail_before_reading(
 
 
 def test_bad_spines(stats_store: FeatureStore) -> None:
-    with pytest.raises(ValidationError, match="no timestamp column 'ts'.*event_timestamp"):
+    with pytest.raises(ValidationError, match=r"no timestamp column 'ts'.*event_timestamp"):
         stats_store.get_historical_features(SPINE, ["user_stats:clicks"], timestamp_field="ts")
     with pytest.raises(ValidationError, match=r"keyed by \['user_id'\].*no column"):
         stats_store.get_historical_features(SPINE.drop("user_id"), ["user_stats:clicks"])
@@ -59,9 +65,7 @@ def test_bad_spines(stats_store: FeatureStore) -> None:
             SPINE.with_columns(pl.col("user_id").cast(pl.String)), ["user_stats:clicks"]
         )
     with pytest.raises(ValidationError, match="already exist in the entity_df"):
-        stats_store.get_historical_features(
-            SPINE.with_columns(clicks=1), ["user_stats:clicks"]
-        )
+        stats_store.get_historical_features(SPINE.with_columns(clicks=1), ["user_stats:clicks"])
 
 
 def test_view_without_data_gives_nulls(store: FeatureStore) -> None:

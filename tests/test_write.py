@@ -39,9 +39,9 @@ def test_write_accepts_other_frame_types(stats_store: FeatureStore, convert: obj
 
 def test_naive_and_zoned_timestamps_are_stored_as_utc(stats_store: FeatureStore) -> None:
     zoned = stats_rows([7], [0]).with_columns(
-        pl.lit(datetime(2024, 1, 1, 12)).dt.replace_time_zone("Asia/Kolkata").alias(
-            "event_timestamp"
-        )
+        pl.lit(datetime(2024, 1, 1, 12))
+        .dt.replace_time_zone("Asia/Kolkata")
+        .alias("event_timestamp")
     )
     stats_store.write("user_stats", zoned)
     got = stats_store.read("user_stats").filter(pl.col("user_id") == 7).collect()
@@ -50,9 +50,9 @@ def test_naive_and_zoned_timestamps_are_stored_as_utc(stats_store: FeatureStore)
 
 def test_lossless_casts_are_accepted(stats_store: FeatureStore) -> None:
     rows = stats_rows([8], [0]).with_columns(
-        pl.col("user_id").cast(pl.Int16), pl.col("clicks").cast(pl.Int8), pl.col("spend").cast(
-            pl.Float32
-        )
+        pl.col("user_id").cast(pl.Int16),
+        pl.col("clicks").cast(pl.Int8),
+        pl.col("spend").cast(pl.Float32),
     )
     stats_store.write("user_stats", rows)
     schema = stats_store.read("user_stats").collect_schema()
@@ -134,7 +134,7 @@ def test_unknown_view_suggests_close_match(stats_store: FeatureStore) -> None:
 
 
 def test_not_a_frame_is_rejected(stats_store: FeatureStore) -> None:
-    with pytest.raises(ValidationError, match="expected a polars DataFrame.*got dict"):
+    with pytest.raises(ValidationError, match=r"expected a polars DataFrame.*got dict"):
         stats_store.write("user_stats", {"user_id": [1]})
 
 
@@ -172,9 +172,7 @@ def test_idempotency_key_skips_a_retried_write(stats_store: FeatureStore) -> Non
 
 
 def test_nan_and_inf_are_values(stats_store: FeatureStore) -> None:
-    rows = stats_rows([1, 2], [1, 1]).with_columns(
-        spend=pl.Series([float("nan"), float("inf")])
-    )
+    rows = stats_rows([1, 2], [1, 1]).with_columns(spend=pl.Series([float("nan"), float("inf")]))
     stats_store.write("user_stats", rows)
     spine = pl.DataFrame({"user_id": [1, 2], "event_timestamp": [T0.replace(day=3)] * 2})
     got = stats_store.get_historical_features(spine, ["user_stats:spend"]).collect()
