@@ -138,10 +138,18 @@ def prepare_rows(
 
 
 def entity_frame(rows: Any, join_keys: Sequence[str], *, where: str) -> pl.DataFrame:
-    """Join keys given as a dict, a list of dicts or a frame, as a DataFrame of those keys."""
+    """Join keys given as a dict, a dict of lists, a list of dicts or a frame, as a DataFrame."""
     if isinstance(rows, Mapping):
-        rows = [rows]
-    if isinstance(rows, list):
+        # A dict of lists is columns (join keys are never lists); a dict of scalars, one row.
+        columnar = any(isinstance(v, (list, tuple)) for v in rows.values())
+        rows = dict(rows) if columnar else [rows]
+    if isinstance(rows, dict):
+        try:
+            frame = pl.DataFrame(rows, strict=False)
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
+            msg = f"{where}: could not read the entity columns: {e}"
+            raise ValidationError(msg) from e
+    elif isinstance(rows, list):
         if not all(isinstance(r, Mapping) for r in rows):
             msg = f"{where}: entity rows must be dicts of join key to value."
             raise ValidationError(msg)

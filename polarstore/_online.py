@@ -1,0 +1,906 @@
+"""The online store: the latest row per entity of each online view, in one LMDB environment.
+
+Layout. One database: each view's entries live under a 4-byte id prefix, metadata under the
+prefix 0: per view, its *layout* (id, key and feature dtypes the values were encoded with) and
+its *sync state* (which Delta versions and event times are synced). A sync writes values and
+state in one write transaction, so readers and crashes only ever see whole syncs. (Named LMDB
+databases were tried: opening one needs a write transaction, or a read transaction whose handle
+py-lmdb drops when it ends, so a reader would wait on a running sync.)
+
+Keys. A single integer key is 8 bytes big-endian with the sign bit flipped (numeric order is
+byte order, which keeps ``getmulti`` over sorted keys walking the B-tree forwards); a single
+string key is ``b"s"`` + UTF-8 (LMDB refuses empty keys); compound keys concatenate the parts,
+each string but the last prefixed with its 4-byte length, so no separator byte can collide.
+Keys of 507 bytes or more (LMDB's limit less the prefix) are stored as 475 ``0xff`` bytes + a
+32-byte BLAKE2b digest: exactly 507 bytes, a length no plain key has.
+
+Values. A fixed-width record — event time, created time, write sequence (int64 µs / int64), one
+validity byte per feature, then one slot per feature (the feature's own width; a 4-byte length
+for strings, binaries and lists) — followed by the variable-width payloads. Fixed-width views
+(the common all-numeric case) decode a whole batch with one ``numpy.frombuffer``; the single
+lookup decodes with one ``struct.unpack_from``. List values are msgpack (msgspec). No pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+import numpy as np
+import polars as pl
+
+from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
+from polarstore._errors import PolarstoreError, ValidationError
+from polarstore._frames import entity_frame, key_dtype
+from polarstore._offline import OfflineStore, seq_floor
+from polarstore._retrieval import Requested, resolve_features
+from polarstore._time import to_utc
+
+__all__ = ["OnlineStore"]
+
+_META = b"\x00\x00\x00\x00"
+_NEXT_ID = _META + b"next_id"
+_INITIAL_MAP_SIZE = 1 << 30  # virtual address space only; the file grows as pages are used
+_MAX_KEY = 511 - len(_META)
+_HASHED_PREFIX = b"\xff" * (_MAX_KEY - 32)
+_SIGN = np.uint64(1 << 63)
+_OFFSET = 1 << 63
+_NO_CREATED = -(1 << 63)
+_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1)
+_EPOCH_DATE = date(1970, 1, 1)
+_US = timedelta(microseconds=1)
+_HEADER = ("ts", "created", "seq")
+_PROGRESS_ROWS = 1_000_000
+
+# numpy dtype, struct code and physical Polars dtype of each fixed-width feature dtype.
+_FIXED: dict[str, tuple[str, str, pl.DataType]] = {
+    "Boolean": ("u1", "B", pl.UInt8()),
+    "Int8": ("i1", "b", pl.Int8()),
+    "Int16": ("<i2", "h", pl.Int16()),
+    "Int32": ("<i4", "i", pl.Int32()),
+    "Int64": ("<i8", "q", pl.Int64()),
+    "Float32": ("<f4", "f", pl.Float32()),
+    "Float64": ("<f8", "d", pl.Float64()),
+    "Date": ("<i4", "i", pl.Int32()),
+    "Datetime(us)": ("<i8", "q", pl.Int64()),
+    "Datetime(us, UTC)": ("<i8", "q", pl.Int64()),
+}
+
+# py-lmdb's stubs type values as ``bytes | memoryview``; transactions here never use buffers=True,
+# so values are bytes.
+_Txn = Any
+
+_generation = 0
+
+
+def _forked() -> None:
+    global _generation
+    _generation += 1
+
+
+# An LMDB environment must not be used in a child after fork(): reopen there.
+os.register_at_fork(after_in_child=_forked)
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def _physical(dtype: pl.DataType) -> pl.DataType:
+    """The dtype list values are msgpack-encoded as (temporal types as integers)."""
+    if isinstance(dtype, pl.List):
+        return pl.List(_physical(dtype.inner))  # type: ignore[arg-type]
+    if isinstance(dtype, pl.Datetime):
+        return pl.Int64()
+    if isinstance(dtype, pl.Date):
+        return pl.Int32()
+    return dtype
+
+
+def _python_converter(text: str) -> Callable[[Any], Any] | None:
+    if text == "Boolean":
+        return bool
+    if text == "Date":
+        return lambda days: _EPOCH_DATE + timedelta(days=days)
+    if text == "Datetime(us, UTC)":
+        return lambda us: _EPOCH_UTC + timedelta(microseconds=us)
+    if text == "Datetime(us)":
+        return lambda us: _EPOCH + timedelta(microseconds=us)
+    if text in ("String", "Binary") or text.startswith("List("):
+        return None  # decoded from the payload by Layout.decode_one
+    return None
+
+
+class Layout:
+    """How one view's keys and values are encoded; stored with the values it describes."""
+
+    def __init__(
+        self, view_id: int, keys: Sequence[tuple[str, str]], features: Sequence[tuple[str, str]]
+    ) -> None:
+        self.view_id = view_id
+        self.prefix = view_id.to_bytes(4, "big")
+        self.keys = tuple((k, t) for k, t in keys)
+        self.features = tuple((f, t) for f, t in features)
+        self.key_names = tuple(k for k, _ in self.keys)
+        self.names = tuple(f for f, _ in self.features)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.dtypes = {f: dtype_from_str(t) for f, t in self.features}
+        self.var = tuple(i for i, (_, t) in enumerate(self.features) if t not in _FIXED)
+        fields = [("ts", "<i8"), ("created", "<i8"), ("seq", "<i8")]
+        fields += [(f"v{i}", "u1") for i in range(len(self.features))]
+        codes = "<qqq" + "B" * len(self.features)
+        for i, (_, t) in enumerate(self.features):
+            np_code, code, _ = _FIXED.get(t, ("<u4", "I", pl.UInt32()))
+            fields.append((f"f{i}", np_code))
+            codes += code
+        self.record = np.dtype(fields)
+        self.width = self.record.itemsize
+        self.struct = struct.Struct(codes)
+        self.converters = [_python_converter(t) for _, t in self.features]
+        self.list_decoders = {
+            i: msgspec.msgpack.Decoder()
+            for i, (_, t) in enumerate(self.features)
+            if t.startswith("List(")
+        }
+        self.signature = json.dumps({"keys": self.keys, "features": self.features})
+        doc = {"id": view_id, "keys": self.keys, "features": self.features}
+        self.json = json.dumps(doc).encode()
+
+    @classmethod
+    def of(cls, view_id: int, view: FeatureView, schema: Mapping[str, pl.DataType]) -> Layout:
+        keys = [
+            (k, dtype_to_str(key_dtype(schema[k], where=view.name, column=k)))
+            for k in view.join_keys
+        ]
+        return cls(view_id, keys, [(f, dtype_to_str(t)) for f, t in view.schema.items()])
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Layout:
+        doc = json.loads(raw)
+        keys = [tuple(k) for k in doc["keys"]]
+        return cls(doc["id"], keys, [tuple(f) for f in doc["features"]])
+
+    # --- keys ------------------------------------------------------------------------------
+
+    def encode_keys(self, frame: pl.DataFrame) -> list[bytes]:
+        """Keys of a frame of join-key columns, none null, already cast to the key dtypes."""
+        prefix = self.prefix
+        if self.keys == ((self.keys[0][0], "Int64"),):
+            records = np.empty(frame.height, dtype=[("prefix", "V4"), ("key", ">u8")])
+            records["prefix"] = prefix
+            records["key"] = frame[self.keys[0][0]].to_numpy().view(np.uint64) ^ _SIGN
+            return np.frombuffer(records.tobytes(), dtype="V12").tolist()
+        parts: list[list[bytes]] = []
+        last = len(self.keys) - 1
+        for i, (name, kind) in enumerate(self.keys):
+            column = frame[name]
+            if kind == "Int64":
+                flipped = (column.to_numpy().view(np.uint64) ^ _SIGN).astype(">u8")
+                parts.append(np.frombuffer(flipped.tobytes(), dtype="V8").tolist())
+            elif last == 0:
+                return [prefix + _limit_one(b"s" + b) for b in column.cast(pl.Binary).to_list()]
+            elif i < last:
+                parts.append([len(b).to_bytes(4, "big") + b for b in column.cast(pl.Binary)])
+            else:
+                parts.append(column.cast(pl.Binary).to_list())
+        return [prefix + _limit_one(b"".join(p)) for p in zip(*parts, strict=True)]
+
+    def key_encoder(self, where: str) -> Callable[[Mapping[str, Any]], bytes | None]:
+        """Key of one entity dict (None when a key is null): the lean request-time path."""
+        kinds = self.keys
+        prefix = self.prefix
+
+        def part(name: str, kind: str, value: Any) -> bytes:
+            if kind == "Int64":
+                if isinstance(value, bool) or not isinstance(value, int):
+                    value = _as_int(value, name, where)
+                try:
+                    return (value + _OFFSET).to_bytes(8, "big")
+                except OverflowError:
+                    msg = f"{where}: join key {name!r} = {value} is outside the Int64 range."
+                    raise ValidationError(msg) from None
+            if not isinstance(value, str):
+                msg = f"{where}: join key {name!r} must be a string, got {value!r}."
+                raise ValidationError(msg)
+            return value.encode()
+
+        if len(kinds) == 1:
+            (name, kind) = kinds[0]
+
+            def single(entity: Mapping[str, Any]) -> bytes | None:
+                value = _key_value(entity, name, where)
+                if value is None:
+                    return None
+                raw = part(name, kind, value)
+                return prefix + (raw if kind == "Int64" else _limit_one(b"s" + raw))
+
+            return single
+
+        def compound(entity: Mapping[str, Any]) -> bytes | None:
+            out = []
+            for i, (name, kind) in enumerate(kinds):
+                value = _key_value(entity, name, where)
+                if value is None:
+                    return None
+                raw = part(name, kind, value)
+                if kind != "Int64" and i < len(kinds) - 1:
+                    raw = len(raw).to_bytes(4, "big") + raw
+                out.append(raw)
+            return prefix + _limit_one(b"".join(out))
+
+        return compound
+
+    # --- values ----------------------------------------------------------------------------
+
+    def encode_values(self, frame: pl.DataFrame, view: FeatureView) -> list[bytes]:
+        records = np.zeros(frame.height, dtype=self.record)
+        records["ts"] = frame[view.timestamp_field].cast(pl.Int64).to_numpy()
+        if view.created_timestamp_field:
+            created = frame[view.created_timestamp_field].cast(pl.Int64).fill_null(_NO_CREATED)
+            records["created"] = created.to_numpy()
+        else:
+            records["created"] = _NO_CREATED
+        records["seq"] = frame[SEQ_COLUMN].to_numpy()
+        payloads: list[list[bytes]] = []
+        for i, (name, text) in enumerate(self.features):
+            column = (
+                frame[name] if name in frame.columns else pl.Series(name, [None] * frame.height)
+            )
+            records[f"v{i}"] = column.is_not_null().to_numpy()
+            if text in _FIXED:
+                physical = _FIXED[text][2]
+                records[f"f{i}"] = column.cast(physical).fill_null(0).to_numpy()
+                continue
+            if text in ("String", "Binary"):
+                payload = [b or b"" for b in column.cast(pl.Binary).to_list()]
+            else:
+                physical_list = column.cast(_physical(self.dtypes[name])).to_list()
+                payload = [b"" if v is None else msgspec.msgpack.encode(v) for v in physical_list]
+            records[f"f{i}"] = [len(b) for b in payload]
+            payloads.append(payload)
+        fixed = records.tobytes()
+        if not payloads:
+            return np.frombuffer(fixed, dtype=f"V{self.width}").tolist()
+        width = self.width
+        return [
+            fixed[j * width : (j + 1) * width] + b"".join(row)
+            for j, row in enumerate(zip(*payloads, strict=True))
+        ]
+
+    def decode_headers(self, values: Sequence[bytes]) -> np.ndarray:
+        """(ts, created, seq) of each value, as an (n, 3) int64 array."""
+        joined = b"".join(v[:24] for v in values)
+        return np.frombuffer(joined, dtype="<i8").reshape(-1, 3)
+
+    def decode_values(self, values: Sequence[bytes]) -> tuple[np.ndarray, dict[int, list[Any]]]:
+        """Fixed records of a batch, and the payloads of its variable-width features."""
+        if not self.var:
+            return np.frombuffer(b"".join(values), dtype=self.record), {}
+        width = self.width
+        records = np.frombuffer(b"".join(v[:width] for v in values), dtype=self.record)
+        lengths = [records[f"f{i}"].tolist() for i in self.var]
+        payloads: dict[int, list[Any]] = {i: [] for i in self.var}
+        for j, value in enumerate(values):
+            offset = width
+            for i, sizes in zip(self.var, lengths, strict=True):
+                end = offset + sizes[j]
+                payloads[i].append(value[offset:end])
+                offset = end
+        return records, payloads
+
+    def column(
+        self, i: int, records: np.ndarray, payloads: dict[int, list[Any]], declared: pl.DataType
+    ) -> pl.Series:
+        """Feature ``i`` of decoded records as a Series of the declared dtype (nulls unset)."""
+        name, text = self.features[i]
+        if text in _FIXED:
+            series = pl.Series(name, np.ascontiguousarray(records[f"f{i}"]))
+            if text == "Boolean":
+                series = series.cast(pl.Boolean)
+        elif text == "String":
+            series = pl.Series(name, payloads[i], dtype=pl.Binary).cast(pl.String)
+        elif text == "Binary":
+            series = pl.Series(name, payloads[i], dtype=pl.Binary)
+        else:
+            decode = self.list_decoders[i].decode
+            raw = [decode(b) if b else None for b in payloads[i]]
+            series = pl.Series(name, raw, dtype=_physical(self.dtypes[name]))
+        return series.cast(declared)
+
+    def decode_one(self, value: bytes) -> list[Any]:
+        """Every feature of one value as Python objects (None for nulls)."""
+        fields = self.struct.unpack_from(value)
+        n = len(self.features)
+        out: list[Any] = []
+        offset = self.width
+        for i in range(n):
+            raw = fields[3 + n + i]
+            if i in self.list_decoders or self.features[i][1] in ("String", "Binary"):
+                payload = value[offset : offset + raw]
+                offset += raw
+                if not fields[3 + i]:
+                    out.append(None)
+                elif i in self.list_decoders:
+                    series = pl.Series([self.list_decoders[i].decode(payload)])
+                    out.append(series.cast(self.dtypes[self.names[i]]).to_list()[0])
+                elif self.features[i][1] == "String":
+                    out.append(bytes(payload).decode())
+                else:
+                    out.append(bytes(payload))
+                continue
+            convert = self.converters[i]
+            out.append(None if not fields[3 + i] else raw if convert is None else convert(raw))
+        return out
+
+
+def _limit_one(key: bytes) -> bytes:
+    if len(key) < _MAX_KEY:
+        return key
+    return _HASHED_PREFIX + hashlib.blake2b(key, digest_size=32).digest()
+
+
+def _key_value(entity: Mapping[str, Any], name: str, where: str) -> Any:
+    try:
+        return entity[name]
+    except KeyError:
+        msg = f"{where}: missing join key {name!r}; got {sorted(entity)}."
+        raise ValidationError(msg) from None
+
+
+def _as_int(value: Any, name: str, where: str) -> int:
+    if not isinstance(value, bool) and hasattr(value, "__index__"):
+        return int(value.__index__())  # numpy integers
+    msg = f"{where}: join key {name!r} must be an integer, got {value!r}."
+    raise ValidationError(msg)
+
+
+# --- sync state -----------------------------------------------------------------------------
+
+
+class _SyncState:
+    """What of a view is online: Delta versions up to ``segments[i][0]`` (from the previous
+    segment's version, exclusive) are synced for event times up to ``segments[i][1]`` µs
+    (None: all of them). Several segments exist only after syncs with an ``end``."""
+
+    def __init__(self, doc: dict[str, Any] | None) -> None:
+        doc = doc or {}
+        self.segments: list[list[int | None]] = [list(s) for s in doc.get("segments", [])]
+        self.materialized_at: str | None = doc.get("materialized_at")
+
+    @property
+    def version(self) -> int:
+        return int(self.segments[-1][0]) if self.segments else -1  # type: ignore[arg-type]
+
+    def to_json(self) -> bytes:
+        end = self.segments[-1][1] if self.segments else None
+        doc = {
+            "segments": self.segments,
+            "version": self.version if self.segments else None,
+            "end": None if end is None else _iso(int(end)),
+            "materialized_at": self.materialized_at,
+        }
+        return json.dumps(doc).encode()
+
+    def pending(self, view: FeatureView, current: int, end: int | None) -> pl.Expr | None:
+        """Rows of versions ≤ ``current`` with event time ≤ ``end`` not yet synced."""
+        ts = pl.col(view.timestamp_field).cast(pl.Int64)
+        seq = pl.col(SEQ_COLUMN)
+        parts = []
+        low = -1
+        for high, synced_to in self.segments:
+            assert high is not None
+            if synced_to is not None and (end is None or synced_to < end):
+                parts.append(
+                    (seq >= seq_floor(low + 1)) & (seq < seq_floor(high + 1)) & (ts > synced_to)
+                )
+            low = high
+        if current > low:
+            parts.append(seq >= seq_floor(low + 1))
+        if not parts:
+            return None
+        pending = pl.any_horizontal(parts)
+        return pending if end is None else pending & (ts <= end)
+
+    def advance(self, current: int, end: int | None) -> None:
+        def later(a: int | None, b: int | None) -> int | None:
+            return None if a is None or b is None else max(a, b)
+
+        segments = [[high, later(synced_to, end)] for high, synced_to in self.segments]
+        if current > self.version:
+            segments.append([current, end])
+        merged: list[list[int | None]] = []
+        for segment in segments:
+            if merged and merged[-1][1] == segment[1]:
+                merged[-1][0] = segment[0]
+            else:
+                merged.append(segment)
+        self.segments = merged
+        self.materialized_at = datetime.now(timezone.utc).isoformat()
+
+
+def _iso(us: int) -> str:
+    return (_EPOCH_UTC + timedelta(microseconds=us)).isoformat()
+
+
+def _micros(moment: datetime) -> int:
+    return (moment - _EPOCH_UTC) // _US
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+def _meta_key(kind: str, view: str) -> bytes:
+    return _META + f"{kind}/{view}".encode()
+
+
+class _VectorView:
+    """One view of a cached ``get_feature_vector`` plan; adopts the stored layout lazily."""
+
+    def __init__(self, view: FeatureView, wanted: list[Requested]) -> None:
+        self.view = view
+        self.layout_key = _meta_key("layout", view.name)
+        self.ttl = None if view.ttl is None else view.ttl // _US
+        self.wanted = [(r.feature, r.output) for r in wanted]
+        self.nulls = {output: None for _, output in self.wanted}
+        self.layout_raw: bytes | None = None
+        self.layout: Layout | None = None
+        self.encode: Callable[[Mapping[str, Any]], bytes | None] = lambda _: None
+        self.picks: list[tuple[str, int]] = []
+
+    def adopt(self, raw: bytes) -> None:
+        self.layout = Layout.from_json(raw)
+        self.layout_raw = raw
+        self.encode = self.layout.key_encoder("get_feature_vector")
+        self.picks = [
+            (output, self.layout.index[f]) for f, output in self.wanted if f in self.layout.index
+        ]
+
+
+class OnlineStore:
+    """The LMDB environment of one repository, opened lazily and reopened after ``fork()``.
+
+    One ``OnlineStore`` may be shared by threads: lookups each use their own read transaction,
+    and syncs and deletes are serialised by a lock (and, across processes, by LMDB's writer lock).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._env: lmdb.Environment | None = None
+        self._generation = _generation
+        self._lock = threading.RLock()
+        self._plans: dict[Any, list[_VectorView]] = {}
+        self._plans_state: Any = None
+        self._plans_checked = 0.0
+
+    def __repr__(self) -> str:
+        return f"OnlineStore({str(self.path)!r})"
+
+    # --- environment -----------------------------------------------------------------------
+
+    def _environment(self, *, create: bool) -> lmdb.Environment | None:
+        if self._generation != _generation:
+            # Inherited from the parent process: never use it again, not even to close it.
+            _ORPHANS.append(self._env)
+            self._env, self._plans = None, {}
+            self._generation = _generation
+        if self._env is None:
+            if not create and not (self.path / "data.mdb").exists():
+                return None
+            with self._lock:
+                if self._env is None:
+                    try:
+                        self.path.mkdir(parents=True, exist_ok=True)
+                        self._env = lmdb.open(
+                            str(self.path),
+                            map_size=_INITIAL_MAP_SIZE,
+                            max_readers=1024,
+                            readahead=False,
+                        )
+                    except (lmdb.Error, OSError) as e:
+                        msg = f"cannot open the online store at {self.path}: {e}"
+                        raise PolarstoreError(msg) from e
+        return self._env
+
+    @contextmanager
+    def _read(self) -> Iterator[_Txn | None]:
+        env = self._environment(create=False)
+        if env is None:
+            yield None
+            return
+        try:
+            txn = env.begin()
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)  # another process grew the map: adopt its size
+            txn = env.begin()
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._env is not None and self._generation == _generation:
+                self._env.close()
+            self._env, self._plans = None, {}
+
+    def state(self, view: str) -> dict[str, Any]:
+        """The view's sync state: version, end and time of the last sync ({} if never)."""
+        with self._read() as txn:
+            raw = None if txn is None else txn.get(_meta_key("state", view))
+        return {} if raw is None else json.loads(raw)
+
+    # --- materialize -----------------------------------------------------------------------
+
+    def materialize(
+        self,
+        offline: OfflineStore,
+        views: Sequence[FeatureView],
+        *,
+        end: datetime | None,
+        progress: bool | None,
+    ) -> dict[str, dict[str, Any]]:
+        """Sync every view in one write transaction; retried with a larger map when full."""
+        end_us = None if end is None else _micros(end)
+        env = self._environment(create=True)
+        assert env is not None
+        if progress is None:
+            rows = sum(offline.row_count(v) for v in views)
+            progress = sys.stderr.isatty() and rows >= _PROGRESS_ROWS
+        with self._lock:
+            while True:
+                try:
+                    return self._materialize(env, offline, views, end_us, progress)
+                except lmdb.MapFullError:
+                    env.set_mapsize(env.info()["map_size"] * 2)
+
+    def _materialize(
+        self,
+        env: lmdb.Environment,
+        offline: OfflineStore,
+        views: Sequence[FeatureView],
+        end_us: int | None,
+        show: bool,
+    ) -> dict[str, dict[str, Any]]:
+        summary: dict[str, dict[str, Any]] = {}
+        # The write transaction is taken first: it is also the lock that serialises syncs
+        # from several processes, so each one reads the state the previous one committed.
+        with env.begin(write=True) as txn, _Progress(show) as report:
+            for view in views:
+                started = time.perf_counter()
+                report(f"{view.name}: reading new rows")
+                read, written, version = self._sync(txn, offline, view, end_us, report)
+                summary[view.name] = {
+                    "rows_read": read,
+                    "entities_written": written,
+                    "version": version,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+                report(f"{view.name}: {read:,} rows read, {written:,} entities written")
+        return summary
+
+    def _sync(
+        self,
+        txn: _Txn,
+        offline: OfflineStore,
+        view: FeatureView,
+        end_us: int | None,
+        report: Callable[[str], None],
+    ) -> tuple[int, int, int | None]:
+        current = offline.current_version(view.name)
+        schema = offline.table_schema(view.name)
+        if current is None or schema is None:
+            return 0, 0, None
+        state_key, layout_key = _meta_key("state", view.name), _meta_key("layout", view.name)
+        raw_layout = txn.get(layout_key)
+        old = None if raw_layout is None else Layout.from_json(raw_layout)
+        view_id = old.view_id if old else _next_id(txn)
+        layout = Layout.of(view_id, view, schema)
+        raw_state = txn.get(state_key)
+        state = _SyncState(None if raw_state is None else json.loads(raw_state))
+        rebuild = old is None or old.signature != layout.signature or current < state.version
+        if rebuild:
+            # New or changed layout, or a table older than what was synced: start over.
+            _delete_prefix(txn, layout.prefix)
+            state = _SyncState(None)
+            txn.put(layout_key, layout.json)
+        pending = state.pending(view, current, end_us)
+        read = written = 0
+        if pending is not None:
+            latest, read = _latest(offline, view, current, pending)
+            if latest.height:
+                report(f"{view.name}: writing {latest.height:,} entities")
+                keys = layout.encode_keys(latest)
+                values = layout.encode_values(latest, view)
+                if not rebuild:
+                    keys, values = _newer_only(txn, layout, keys, values)
+                with txn.cursor() as cursor:
+                    _, written = cursor.putmulti(zip(keys, values, strict=True))
+        state.advance(current, end_us)
+        txn.put(state_key, state.to_json())
+        return read, written, current
+
+    # --- deletes ---------------------------------------------------------------------------
+
+    def delete(self, view: FeatureView, keys: pl.DataFrame) -> int:
+        """Remove entities of a view; returns how many were online."""
+        env = self._environment(create=False)
+        if env is None:
+            return 0
+        with self._lock, env.begin(write=True) as txn:
+            raw = txn.get(_meta_key("layout", view.name))
+            if raw is None:
+                return 0
+            layout = Layout.from_json(raw)
+            frame = _cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
+            return sum(txn.delete(k) for k in layout.encode_keys(frame))
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def lookup(
+        self, entity_rows: Any, requested: Sequence[Requested], now: datetime
+    ) -> pl.DataFrame:
+        """Features for a batch of entities, from one read transaction."""
+        where = "get_online_features"
+        by_view: dict[str, list[Requested]] = {}
+        join_keys: list[str] = []
+        for r in requested:
+            by_view.setdefault(r.view.name, []).append(r)
+            join_keys += [k for k in r.view.join_keys if k not in join_keys]
+        frame = entity_frame(entity_rows, join_keys, where=where)
+        now_us = _micros(now)
+        columns: dict[str, pl.Series] = {}
+        with self._read() as txn:
+            for wanted in by_view.values():
+                view = wanted[0].view
+                raw = None if txn is None else txn.get(_meta_key("layout", view.name))
+                if txn is None or raw is None:
+                    for r in wanted:
+                        columns[r.output] = pl.Series(r.output, [None] * frame.height)
+                    continue
+                layout = Layout.from_json(raw)
+                columns.update(_lookup_view(txn, layout, frame, wanted, now_us, where))
+        return frame.with_columns(
+            columns[r.output].cast(r.view.schema[r.feature]).alias(r.output) for r in requested
+        )
+
+    def vector(
+        self,
+        store: Any,
+        entity: Mapping[str, Any],
+        features: Any,
+        *,
+        full_feature_names: bool,
+        now: datetime | None,
+    ) -> dict[str, Any]:
+        """One entity's features as a dict, with the resolved plan cached per request shape."""
+        if not isinstance(entity, Mapping):
+            msg = f"get_feature_vector: entity must be a dict of join keys, got {entity!r}."
+            raise ValidationError(msg)
+        plan = self._plan(store, features, full_feature_names)
+        now_us = time.time_ns() // 1000 if now is None else _micros(to_utc(now, what="now"))
+        out: dict[str, Any] = {}
+        with self._read() as txn:
+            for part in plan:
+                raw_layout = None if txn is None else txn.get(part.layout_key)
+                if raw_layout is None:
+                    _key_check(part.view, entity)
+                    out.update(part.nulls)
+                    continue
+                if raw_layout != part.layout_raw:
+                    part.adopt(raw_layout)
+                key = part.encode(entity)
+                value = None if key is None or txn is None else txn.get(key)
+                out.update(part.nulls)
+                if value is None or (
+                    part.ttl is not None and _HEAD.unpack_from(value)[0] < now_us - part.ttl
+                ):
+                    continue
+                decoded = part.layout.decode_one(value)  # type: ignore[union-attr]
+                for output, i in part.picks:
+                    out[output] = decoded[i]
+        return out
+
+    def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
+        clock = time.monotonic()
+        if clock - self._plans_checked > 1.0:
+            # Re-reading the registry costs a stat(); once a second is enough to see re-applies.
+            state = store._state()
+            if state is not self._plans_state:
+                self._plans, self._plans_state = {}, state
+            self._plans_checked = clock
+        try:
+            cache_key: Any = (_hashable(features), full_feature_names)
+            plan = self._plans.get(cache_key)
+        except TypeError:
+            cache_key, plan = None, None
+        if plan is None:
+            state = store._state()
+            if isinstance(features, str) and ":" not in features and features in state.services:
+                features = state.services[features]
+            requested = resolve_features(
+                state.views, features, full_feature_names=full_feature_names
+            )
+            groups: dict[str, list[Requested]] = {}
+            for r in requested:
+                groups.setdefault(r.view.name, []).append(r)
+            plan = [_VectorView(rs[0].view, rs) for rs in groups.values()]
+            if cache_key is not None:
+                self._plans[cache_key] = plan
+        return plan
+
+
+_HEAD = struct.Struct("<q")
+_ORPHANS: list[Any] = []
+
+
+def _next_id(txn: _Txn) -> int:
+    raw = txn.get(_NEXT_ID)
+    view_id = 1 if raw is None else int(raw)
+    txn.put(_NEXT_ID, str(view_id + 1).encode())
+    return view_id
+
+
+def _delete_prefix(txn: _Txn, prefix: bytes) -> None:
+    with txn.cursor() as cursor:
+        if not cursor.set_range(prefix):
+            return
+        while cursor.key().startswith(prefix):
+            if not cursor.delete():
+                break
+
+
+def _latest(
+    offline: OfflineStore, view: FeatureView, version: int, pending: pl.Expr
+) -> tuple[pl.DataFrame, int]:
+    """The last pending row of each entity by the tie-breaking order, and the rows read."""
+    order = [view.timestamp_field]
+    if view.created_timestamp_field:
+        order.append(view.created_timestamp_field)
+    columns = [*view.join_keys, *order, SEQ_COLUMN, *view.feature_names]
+    scan = offline.scan(view, version=version, columns=columns, ordered=True)
+    assert scan is not None
+    # Rows come in (event time, created time, write order), so the last one of each key is
+    # the one the point-in-time join would pick.
+    latest = (
+        scan.filter(pending)
+        .group_by(list(view.join_keys))
+        .agg(*[pl.col(c).last() for c in columns if c not in view.join_keys], pl.len())
+        .collect()
+    )
+    read = int(latest["len"].sum()) if latest.height else 0
+    return latest.drop("len"), read
+
+
+def _hashable(features: Any) -> Any:
+    if isinstance(features, list):
+        return tuple(features)
+    hash(features)
+    return features
+
+
+def _key_check(view: FeatureView, entity: Mapping[str, Any]) -> None:
+    for key in view.join_keys:
+        _key_value(entity, key, "get_feature_vector")
+
+
+def _cast_keys(frame: pl.DataFrame, layout: Layout, where: str) -> pl.DataFrame:
+    casts = []
+    for name, kind in layout.keys:
+        got = key_dtype(frame.schema[name], where=where, column=name)
+        if got != pl.Null and dtype_to_str(got) != kind:
+            msg = f"{where}: join key {name!r} holds {kind} values, got {frame.schema[name]}."
+            raise ValidationError(msg)
+        casts.append(pl.col(name).cast(dtype_from_str(kind)))
+    return frame.select(casts)
+
+
+def _lookup_view(
+    txn: _Txn,
+    layout: Layout,
+    frame: pl.DataFrame,
+    wanted: Sequence[Requested],
+    now_us: int,
+    where: str,
+) -> dict[str, pl.Series]:
+    """One view's features for every row of ``frame``: each distinct key is read once."""
+    keys = _cast_keys(frame, layout, where)
+    names = list(layout.key_names)
+    distinct = keys.drop_nulls().unique().sort(names)
+    codes = keys.join(
+        distinct.with_row_index("__code"), on=names, how="left", maintain_order="left"
+    ).get_column("__code")
+    encoded = layout.encode_keys(distinct)
+    with txn.cursor() as cursor:
+        found = cursor.getmulti(encoded)
+    values = [v for _, v in found]
+    if len(found) == len(encoded):
+        positions = codes
+    else:
+        index = {k: i for i, (k, _) in enumerate(found)}
+        slots = pl.Series([index.get(k) for k in encoded], dtype=pl.UInt32)
+        positions = slots.gather(codes)
+    if not values:
+        return {r.output: pl.Series(r.output, [None] * frame.height) for r in wanted}
+    records, payloads = layout.decode_values(values)
+    live = np.ones(len(values), dtype=bool)
+    ttl = wanted[0].view.ttl
+    if ttl is not None:
+        live = records["ts"] >= now_us - ttl // _US
+    out: dict[str, pl.Series] = {}
+    for r in wanted:
+        i = layout.index.get(r.feature)
+        if i is None:  # added to the view after the last sync
+            out[r.output] = pl.Series(r.output, [None] * frame.height)
+            continue
+        column = layout.column(i, records, payloads, r.view.schema[r.feature])
+        valid = pl.Series(live & records[f"v{i}"].astype(bool))
+        column = pl.select(pl.when(valid).then(column)).to_series()
+        out[r.output] = column.gather(positions).alias(r.output)
+    return out
+
+
+class _Progress:
+    """Progress lines on stderr for long syncs (rich, imported only when shown)."""
+
+    def __init__(self, show: bool) -> None:
+        self.show = show
+        self._progress: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if self.show:
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("materialize {task.description}"),
+                TimeElapsedColumn(),
+                console=Console(stderr=True),
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("", total=None)
+        return self.report
+
+    def report(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _newer_only(
+    txn: _Txn, layout: Layout, keys: list[bytes], values: list[bytes]
+) -> tuple[list[bytes], list[bytes]]:
+    """Drop the incoming values that are not newer than the one online (by ts, created, seq)."""
+    with txn.cursor() as cursor:
+        existing = dict(cursor.getmulti(keys))
+    if not existing:
+        return keys, values
+    present = [k in existing for k in keys]
+    old = layout.decode_headers([existing[k] for k, p in zip(keys, present, strict=True) if p])
+    new = layout.decode_headers([v for v, p in zip(values, present, strict=True) if p])
+    newer = (new[:, 0] > old[:, 0]) | (
+        (new[:, 0] == old[:, 0])
+        & ((new[:, 1] > old[:, 1]) | ((new[:, 1] == old[:, 1]) & (new[:, 2] > old[:, 2])))
+    )
+    keep = np.ones(len(keys), dtype=bool)
+    keep[np.flatnonzero(present)] = newer
+    return (
+        [k for k, ok in zip(keys, keep, strict=True) if ok],
+        [v for v, ok in zip(values, keep, strict=True) if ok],
+    )
