@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,20 @@ class Layout:
                 raise ValidationError(msg)
             return value.encode()
 
+        if len(kinds) == 1 and kinds[0][1] == "Int64":
+            name = kinds[0][0]
+
+            def single_int(entity: Mapping[str, Any]) -> bytes | None:
+                try:
+                    value = entity[name]
+                    if type(value) is int and -_OFFSET <= value < _OFFSET:
+                        return prefix + (value + _OFFSET).to_bytes(8, "big")
+                except KeyError:
+                    _key_value(entity, name, where)
+                return None if value is None else prefix + part(name, "Int64", value)
+
+            return single_int
+
         if len(kinds) == 1:
             (name, kind) = kinds[0]
 
@@ -281,8 +296,11 @@ class Layout:
 
     def decode_headers(self, values: Sequence[bytes]) -> np.ndarray:
         """(ts, created, seq) of each value, as an (n, 3) int64 array."""
-        joined = b"".join(v[:24] for v in values)
-        return np.frombuffer(joined, dtype="<i8").reshape(-1, 3)
+        if not self.var:
+            records = np.frombuffer(b"".join(values), dtype=self.record)
+        else:
+            records = np.frombuffer(b"".join(v[: self.width] for v in values), dtype=self.record)
+        return np.column_stack([records["ts"], records["created"], records["seq"]])
 
     def decode_values(self, values: Sequence[bytes]) -> tuple[np.ndarray, dict[int, list[Any]]]:
         """Fixed records of a batch, and the payloads of its variable-width features."""
@@ -378,6 +396,8 @@ class _SyncState:
         doc = doc or {}
         self.segments: list[list[int | None]] = [list(s) for s in doc.get("segments", [])]
         self.materialized_at: str | None = doc.get("materialized_at")
+        # The latest event time online: rows after it need no comparison with what is online.
+        self.max_event: int | None = doc.get("max_event_us")
 
     @property
     def version(self) -> int:
@@ -390,14 +410,17 @@ class _SyncState:
             "version": self.version if self.segments else None,
             "end": None if end is None else _iso(int(end)),
             "materialized_at": self.materialized_at,
+            "max_event_us": self.max_event,
         }
         return json.dumps(doc).encode()
 
-    def pending(self, view: FeatureView, current: int, end: int | None) -> pl.Expr | None:
+    def pending(self, view: FeatureView, current: int, end: int | None) -> _Pending | None:
         """Rows of versions ≤ ``current`` with event time ≤ ``end`` not yet synced."""
         ts = pl.col(view.timestamp_field).cast(pl.Int64)
         seq = pl.col(SEQ_COLUMN)
         parts = []
+        lowest_seq: int | None = None
+        since: int | None = None
         low = -1
         for high, synced_to in self.segments:
             assert high is not None
@@ -405,13 +428,19 @@ class _SyncState:
                 parts.append(
                     (seq >= seq_floor(low + 1)) & (seq < seq_floor(high + 1)) & (ts > synced_to)
                 )
+                lowest_seq = seq_floor(low + 1) if lowest_seq is None else lowest_seq
+                since = synced_to if since is None else min(since, synced_to)
             low = high
         if current > low:
             parts.append(seq >= seq_floor(low + 1))
-        if not parts:
+            lowest_seq = seq_floor(low + 1) if lowest_seq is None else lowest_seq
+            since = None  # new versions: rows of any event time
+        elif not parts:
             return None
-        pending = pl.any_horizontal(parts)
-        return pending if end is None else pending & (ts <= end)
+        rows = pl.any_horizontal(parts)
+        if end is not None:
+            rows = rows & (ts <= end)
+        return _Pending(rows, lowest_seq, None if since is None else _datetime(since))
 
     def advance(self, current: int, end: int | None) -> None:
         def later(a: int | None, b: int | None) -> int | None:
@@ -428,6 +457,19 @@ class _SyncState:
                 merged.append(segment)
         self.segments = merged
         self.materialized_at = datetime.now(timezone.utc).isoformat()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """The rows a sync must read: a filter, plus bounds that let the scan skip whole files."""
+
+    rows: pl.Expr
+    min_seq: int | None
+    since: datetime | None
+
+
+def _datetime(us: int) -> datetime:
+    return _EPOCH_UTC + timedelta(microseconds=us)
 
 
 def _iso(us: int) -> str:
@@ -451,21 +493,56 @@ class _VectorView:
     def __init__(self, view: FeatureView, wanted: list[Requested]) -> None:
         self.view = view
         self.layout_key = _meta_key("layout", view.name)
-        self.ttl = None if view.ttl is None else view.ttl // _US
         self.wanted = [(r.feature, r.output) for r in wanted]
         self.nulls = {output: None for _, output in self.wanted}
         self.layout_raw: bytes | None = None
-        self.layout: Layout | None = None
-        self.encode: Callable[[Mapping[str, Any]], bytes | None] = lambda _: None
-        self.picks: list[tuple[str, int]] = []
+        self.fetch: Callable[[_Txn, Mapping[str, Any], int, dict[str, Any]], None] = self._absent
+
+    def _absent(self, txn: _Txn, entity: Mapping[str, Any], now_us: int, out: dict) -> None:
+        _key_check(self.view, entity)
+        out.update(self.nulls)
 
     def adopt(self, raw: bytes) -> None:
-        self.layout = Layout.from_json(raw)
+        """Compile the lookup for the layout the values were stored with."""
+        layout = Layout.from_json(raw)
         self.layout_raw = raw
-        self.encode = self.layout.key_encoder("get_feature_vector")
-        self.picks = [
-            (output, self.layout.index[f]) for f, output in self.wanted if f in self.layout.index
+        encode = layout.key_encoder("get_feature_vector")
+        nulls = self.nulls
+        ttl = None if self.view.ttl is None else self.view.ttl // _US
+        n = len(layout.features)
+        wanted = [(output, layout.index.get(f)) for f, output in self.wanted]
+        picks = [
+            (output, 3 + i, 3 + n + i, layout.converters[i])
+            for output, i in wanted
+            if i is not None
         ]
+        variable = any(i in layout.var for _, i in wanted if i is not None)
+        picked = [(output, i) for output, i in wanted if i is not None]
+        unpack = layout.struct.unpack_from
+
+        def fetch(txn: _Txn, entity: Mapping[str, Any], now_us: int, out: dict) -> None:
+            key = encode(entity)
+            value = None if key is None else txn.get(key)
+            if value is None:
+                out.update(nulls)
+                return
+            fields = unpack(value)
+            if ttl is not None and fields[0] < now_us - ttl:
+                out.update(nulls)
+                return
+            if variable:
+                decoded = layout.decode_one(value)
+                out.update(nulls)
+                for output, i in picked:
+                    out[output] = decoded[i]
+                return
+            if len(picks) != len(nulls):
+                out.update(nulls)  # features added after the last sync
+            for output, valid, slot, convert in picks:
+                x = fields[slot]
+                out[output] = None if not fields[valid] else x if convert is None else convert(x)
+
+        self.fetch = fetch
 
 
 class OnlineStore:
@@ -556,8 +633,9 @@ class OnlineStore:
         env = self._environment(create=True)
         assert env is not None
         if progress is None:
-            rows = sum(offline.row_count(v) for v in views)
-            progress = sys.stderr.isatty() and rows >= _PROGRESS_ROWS
+            progress = sys.stderr.isatty() and (
+                sum(offline.row_count(v) for v in views) >= _PROGRESS_ROWS
+            )
         with self._lock:
             while True:
                 try:
@@ -617,17 +695,22 @@ class OnlineStore:
             txn.put(layout_key, layout.json)
         pending = state.pending(view, current, end_us)
         read = written = 0
+        latest_event = None
         if pending is not None:
             latest, read = _latest(offline, view, current, pending)
             if latest.height:
+                latest_event = int(latest[view.timestamp_field].cast(pl.Int64).max())  # type: ignore[arg-type]
                 report(f"{view.name}: writing {latest.height:,} entities")
                 keys = layout.encode_keys(latest)
                 values = layout.encode_values(latest, view)
                 if not rebuild:
-                    keys, values = _newer_only(txn, layout, keys, values)
+                    keys, values = _newer_only(txn, layout, keys, values, state.max_event)
                 with txn.cursor() as cursor:
                     _, written = cursor.putmulti(zip(keys, values, strict=True))
         state.advance(current, end_us)
+        if latest_event is not None:
+            known = state.max_event
+            state.max_event = latest_event if known is None else max(known, latest_event)
         txn.put(state_key, state.to_json())
         return read, written, current
 
@@ -685,31 +768,35 @@ class OnlineStore:
         now: datetime | None,
     ) -> dict[str, Any]:
         """One entity's features as a dict, with the resolved plan cached per request shape."""
-        if not isinstance(entity, Mapping):
+        if type(entity) is not dict and not isinstance(entity, Mapping):
             msg = f"get_feature_vector: entity must be a dict of join keys, got {entity!r}."
             raise ValidationError(msg)
         plan = self._plan(store, features, full_feature_names)
         now_us = time.time_ns() // 1000 if now is None else _micros(to_utc(now, what="now"))
         out: dict[str, Any] = {}
-        with self._read() as txn:
+        env = self._env if self._generation == _generation else None
+        if env is None:
+            env = self._environment(create=False)
+            if env is None:
+                for part in plan:
+                    part._absent(None, entity, now_us, out)
+                return out
+        try:
+            txn = env.begin()
+        except lmdb.MapResizedError:
+            env.set_mapsize(0)
+            txn = env.begin()
+        try:
             for part in plan:
-                raw_layout = None if txn is None else txn.get(part.layout_key)
-                if raw_layout is None:
-                    _key_check(part.view, entity)
-                    out.update(part.nulls)
-                    continue
+                raw_layout = txn.get(part.layout_key)
                 if raw_layout != part.layout_raw:
+                    if raw_layout is None:
+                        part._absent(txn, entity, now_us, out)
+                        continue
                     part.adopt(raw_layout)
-                key = part.encode(entity)
-                value = None if key is None or txn is None else txn.get(key)
-                out.update(part.nulls)
-                if value is None or (
-                    part.ttl is not None and _HEAD.unpack_from(value)[0] < now_us - part.ttl
-                ):
-                    continue
-                decoded = part.layout.decode_one(value)  # type: ignore[union-attr]
-                for output, i in part.picks:
-                    out[output] = decoded[i]
+                part.fetch(txn, entity, now_us, out)
+        finally:
+            txn.abort()
         return out
 
     def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
@@ -762,25 +849,33 @@ def _delete_prefix(txn: _Txn, prefix: bytes) -> None:
 
 
 def _latest(
-    offline: OfflineStore, view: FeatureView, version: int, pending: pl.Expr
+    offline: OfflineStore, view: FeatureView, version: int, pending: _Pending
 ) -> tuple[pl.DataFrame, int]:
     """The last pending row of each entity by the tie-breaking order, and the rows read."""
     order = [view.timestamp_field]
     if view.created_timestamp_field:
         order.append(view.created_timestamp_field)
     columns = [*view.join_keys, *order, SEQ_COLUMN, *view.feature_names]
-    scan = offline.scan(view, version=version, columns=columns, ordered=True)
+    scan = offline.scan(
+        view,
+        version=version,
+        columns=columns,
+        ordered=True,
+        since=pending.since,
+        min_seq=pending.min_seq,
+    )
     assert scan is not None
     # Rows come in (event time, created time, write order), so the last one of each key is
-    # the one the point-in-time join would pick.
-    latest = (
-        scan.filter(pending)
-        .group_by(list(view.join_keys))
-        .agg(*[pl.col(c).last() for c in columns if c not in view.join_keys], pl.len())
-        .collect()
-    )
-    read = int(latest["len"].sum()) if latest.height else 0
-    return latest.drop("len"), read
+    # the one the point-in-time join would pick. Finding the positions of those rows first
+    # (keys only) and then reading just them is about twice as fast as aggregating every column.
+    rows = scan.filter(pending.rows).with_row_index("__row")
+    last = rows.group_by(list(view.join_keys)).agg(pl.col("__row").last(), pl.len()).collect()
+    if last.is_empty():
+        return pl.DataFrame(), 0
+    latest = rows.filter(pl.col("__row").is_in(last["__row"].implode())).drop("__row").collect()
+    # In key order, LMDB reads and writes walk the B-tree forwards instead of jumping around.
+    latest = latest.sort(list(view.join_keys))
+    return latest, int(last["len"].sum())
 
 
 def _hashable(features: Any) -> Any:
@@ -884,11 +979,16 @@ class _Progress:
 
 
 def _newer_only(
-    txn: _Txn, layout: Layout, keys: list[bytes], values: list[bytes]
+    txn: _Txn, layout: Layout, keys: list[bytes], values: list[bytes], max_event: int | None
 ) -> tuple[list[bytes], list[bytes]]:
     """Drop the incoming values that are not newer than the one online (by ts, created, seq)."""
+    if max_event is None:
+        return keys, values
+    # Only values no later than the latest event online can lose to what is online.
+    headers = layout.decode_headers(values)
+    doubtful = [k for k, ts in zip(keys, headers[:, 0].tolist(), strict=True) if ts <= max_event]
     with txn.cursor() as cursor:
-        existing = dict(cursor.getmulti(keys))
+        existing = dict(cursor.getmulti(doubtful))
     if not existing:
         return keys, values
     present = [k in existing for k in keys]
