@@ -23,6 +23,7 @@ lookup decodes with one ``struct.unpack_from``. List values are msgpack (msgspec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,14 @@ import msgspec
 import numpy as np
 import polars as pl
 
-from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
-from polarstore._errors import PolarstoreError, ValidationError
+from polarstore._definitions import (
+    SEQ_COLUMN,
+    FeatureService,
+    FeatureView,
+    dtype_from_str,
+    dtype_to_str,
+)
+from polarstore._errors import PolarstoreError, SchemaError, ValidationError
 from polarstore._frames import entity_frame, key_dtype
 from polarstore._offline import OfflineStore, seq_floor
 from polarstore._retrieval import Requested, resolve_features
@@ -85,11 +93,47 @@ _FIXED: dict[str, tuple[str, str, pl.DataType]] = {
 _Txn = Any
 
 _generation = 0
+# LMDB forbids opening one environment twice in a process (py-lmdb refuses to), so every
+# OnlineStore on a folder shares one: folder -> (environment, ids of the stores using it).
+# The last store to close it closes it.
+_SHARED: dict[str, tuple[lmdb.Environment, set[int]]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _acquire(path: Path, owner: object) -> lmdb.Environment:
+    with _SHARED_LOCK:
+        shared = _SHARED.get(os.path.realpath(path))
+        if shared is None:
+            path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(
+                str(path), map_size=_INITIAL_MAP_SIZE, max_readers=1024, readahead=False
+            )
+            shared = _SHARED[os.path.realpath(path)] = (env, set())
+        shared[1].add(id(owner))
+        return shared[0]
+
+
+def _release(path: Path, owner: object) -> None:
+    with _SHARED_LOCK:
+        shared = _SHARED.get(os.path.realpath(path))
+        if shared is not None:
+            shared[1].discard(id(owner))
+            if not shared[1]:
+                del _SHARED[os.path.realpath(path)]
+                shared[0].close()
 
 
 def _forked() -> None:
-    global _generation
+    global _generation, _SHARED_LOCK
     _generation += 1
+    _SHARED_LOCK = threading.Lock()  # another thread may have held it at the fork
+    # The inherited environments must be closed before the child can open its own. That is
+    # safe when no other thread of the parent was inside a lookup at the fork: mdb_env_close
+    # clears only the reader slots of the child's pid (the parent's slots and locks stay).
+    for env, _ in _SHARED.values():
+        with contextlib.suppress(lmdb.Error):
+            env.close()
+    _SHARED.clear()
 
 
 # An LMDB environment must not be used in a child after fork(): reopen there.
@@ -504,7 +548,7 @@ class _VectorView:
 
     def adopt(self, raw: bytes) -> None:
         """Compile the lookup for the layout the values were stored with."""
-        layout = Layout.from_json(raw)
+        layout = _stored_layout(raw, self.view, "get_feature_vector")
         self.layout_raw = raw
         encode = layout.key_encoder("get_feature_vector")
         nulls = self.nulls
@@ -568,9 +612,9 @@ class OnlineStore:
 
     def _environment(self, *, create: bool) -> lmdb.Environment | None:
         if self._generation != _generation:
-            # Inherited from the parent process: never use it again, not even to close it.
-            _ORPHANS.append(self._env)
+            # Inherited from the parent process (and closed by _forked): open our own.
             self._env, self._plans = None, {}
+            self._lock = threading.RLock()  # another thread may have held it at the fork
             self._generation = _generation
         if self._env is None:
             if not create and not (self.path / "data.mdb").exists():
@@ -578,13 +622,7 @@ class OnlineStore:
             with self._lock:
                 if self._env is None:
                     try:
-                        self.path.mkdir(parents=True, exist_ok=True)
-                        self._env = lmdb.open(
-                            str(self.path),
-                            map_size=_INITIAL_MAP_SIZE,
-                            max_readers=1024,
-                            readahead=False,
-                        )
+                        self._env = _acquire(self.path, self)
                     except (lmdb.Error, OSError) as e:
                         msg = f"cannot open the online store at {self.path}: {e}"
                         raise PolarstoreError(msg) from e
@@ -609,7 +647,7 @@ class OnlineStore:
     def close(self) -> None:
         with self._lock:
             if self._env is not None and self._generation == _generation:
-                self._env.close()
+                _release(self.path, self)
             self._env, self._plans = None, {}
 
     def state(self, view: str) -> dict[str, Any]:
@@ -726,6 +764,13 @@ class OnlineStore:
             if raw is None:
                 return 0
             layout = Layout.from_json(raw)
+            if list(layout.key_names) != list(view.join_keys):
+                # Stored under other keys: drop all of the view's online data (materialize
+                # rebuilds it) rather than risk keeping a deleted entity servable.
+                _delete_prefix(txn, layout.prefix)
+                txn.delete(_meta_key("layout", view.name))
+                txn.delete(_meta_key("state", view.name))
+                return 0
             frame = _cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
             return sum(txn.delete(k) for k in layout.encode_keys(frame))
 
@@ -752,7 +797,7 @@ class OnlineStore:
                     for r in wanted:
                         columns[r.output] = pl.Series(r.output, [None] * frame.height)
                     continue
-                layout = Layout.from_json(raw)
+                layout = _stored_layout(raw, view, where)
                 columns.update(_lookup_view(txn, layout, frame, wanted, now_us, where))
         return frame.with_columns(
             columns[r.output].cast(r.view.schema[r.feature]).alias(r.output) for r in requested
@@ -801,8 +846,11 @@ class OnlineStore:
 
     def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
         clock = time.monotonic()
-        if clock - self._plans_checked > 1.0:
-            # Re-reading the registry costs a stat(); once a second is enough to see re-applies.
+        cached = store._registry._cache  # None right after an apply() by this process
+        stale = cached is None or cached[2] is not self._plans_state
+        if stale or clock - self._plans_checked > 1.0:
+            # Re-reading the registry costs a stat(); once a second is enough to see re-applies
+            # by other processes (this process's own apply() resets the registry's cache).
             state = store._state()
             if state is not self._plans_state:
                 self._plans, self._plans_state = {}, state
@@ -829,7 +877,6 @@ class OnlineStore:
 
 
 _HEAD = struct.Struct("<q")
-_ORPHANS: list[Any] = []
 
 
 def _next_id(txn: _Txn) -> int:
@@ -879,10 +926,26 @@ def _latest(
 
 
 def _hashable(features: Any) -> Any:
-    if isinstance(features, list):
-        return tuple(features)
+    """A cache key for a features argument (plans are dropped whenever the registry changes)."""
+    if isinstance(features, FeatureService):  # its tags (a dict) make it unhashable as is
+        features = ("service", features.name, *features.features)
+    if isinstance(features, (list, tuple)):
+        return tuple(("view", f.name) if isinstance(f, FeatureView) else f for f in features)
     hash(features)
     return features
+
+
+def _stored_layout(raw: bytes, view: FeatureView, where: str) -> Layout:
+    """The layout the online values of ``view`` were encoded with, if it still fits its keys."""
+    layout = Layout.from_json(raw)
+    if list(layout.key_names) != list(view.join_keys):
+        msg = (
+            f"{where}: the online data of {view.name!r} was materialized with join keys "
+            f"{list(layout.key_names)}, but the registry now says {list(view.join_keys)}; "
+            "run materialize() to rebuild it."
+        )
+        raise SchemaError(msg)
+    return layout
 
 
 def _key_check(view: FeatureView, entity: Mapping[str, Any]) -> None:
@@ -898,7 +961,11 @@ def _cast_keys(frame: pl.DataFrame, layout: Layout, where: str) -> pl.DataFrame:
             msg = f"{where}: join key {name!r} holds {kind} values, got {frame.schema[name]}."
             raise ValidationError(msg)
         casts.append(pl.col(name).cast(dtype_from_str(kind)))
-    return frame.select(casts)
+    try:
+        return frame.select(casts)
+    except pl.exceptions.InvalidOperationError as e:  # e.g. a UInt64 key beyond Int64's range
+        msg = f"{where}: join key values do not fit the stored key dtypes {dict(layout.keys)}: {e}"
+        raise ValidationError(msg) from e
 
 
 def _lookup_view(
@@ -986,7 +1053,10 @@ def _newer_only(
         return keys, values
     # Only values no later than the latest event online can lose to what is online.
     headers = layout.decode_headers(values)
-    doubtful = [k for k, ts in zip(keys, headers[:, 0].tolist(), strict=True) if ts <= max_event]
+    late = headers[:, 0] <= max_event
+    if not late.any():  # the usual incremental sync: everything is newer than what is online
+        return keys, values
+    doubtful = list(compress(keys, late.tolist()))
     with txn.cursor() as cursor:
         existing = dict(cursor.getmulti(doubtful))
     if not existing:
@@ -1001,6 +1071,6 @@ def _newer_only(
     keep = np.ones(len(keys), dtype=bool)
     keep[np.flatnonzero(present)] = newer
     return (
-        [k for k, ok in zip(keys, keep, strict=True) if ok],
-        [v for v, ok in zip(values, keep, strict=True) if ok],
+        list(compress(keys, keep.tolist())),
+        list(compress(values, keep.tolist())),
     )
