@@ -9,9 +9,9 @@ import polars as pl
 
 from polarstore._definitions import FeatureView
 from polarstore._errors import ValidationError, did_you_mean
-from polarstore._time import STORED_DTYPE, to_utc_expr
+from polarstore._time import STORED_DTYPE, check_range, to_utc_expr
 
-__all__ = ["KEY_DTYPES", "entity_frame", "key_dtype", "prepare_rows", "to_polars"]
+__all__ = ["KEY_DTYPES", "cast_keys", "entity_frame", "key_dtype", "prepare_rows", "to_polars"]
 
 _INTEGER = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 # Join keys are stored as Int64 or String whatever the input width, so spines, views and the
@@ -55,6 +55,34 @@ def key_dtype(dtype: pl.DataType, *, where: str, column: str) -> pl.DataType:
         return pl.Null()
     msg = f"{where}: join key {column!r} must be an integer or string column, got {dtype}."
     raise ValidationError(msg)
+
+
+def cast_keys(
+    frame: pl.DataFrame,
+    join_keys: Sequence[str],
+    stored: Mapping[str, pl.DataType] | None,
+    *,
+    where: str,
+) -> pl.DataFrame:
+    """The join key columns in their stored dtypes (Int64 or String), cast losslessly.
+
+    ``ValidationError`` if a key's kind differs from the stored one (a string key for an
+    integer view) or a value does not fit (a UInt64 beyond Int64's range).
+    """
+    exprs: list[pl.Expr] = []
+    for key in join_keys:
+        target = key_dtype(frame.schema[key], where=where, column=key)
+        have = (stored or {}).get(key)
+        if have is not None and target not in (have, pl.Null()):
+            msg = (
+                f"{where}: join key {key!r} is {frame.schema[key]} but the view stores "
+                f"{key!r} as {have}."
+            )
+            raise ValidationError(msg)
+        if target == pl.Null:
+            target = have or pl.Int64()
+        exprs.append(_lossless_cast(frame, key, target, where).alias(key))
+    return frame.select(exprs)
 
 
 def _lossless_cast(frame: pl.DataFrame, column: str, target: pl.DataType, where: str) -> pl.Expr:
@@ -122,6 +150,7 @@ def prepare_rows(
         exprs.append(_lossless_cast(frame, key, target, where))
     for column in (ts, created):
         if column is not None:
+            check_range(frame[column], where=where)
             exprs.append(to_utc_expr(column, frame.schema[column], where=where).alias(column))
     for name, dtype in view.schema.items():
         exprs.append(_lossless_cast(frame, name, dtype, where))

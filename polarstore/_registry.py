@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from polarstore._definitions import (
     Entity,
     FeatureService,
     FeatureView,
+    check_name,
     dtype_from_str,
     dtype_to_str,
 )
@@ -89,7 +91,14 @@ class Registry:
         # Re-parse only when the file changed: lookups resolve definitions on every call.
         if self._cache and self._cache[:2] == (stat.st_mtime_ns, stat.st_size):
             return self._cache[2]
-        text = self.path.read_text(encoding="utf-8")
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            msg = (
+                f"the registry {self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                "restore it from version control or a backup."
+            )
+            raise PolarstoreError(msg) from e
         state = _decode(text, self.path)
         self._cache = (stat.st_mtime_ns, stat.st_size, state)
         return state
@@ -138,7 +147,7 @@ def _decode(text: str, path: Path) -> RegistryState:
         msg = f"the file {path} is not a polarstore registry (expected 'format': {FORMAT!r})."
         raise PolarstoreError(msg)
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         msg = (
             f"the registry {path} has format_version {version!r}; this polarstore reads "
             f"version {FORMAT_VERSION}. Upgrade polarstore to open it."
@@ -157,8 +166,8 @@ def _decode(text: str, path: Path) -> RegistryState:
                 name, s["features"], description=s["description"], owner=s["owner"], tags=s["tags"]
             )
             state.service_versions[name] = int(s["version"])
-        state.datasets = dict(doc["datasets"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        state.datasets = {n: _dataset_from_json(n, d) for n, d in doc["datasets"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
         detail = str(err) if isinstance(err, PolarstoreError) else f"{type(err).__name__}: {err}"
         msg = f"the registry {path} is damaged: {detail}."
         raise PolarstoreError(msg) from err
@@ -205,6 +214,37 @@ def _view_from_json(name: str, v: dict[str, Any], entities: dict[str, Entity]) -
         owner=v["owner"],
         tags=v["tags"],
     )
+
+
+# A dataset's spine lives in the repository's datasets/ folder: nothing else may be read.
+_SPINE = re.compile(r"datasets/[A-Za-z0-9_-]+\.parquet")
+
+
+def _dataset_from_json(name: str, entry: Any) -> dict[str, Any]:
+    check_name(name, what="dataset")
+    if not isinstance(entry, dict):
+        msg = f"dataset {name!r} is {type(entry).__name__}, not an object"
+        raise TypeError(msg)
+    spine, versions = entry["spine"], entry["versions"]
+    if not isinstance(spine, str) or not _SPINE.fullmatch(spine):
+        msg = f"dataset {name!r} names the spine file {spine!r}, not one in datasets/"
+        raise ValueError(msg)
+    if not isinstance(versions, dict) or not all(
+        isinstance(k, str) and type(v) is int for k, v in versions.items()
+    ):
+        msg = f"dataset {name!r} has pinned versions {versions!r}, not view names to ints"
+        raise TypeError(msg)
+    if not isinstance(entry["features"], list) or not all(
+        isinstance(f, str) for f in entry["features"]
+    ):
+        msg = f"dataset {name!r} has features {entry['features']!r}, not a list of str"
+        raise TypeError(msg)
+    if not isinstance(entry["timestamp_field"], str) or not isinstance(
+        entry["full_feature_names"], bool
+    ):
+        msg = f"dataset {name!r} has a bad timestamp_field or full_feature_names"
+        raise TypeError(msg)
+    return entry
 
 
 def _service_to_json(service: FeatureService) -> dict[str, Any]:

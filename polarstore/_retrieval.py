@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import polars as pl
 
@@ -194,7 +194,7 @@ def _view_rows(
             view,
             version=version,
             columns=[*view.join_keys, *order, *dict.fromkeys(r.feature for r in reqs)],
-            since=lo - view.ttl if view.ttl is not None else None,
+            since=_minus(lo, view.ttl),
             until=hi,
             ordered=True,
         )
@@ -211,3 +211,10 @@ def _view_rows(
         pl.col(ts).alias(_TS),
         *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],
     )
+
+
+def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:
+    """``moment - ttl``, or None (no lower bound) when there is no TTL or it reaches year 1."""
+    if ttl is None or moment - datetime.min.replace(tzinfo=moment.tzinfo) <= ttl:
+        return None
+    return moment - ttl

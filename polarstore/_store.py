@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -18,11 +21,11 @@ from polarstore._definitions import (
     check_name,
 )
 from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
-from polarstore._frames import entity_frame, prepare_rows, to_polars
+from polarstore._frames import cast_keys, entity_frame, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import EMPTY_VERSION, historical_features, resolve_features
-from polarstore._time import STORED_DTYPE, to_utc, utc_now
+from polarstore._time import STORED_DTYPE, check_range, to_utc, utc_now
 
 __all__ = ["FeatureStore"]
 
@@ -81,6 +84,7 @@ class FeatureStore:
         self._registry = Registry(self.path)
         self._offline = OfflineStore(str(self.path), storage_options)
         self._online_store: Any = None
+        self._online_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r})"
@@ -374,10 +378,9 @@ class FeatureStore:
         """
         v = self._view(view)
         stored = self._offline.table_schema(v.name) or {}
-        frame = entity_frame(keys, v.join_keys, where=f"delete_entities({v.name!r})")
-        frame = frame.select(
-            pl.col(k).cast(stored.get(k, frame.schema[k])) for k in v.join_keys
-        ).drop_nulls()
+        where = f"delete_entities({v.name!r})"
+        frame = entity_frame(keys, v.join_keys, where=where)
+        frame = cast_keys(frame, v.join_keys, stored, where=where).drop_nulls()
         version = self._offline.rewrite(
             v,
             lambda rows: rows.join(
@@ -474,9 +477,20 @@ class FeatureStore:
             features = state.services[features]
         requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
         versions = self._pin(as_of, [r.view.name for r in requested])
+        where = "get_historical_features"
+        if not isinstance(timestamp_field, str):
+            msg = f"{where}: timestamp_field must be a column name, got {timestamp_field!r}."
+            raise ValidationError(msg)
+        spine = to_polars(entity_df, what=f"{where} entity_df")
+        # Key values must fit the stored key dtype (a UInt64 beyond Int64's range does not).
+        keys = dict.fromkeys(k for r in requested for k in r.view.join_keys)
+        present = [k for k in keys if k in spine.columns]
+        cast_keys(spine.select(present), present, None, where=where)
+        if timestamp_field in spine.columns:
+            check_range(spine[timestamp_field], where=where)
         return historical_features(
             self._offline,
-            entity_df,
+            spine,
             requested,
             timestamp_field=timestamp_field,
             versions=versions,
@@ -532,10 +546,18 @@ class FeatureStore:
         if name in state.datasets and not overwrite:
             msg = f"dataset {name!r} already exists; pass overwrite=True to replace it."
             raise ValidationError(msg)
-        spine_path = self.path / "datasets" / f"{name}.parquet"
+        # Each save writes a spine file of its own, named by the registry entry: a crash
+        # between the two writes leaves the previous dataset whole (its spine untouched).
+        relative = f"datasets/{name}-{uuid.uuid4().hex[:16]}.parquet"
+        spine_path = self.path / relative
         spine_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = spine_path.with_suffix(f".{os.getpid()}.tmp")
-        spine.write_parquet(tmp)
+        tmp = spine_path.with_suffix(".tmp")
+        try:
+            spine.write_parquet(tmp)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            tmp.unlink(missing_ok=True)
+            msg = f"save_dataset {name!r}: the entity_df cannot be stored as Parquet: {e}"
+            raise ValidationError(msg) from e
         os.replace(tmp, spine_path)
         entry = {
             "features": refs,
@@ -544,9 +566,25 @@ class FeatureStore:
             "full_feature_names": full_feature_names,
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
-            "spine": f"datasets/{name}.parquet",
+            "spine": relative,
         }
-        self._registry.update(lambda s: s.datasets.__setitem__(name, entry))
+
+        def register(state: RegistryState) -> dict[str, Any] | None:
+            old = state.datasets.get(name)
+            if old is not None and not overwrite:  # saved by someone else meanwhile
+                msg = f"dataset {name!r} already exists; pass overwrite=True to replace it."
+                raise ValidationError(msg)
+            state.datasets[name] = entry
+            return old
+
+        try:
+            replaced = self._registry.update(register)
+        except BaseException:
+            spine_path.unlink(missing_ok=True)
+            raise
+        if replaced is not None and replaced["spine"] != relative:
+            with contextlib.suppress(OSError):
+                (self.path / replaced["spine"]).unlink()
         return result
 
     def load_dataset(self, name: str) -> pl.LazyFrame:
@@ -556,7 +594,14 @@ class FeatureStore:
             msg = f"there is no dataset {name!r}." + did_you_mean(name, datasets)
             raise NotFoundError(msg)
         entry = datasets[name]
-        spine = pl.read_parquet(self.path / entry["spine"])
+        try:
+            spine = pl.read_parquet(self.path / entry["spine"])
+        except (pl.exceptions.PolarsError, OSError) as e:
+            msg = (
+                f"dataset {name!r}: its spine file {entry['spine']!r} cannot be read ({e}); "
+                "save the dataset again."
+            )
+            raise NotFoundError(msg) from e
         return self.get_historical_features(
             spine,
             entry["features"],
@@ -574,7 +619,10 @@ class FeatureStore:
         if self._online_store is None:
             from polarstore._online import OnlineStore
 
-            self._online_store = OnlineStore(self.online_path)
+            # Threads share one FeatureStore: two OnlineStores would open LMDB twice.
+            with self._online_lock:
+                if self._online_store is None:
+                    self._online_store = OnlineStore(self.online_path)
         return self._online_store
 
     def materialize(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
+from typing import cast
 
 import polars as pl
 
 from polarstore._errors import ValidationError
 
-__all__ = ["STORED_DTYPE", "to_utc", "to_utc_expr", "utc_now"]
+__all__ = ["STORED_DTYPE", "check_range", "to_utc", "to_utc_expr", "utc_now"]
 
 STORED_DTYPE = pl.Datetime("us", "UTC")
 
@@ -43,6 +45,9 @@ def to_utc_expr(name: str, dtype: pl.DataType, *, where: str) -> pl.Expr:
     training sets end up a thousand times off.
     """
     col = pl.col(name)
+    if (isinstance(dtype, pl.Datetime) and dtype.time_unit != "ns") or dtype == pl.Date:
+        # Callers check the column first (check_range) for a plain message; this is the guard.
+        col = col.map_batches(_range_check(where), return_dtype=dtype)
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
             col = col.dt.replace_time_zone("UTC")
@@ -55,6 +60,48 @@ def to_utc_expr(name: str, dtype: pl.DataType, *, where: str) -> pl.Expr:
         return col.cast(STORED_DTYPE)
     msg = f"{where}: column {name!r} must be a Datetime or Date, got {dtype}."
     raise ValidationError(msg)
+
+
+# The times a Python datetime can hold (UTC), as physical values per unit. Outside them,
+# converting to microseconds can overflow (Polars panics on that) and no Python datetime could
+# hold the result anyway. Nanoseconds (years 1677-2262) always fit.
+_FIRST = datetime(1, 1, 1, tzinfo=timezone.utc) - datetime(1970, 1, 1, tzinfo=timezone.utc)
+_LAST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=timezone.utc) - datetime(
+    1970, 1, 1, tzinfo=timezone.utc
+)
+_US = timedelta(microseconds=1)
+_BOUNDS: dict[str, tuple[int, int]] = {
+    "us": (_FIRST // _US, _LAST // _US),
+    "ms": (-(-_FIRST // timedelta(milliseconds=1)), _LAST // timedelta(milliseconds=1)),
+    "d": (_FIRST.days, _LAST.days),
+}
+
+
+def check_range(series: pl.Series, *, where: str) -> None:
+    """``ValidationError`` if a Datetime or Date column holds times outside years 1-9999."""
+    dtype = series.dtype
+    if isinstance(dtype, pl.Datetime) and dtype.time_unit != "ns":
+        lo, hi = _BOUNDS[dtype.time_unit]
+    elif dtype == pl.Date:
+        lo, hi = _BOUNDS["d"]
+    else:
+        return
+    physical = series.to_physical()
+    low, high = cast("int | None", physical.min()), cast("int | None", physical.max())
+    if (low is not None and low < lo) or (high is not None and high > hi):
+        msg = (
+            f"{where}: column {series.name!r} holds times outside the years 1 to 9999 UTC "
+            f"(raw {dtype} values from {low} to {high}); check how it was built."
+        )
+        raise ValidationError(msg)
+
+
+def _range_check(where: str) -> Callable[[pl.Series], pl.Series]:
+    def check(series: pl.Series) -> pl.Series:
+        check_range(series, where=where)
+        return series
+
+    return check
 
 
 def as_timedelta(value: object, *, what: str) -> timedelta | None:
