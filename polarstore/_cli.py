@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import sys
 import uuid
@@ -116,6 +117,9 @@ class _Group(click.Group):
         try:
             result = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+                click.echo(e.ctx.get_help())  # bare `polarstore`: the help, not an error
+                sys.exit(0)
             where = e.ctx.command_path if e.ctx is not None else "polarstore"
             _fail(f"{e.format_message()} (see '{where} --help')", e.exit_code)
         except click.ClickException as e:
@@ -169,7 +173,7 @@ def _cell(value: Any) -> Text:
     if value is None:
         return Text("∅", style="dim")
     if isinstance(value, datetime):
-        text = value.isoformat(sep=" ")
+        text = value.isoformat(sep=" ", timespec="milliseconds" if value.microsecond else "seconds")
     elif isinstance(value, float):
         text = f"{value:.6g}"
     elif isinstance(value, (list, tuple)):
@@ -307,7 +311,7 @@ def cli(repo: str | None) -> None:
     """
 
 
-@cli.command()
+@cli.command(short_help="Create a repository with an example features.py.")
 @click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
 @_repo_option
 def init(path: Path | None, repo: Path | None) -> None:
@@ -345,6 +349,7 @@ def _load_definitions(path: Path) -> list[Definition]:
         raise click.ClickException(msg)
     module = importlib.util.module_from_spec(spec)
     folder = str(path.resolve().parent)
+    loaded = set(sys.modules)
     sys.path.insert(0, folder)
     sys.modules[name] = module
     try:
@@ -354,7 +359,11 @@ def _load_definitions(path: Path) -> list[Definition]:
         msg = f"cannot import the definitions file {str(path)!r}: {detail}"
         raise click.ClickException(msg) from e
     finally:
-        sys.modules.pop(name, None)
+        # Forget the file and its sibling modules, so a later apply sees their edits.
+        for added in set(sys.modules) - loaded:
+            origin = getattr(sys.modules[added], "__file__", None) or ""
+            if added == name or origin.startswith(folder + os.sep):
+                del sys.modules[added]
         if folder in sys.path:
             sys.path.remove(folder)
     found: dict[int, Definition] = {}
@@ -380,7 +389,7 @@ def _registered(store: FeatureStore) -> dict[tuple[str, str], Definition]:
     return {(type(d).__name__, d.name): d for d in items}
 
 
-@cli.command()
+@cli.command(short_help="Register the definitions of a Python file.")
 @click.argument("defs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_repo_option
 def apply(defs: Path, repo: Path | None) -> None:
@@ -411,7 +420,7 @@ def apply(defs: Path, repo: Path | None) -> None:
     )
 
 
-@cli.command(name="ls")
+@cli.command(name="ls", short_help="List entities, feature views and services.")
 @_repo_option
 def ls_(repo: Path | None) -> None:
     """List the entities, feature views and feature services of the repository.
@@ -464,7 +473,7 @@ def ls_(repo: Path | None) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Show a feature view's schema and state.")
 @click.argument("view")
 @_repo_option
 def describe(view: str, repo: Path | None) -> None:
@@ -483,7 +492,7 @@ def describe(view: str, repo: Path | None) -> None:
     console.print(_table("Schema", ["feature", "dtype"], [(n, str(t)) for n, t in schema.items()]))
 
 
-@cli.command()
+@cli.command(short_help="Show the table versions of a feature view.")
 @click.argument("view")
 @_repo_option
 def history(view: str, repo: Path | None) -> None:
@@ -567,7 +576,7 @@ def _parse_column(column: pl.Series, path: Path, *, want_date: bool) -> pl.Serie
     return pl.Series(column.name, values, dtype=dtype)
 
 
-@cli.command()
+@cli.command(short_help="Append a parquet or CSV file to a view.")
 @click.argument("view")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_repo_option
@@ -594,7 +603,7 @@ def write(view: str, file: Path, repo: Path | None) -> None:
     )
 
 
-@cli.command()
+@cli.command(short_help="Sync online views into the online store.")
 @click.argument("views", nargs=-1)
 @click.option("--end", default=None, help="Sync only rows with event time at or before this.")
 @_repo_option
@@ -640,7 +649,7 @@ def materialize(views: tuple[str, ...], end: str | None, repo: Path | None) -> N
     console.print(_table("Materialized", ["view", *columns], rows))
 
 
-@cli.command()
+@cli.command(short_help="Look up feature values online.")
 @click.argument("features", nargs=-1, required=True)
 @click.option(
     "--key",
@@ -696,7 +705,7 @@ def get(
         console.print(_frame_table("Online features", frame))
 
 
-@cli.command()
+@cli.command(short_help="Build a demo repository: a churn story.")
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--users", default=20_000, show_default=True, help="How many users to simulate.")
 @_repo_option

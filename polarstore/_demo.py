@@ -21,7 +21,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 
 from polarstore._definitions import Entity, FeatureService, FeatureView
@@ -268,6 +269,7 @@ def _spine(rng: np.random.Generator, users: np.ndarray, orders: pl.DataFrame) ->
         by="user_id",
         strategy="forward",
         allow_exact_matches=False,
+        check_sortedness=False,  # sorted above; polars cannot check it per group
     )
     churned = nxt["next_order"].is_null() | (
         nxt["next_order"] > nxt["event_timestamp"] + CHURN_WINDOW
@@ -316,7 +318,7 @@ def prepare_demo_path(path: str | os.PathLike[str]) -> Path:
 
 
 class _Steps:
-    """Numbered, timed steps printed to a rich console."""
+    """Numbered, timed steps printed to a rich console, each with indented notes."""
 
     def __init__(self, console: Console, total: int) -> None:
         self.console = console
@@ -325,9 +327,10 @@ class _Steps:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
-    def step(self, key: str, title: str) -> Iterator[list[str]]:
+    def step(self, key: str, title: str) -> Iterator[list[RenderableType]]:
+        """Time the block; then print the title, its duration and the notes it collected."""
         self.number += 1
-        notes: list[str] = []
+        notes: list[RenderableType] = []
         began = time.perf_counter()
         with self.console.status(f"{title}…"):
             yield notes
@@ -336,7 +339,7 @@ class _Steps:
         head = f"[bold cyan]{self.number:>2}/{self.total}[/] [bold]{title}[/]"
         self.console.print(f"{head} [dim]({took:.2f} s)[/]")
         for note in notes:
-            self.console.print(f"       {note}")
+            self.console.print(Padding(note, (0, 0, 0, 6), expand=False))
 
 
 def _frame_table(frame: pl.DataFrame, title: str | None = None) -> Table:
@@ -350,7 +353,8 @@ def _frame_table(frame: pl.DataFrame, title: str | None = None) -> Table:
 
 def _short(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M")
+        midnight = (value.hour, value.minute, value.second) == (0, 0, 0)
+        return value.strftime("%Y-%m-%d" if midnight else "%Y-%m-%d %H:%M")
     if isinstance(value, float):
         return f"{value:,.2f}"
     return str(value)
@@ -385,19 +389,21 @@ def run_demo(
     console.rule("[bold]polarstore demo: e-commerce churn[/]")
     console.print(f"repository: [green]{root}[/]\n")
 
-    with steps.step("generate", "Generate synthetic users, orders and sessions") as notes:
+    with steps.step("generate", "Generate users, orders and sessions (seeded)") as notes:
         data = make_data(n_users, seed=seed)
+        churn_rate = float(data.spine["churned"].mean())  # type: ignore[arg-type]
         figures.update(
             profile_rows=data.profile.height,
             orders_rows=data.orders.height,
             corrections_rows=data.corrections.height,
             sessions_rows=data.sessions.height,
             spine_rows=data.spine.height,
-            churn_rate=round(float(data.spine["churned"].mean()), 4),  # type: ignore[arg-type]
+            churn_rate=round(churn_rate, 4),
         )
         notes.append(
             f"{n_users:,} users · {data.profile.height:,} profile rows · "
-            f"{data.orders.height:,} orders · {data.sessions.height:,} sessions"
+            f"{data.orders.height:,} orders · {data.sessions.height:,} sessions · "
+            f"spine of {data.spine.height:,} labelled rows (churn rate {churn_rate:.1%})"
         )
 
     with FeatureStore(root) as store:
@@ -405,8 +411,9 @@ def run_demo(
             defs = definitions()
             store.apply(defs)
             notes.append(", ".join(f"{type(d).__name__} [green]{d.name}[/]" for d in defs))
+        service = store.get_feature_service("churn_model")
 
-        with steps.step("write", "Write the offline history (Delta tables)") as notes:
+        with steps.step("write", "Write the offline history (one Delta table per view)") as notes:
             for view, frame in (
                 ("user_profile", data.profile),
                 ("orders", data.orders),
@@ -415,95 +422,121 @@ def run_demo(
                 version = store.write(view, frame)
                 notes.append(f"{view}: {frame.height:,} rows → version {version}")
             before = store.versions()
+            store.save_dataset("churn_training", data.spine, service)
             figures["versions_before_corrections"] = dict(before)
+            notes.append(f"saved dataset [green]churn_training[/] pinned at {before}")
 
-        with steps.step("corrections", "Late-arriving corrections (second write)") as notes:
+        with steps.step("corrections", "Late-arriving corrections (a second write)") as notes:
             version = store.write("orders", data.corrections)
             figures["versions_after_corrections"] = store.versions()
             notes.append(
-                f"orders: {data.corrections.height:,} restated amounts, same event times, "
-                f"later created_at → version {version}"
+                f"orders: {data.corrections.height:,} amounts restated (same event times, "
+                f"later created_at) → version {version}"
             )
 
-        service = store.get_feature_service("churn_model")
         with steps.step("training", "Point-in-time training set") as notes:
             training = store.get_historical_features(data.spine, service).collect()
+            features = service_features(store, service)
             figures.update(training_rows=training.height, training_columns=training.columns)
-            notes.append(
-                f"{training.height:,} spine rows × {len(training.columns) - 3} features, "
-                f"churn rate {figures['churn_rate']:.1%}"
+            notes.append(f"{training.height:,} rows × {len(features)} features; the first rows:")
+            sample = training.head(5).select(
+                "user_id",
+                pl.col("event_timestamp").alias("cutoff"),
+                "churned",
+                "plan",
+                "order_count",
+                "order_amount",
+                "session_minutes",
+                "device",
             )
-        console.print(_frame_table(training.head(5)))
+            notes.append(_frame_table(sample))
 
-        with steps.step("leakage", "Leakage check: naive latest-value join vs point-in-time"):
+        with steps.step(
+            "leakage", "Leakage check: naive latest-value join vs point-in-time"
+        ) as notes:
             leaks = _leakage(store, data.spine)
             figures.update(leaks)
-        console.print(
-            f"       a naive join on the latest value per user would use data from after the "
-            f"cutoff in [bold red]{leaks['leaky_rows']:,}[/] of {data.spine.height:,} rows "
-            f"({leaks['leaky_fraction']:.1%}): "
-            + ", ".join(f"{v} {n:,}" for v, n in leaks["leaky_rows_by_view"].items())
-        )
-        console.print(
-            f"       the plan feature alone differs in {leaks['plan_differs']:,} rows; "
-            "the point-in-time join uses none of that future data"
-        )
+            by_view = ", ".join(f"{v} {n:,}" for v, n in leaks["leaky_rows_by_view"].items())
+            notes.append(
+                f"a naive join of each user's latest values uses data from after the cutoff in "
+                f"[bold red]{leaks['leaky_rows']:,}[/] of {data.spine.height:,} spine rows "
+                f"({leaks['leaky_fraction']:.1%}; by view: {by_view})"
+            )
+            notes.append(
+                f"e.g. the plan differs in {leaks['plan_differs']:,} rows (downgrades that "
+                "precede churn); the point-in-time join uses no future data"
+            )
 
-        with steps.step("time_travel", "Time travel: the training set before the corrections"):
+        with steps.step(
+            "time_travel", "Time travel: the training set before the corrections"
+        ) as notes:
             old = store.get_historical_features(data.spine, service, as_of=before).collect()
-            changed = _changed_rows(training, old, service_features(store, service))
-            figures.update(time_travel_changed_rows=changed)
-        console.print(
-            f"       as_of={before} → [bold]{changed:,}[/] training rows differ from today's "
-            "(the corrected order amounts); the old set is rebuilt exactly"
-        )
+            changed = _changed_rows(training, old, features)
+            reproduced = store.load_dataset("churn_training").collect().equals(old)
+            figures.update(time_travel_changed_rows=changed, saved_dataset_reproduced=reproduced)
+            notes.append(
+                f"as_of={before}: [bold]{changed:,}[/] rows differ from today's training set "
+                "(the corrected order amounts)"
+            )
+            notes.append(
+                f"load_dataset('churn_training') returns exactly that old set: {reproduced}"
+            )
 
         with steps.step("materialize", "Materialize the latest values into LMDB") as notes:
             summary = store.materialize()
             figures["materialize"] = summary
-        console.print(_summary_table(summary))
+            notes.append(_summary_table(summary))
 
         user_id = int(data.spine["user_id"][0])
-        with steps.step("online", f"Online lookup for user {user_id}") as notes:
+        with steps.step(
+            "online", f"Online lookup for user {user_id} (now={NOW:%Y-%m-%d})"
+        ) as notes:
             row = store.get_online_features({"user_id": user_id}, service, now=NOW)
             vector = store.get_feature_vector({"user_id": user_id}, service, now=NOW)
-            reps = 2_000
-            tick = time.perf_counter()
-            for _ in range(reps):
-                store.get_feature_vector({"user_id": user_id}, service, now=NOW)
-            per_call = (time.perf_counter() - tick) / reps
+            per_call = _time_per_call(
+                lambda: store.get_feature_vector({"user_id": user_id}, service, now=NOW)
+            )
             figures.update(
                 online_user=user_id,
                 online_vector=vector,
                 vector_matches_online=_vector_matches(vector, row),
                 feature_vector_us=round(per_call * 1e6, 1),
             )
+            notes.append(_vector_table(vector))
             notes.append(
-                f"get_feature_vector: {per_call * 1e6:,.0f} µs per call "
-                f"(now={NOW:%Y-%m-%d}); same values as get_online_features: "
-                f"{figures['vector_matches_online']}"
+                f"get_feature_vector: {per_call * 1e6:,.0f} µs per call; the same values as "
+                f"get_online_features: {figures['vector_matches_online']}"
             )
-        console.print(_frame_table(row, title=f"get_online_features(user_id={user_id})"))
 
         with steps.step("parity", "Train/serve parity: online at now == offline at now") as notes:
-            sample = min(1_000, n_users)
+            checked = min(1_000, n_users)
             keys = np.random.default_rng(seed + 1).choice(
-                np.arange(1, n_users + 1), sample, replace=False
+                np.arange(1, n_users + 1), checked, replace=False
             )
-            mismatches = _parity(store, service, keys)
-            figures.update(parity_checked=sample, parity_mismatches=mismatches)
+            mismatches = _parity(store, service, keys, features)
+            figures.update(parity_checked=checked, parity_mismatches=mismatches)
             status = "[bold green]OK[/]" if mismatches == 0 else "[bold red]MISMATCH[/]"
-            notes.append(f"{sample:,} users checked, {mismatches} mismatching rows {status}")
+            notes.append(f"{checked:,} users checked, {mismatches} mismatching rows {status}")
 
     figures["seconds"] = steps.seconds
     figures["total_seconds"] = round(time.perf_counter() - began, 3)
     console.rule(f"[bold]done in {figures['total_seconds']:.1f} s[/]")
     console.print(
-        f"try: [cyan]polarstore --repo {root} ls[/] · "
-        f"[cyan]polarstore --repo {root} get churn_model --key user_id={user_id} "
+        f"try: [cyan]polarstore --repo {root} ls[/]\n"
+        f"     [cyan]polarstore --repo {root} get churn_model --key user_id={user_id} "
         f"--now {NOW:%Y-%m-%d}[/]"
     )
     return figures
+
+
+def _time_per_call(call: Callable[[], object], *, budget: float = 0.2, most: int = 5_000) -> float:
+    """Seconds per call of ``call``, measured for about ``budget`` seconds."""
+    calls = 0
+    began = time.perf_counter()
+    while calls < most and (calls < 10 or time.perf_counter() - began < budget):
+        call()
+        calls += 1
+    return (time.perf_counter() - began) / calls
 
 
 def service_features(store: FeatureStore, service: FeatureService) -> list[str]:
@@ -559,18 +592,29 @@ def _changed_rows(new: pl.DataFrame, old: pl.DataFrame, features: list[str]) -> 
 
 
 def _vector_matches(vector: dict[str, Any], row: pl.DataFrame) -> bool:
+    """Whether ``get_feature_vector``'s dict equals the one-row ``get_online_features`` frame."""
     online = row.row(0, named=True)
-    return all(online.get(k) == v for k, v in vector.items() if k in online)
+    return set(vector) <= set(online) and all(online[k] == v for k, v in vector.items())
 
 
-def _parity(store: FeatureStore, service: FeatureService, keys: np.ndarray) -> int:
+def _parity(
+    store: FeatureStore, service: FeatureService, keys: np.ndarray, features: list[str]
+) -> int:
     entities = pl.DataFrame({"user_id": keys})
     online = store.get_online_features(entities, service, now=NOW)
     offline = store.get_historical_features(
         entities.with_columns(event_timestamp=pl.lit(NOW, dtype=_STAMP)), service
     ).collect()
-    features = service_features(store, service)
     return _changed_rows(online.select(features), offline.select(features), features)
+
+
+def _vector_table(vector: dict[str, Any]) -> Table:
+    table = Table(header_style="bold")
+    table.add_column("feature")
+    table.add_column("value", justify="right")
+    for name, value in vector.items():
+        table.add_row(name, "∅" if value is None else _short(value))
+    return table
 
 
 def _summary_table(summary: dict[str, dict[str, Any]]) -> Table:

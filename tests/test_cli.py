@@ -1,0 +1,520 @@
+"""The ``polarstore`` command line, through its real entry points.
+
+Most tests drive the click group with ``CliRunner`` (the same ``main`` the console script
+runs, so error handling is exercised for real); a few run the installed ``polarstore``
+console script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from polarstore import FeatureStore
+from polarstore._cli import EXAMPLE_DEFINITIONS, cli, parse_keys
+from polarstore._demo import DEMO_MARKER, run_demo
+
+SCRIPT = Path(sys.executable).with_name("polarstore")
+ROWS_CSV = """\
+user_id,event_timestamp,orders_7d,spend_7d
+42,2024-05-01T00:00:00Z,3,12.5
+42,2024-05-03 10:00:00+02:00,4,20
+7,2024-05-02,1,5
+"""
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    runner = CliRunner(env={"COLUMNS": "200", **(env or {})})
+    return runner.invoke(cli, [str(a) for a in args])
+
+
+def ok(result: Result) -> str:
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    return result.stdout
+
+
+def error(result: Result, code: int, *fragments: str) -> str:
+    """Assert a clean failure: the exit code, one ``Error:`` line on stderr, no traceback."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository made by ``init`` with its example definitions applied."""
+    path = tmp_path / "repo"
+    ok(run("init", path))
+    ok(run("--repo", path, "apply", path / "features.py"))
+    return path
+
+
+@pytest.fixture
+def loaded(repo: Path, tmp_path: Path) -> Path:
+    """``repo`` with three rows written to ``user_stats`` from a CSV file (version 0)."""
+    csv = tmp_path / "rows.csv"
+    csv.write_text(ROWS_CSV)
+    ok(run("--repo", repo, "write", "user_stats", csv))
+    return repo
+
+
+# --- help -----------------------------------------------------------------------------------
+
+COMMANDS = ["init", "apply", "ls", "describe", "history", "write", "materialize", "get", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example_and_a_repo_option(command: str) -> None:
+    out = ok(run(command, "--help"))
+    assert "Example" in out
+    assert "--repo" in out
+    assert f"polarstore {command}" in out or f"polarstore --repo my_repo {command}" in out
+
+
+def test_group_help_lists_the_commands_and_a_quick_start() -> None:
+    out = ok(run("--help"))
+    assert "Quick start" in out
+    for command in COMMANDS:
+        assert command in out
+
+
+def test_no_arguments_prints_the_help() -> None:
+    assert "Quick start" in ok(run())
+
+
+def test_unknown_command_and_option_are_one_line_usage_errors() -> None:
+    error(run("frobnicate"), 2, "No such command 'frobnicate'")
+    error(run("ls", "--frob"), 2, "No such option '--frob'", "polarstore ls --help")
+
+
+# --- init and apply -------------------------------------------------------------------------
+
+
+def test_init_creates_a_repository_with_example_definitions(tmp_path: Path) -> None:
+    path = tmp_path / "new"
+    out = ok(run("init", path))
+    assert "initialised a repository" in out
+    assert (path / "registry.json").is_file()
+    source = (path / "features.py").read_text()
+    assert source.startswith('"""Feature definitions')
+    assert "# An entity is" in source
+    compile(source, "features.py", "exec")
+    (path / "features.py").write_text("# mine\n")
+    out = ok(run("init", path))
+    assert "already a repository" in out
+    assert "kept the existing" in out
+    assert (path / "features.py").read_text() == "# mine\n"
+
+
+def test_init_defaults_to_repo_option_and_env(tmp_path: Path) -> None:
+    ok(run("--repo", tmp_path / "a", "init"))
+    assert (tmp_path / "a" / "registry.json").is_file()
+    ok(run("init", env={"POLARSTORE_REPO": str(tmp_path / "b")}))
+    assert (tmp_path / "b" / "features.py").is_file()
+
+
+def test_init_on_a_file_fails_cleanly(tmp_path: Path) -> None:
+    target = tmp_path / "file"
+    target.write_text("x")
+    error(run("init", target), 2, "is a file")
+
+
+def test_apply_registers_module_level_definitions_idempotently(repo: Path) -> None:
+    with FeatureStore(repo) as store:
+        assert [v.name for v in store.list_feature_views()] == ["user_stats"]
+        assert [s.name for s in store.list_feature_services()] == ["churn_model"]
+    out = ok(run("--repo", repo, "apply", repo / "features.py"))
+    assert out.count("unchanged") == 3
+    extended = EXAMPLE_DEFINITIONS.replace(
+        '"spend_7d": pl.Float64}', '"spend_7d": pl.Float64, "returns_7d": pl.Int64}'
+    )
+    (repo / "features.py").write_text(extended)
+    out = ok(run("apply", repo / "features.py", "--repo", repo))
+    assert "updated" in out
+
+
+def test_apply_imports_sibling_modules(tmp_path: Path, repo: Path) -> None:
+    (tmp_path / "common.py").write_text(
+        "from polarstore import Entity\nshop = Entity('shop', join_keys='shop_id')\n"
+    )
+    defs = tmp_path / "defs.py"
+    defs.write_text("from common import shop\n")
+    out = ok(run("--repo", repo, "apply", defs))
+    assert "Entity" in out
+    assert "shop" in out
+    assert "created" in out
+    assert "common" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("source", "fragments"),
+    [
+        ("x = (\n", ["cannot import the definitions file", "SyntaxError", "line 1"]),
+        ("raise RuntimeError('boom')\n", ["RuntimeError: boom"]),
+        (
+            "from polarstore import Entity\nu = Entity('a b', join_keys='id')\n",
+            ["ValidationError", "entity name 'a b' is invalid"],
+        ),
+        ("x = 1\n", ["defines no Entity, FeatureView or FeatureService"]),
+    ],
+)
+def test_apply_rejects_a_bad_definitions_file(
+    repo: Path, tmp_path: Path, source: str, fragments: list[str]
+) -> None:
+    defs = tmp_path / "bad.py"
+    defs.write_text(source)
+    error(run("--repo", repo, "apply", defs), 1, *fragments)
+
+
+def test_apply_reports_a_schema_conflict_and_a_missing_file(loaded: Path, tmp_path: Path) -> None:
+    changed = EXAMPLE_DEFINITIONS.replace('"orders_7d": pl.Int64', '"orders_7d": pl.Float64')
+    defs = tmp_path / "changed.py"
+    defs.write_text(changed)
+    error(run("--repo", loaded, "apply", defs), 1, "cannot change the dtype", "'orders_7d'")
+    error(run("--repo", loaded, "apply", tmp_path / "nope.py"), 2, "does not exist")
+
+
+# --- ls, describe, history ------------------------------------------------------------------
+
+
+def test_ls_shows_entities_views_and_services(loaded: Path) -> None:
+    out = ok(run("--repo", loaded, "ls"))
+    for text in ("Entities", "Feature views", "Feature services", "user_id", "user_stats"):
+        assert text in out
+    assert "churn_model" in out
+    assert "user_stats:*" in out
+    assert "7d" in out
+
+
+def test_ls_uses_the_env_var_and_says_when_empty(tmp_path: Path) -> None:
+    ok(run("init", tmp_path / "empty"))
+    (tmp_path / "empty" / "features.py").unlink()
+    out = ok(run("ls", env={"POLARSTORE_REPO": str(tmp_path / "empty")}))
+    assert "no definitions yet" in out
+
+
+def test_commands_outside_a_repository_fail_cleanly(tmp_path: Path) -> None:
+    for args in (["ls"], ["describe", "v"], ["history", "v"], ["get", "v:f", "--key", "k=1"]):
+        error(run("--repo", tmp_path / "nowhere", *args), 1, "is not a polarstore repository")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_describe_shows_schema_rows_and_online_state(loaded: Path) -> None:
+    out = ok(run("--repo", loaded, "describe", "user_stats"))
+    for text in ("Schema", "orders_7d", "Int64", "spend_7d", "Float64", "rows", "3"):
+        assert text in out
+    assert "2024-05-03 08:00:00+00:00" in out  # the latest event time, in UTC
+
+
+def test_history_lists_versions(loaded: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "more.csv"
+    csv.write_text(ROWS_CSV)
+    ok(run("--repo", loaded, "write", "user_stats", csv))
+    out = ok(run("--repo", loaded, "history", "user_stats"))
+    assert "History of user_stats" in out
+    lines = [line for line in out.splitlines() if " write " in line]
+    assert len(lines) == 2
+    assert lines[0].split("│")[1].strip() == "0"
+    assert lines[1].split("│")[1].strip() == "1"
+
+
+def test_history_of_a_view_without_data(repo: Path) -> None:
+    assert "no data yet" in ok(run("--repo", repo, "history", "user_stats"))
+
+
+@pytest.mark.parametrize("command", ["describe", "history"])
+def test_unknown_view_gets_a_hint(loaded: Path, command: str) -> None:
+    error(run("--repo", loaded, command, "user_stat"), 1, "no feature view 'user_stat'", "Did you")
+
+
+# --- write ----------------------------------------------------------------------------------
+
+
+def test_write_csv_parses_timestamps_to_utc(loaded: Path) -> None:
+    with FeatureStore(loaded) as store:
+        rows = store.read("user_stats").collect()
+    assert rows["event_timestamp"].to_list() == [
+        datetime(2024, 5, 1, tzinfo=timezone.utc),
+        datetime(2024, 5, 2, tzinfo=timezone.utc),
+        datetime(2024, 5, 3, 8, tzinfo=timezone.utc),
+    ]
+    assert rows["spend_7d"].to_list() == [12.5, 5.0, 20.0]  # integers in the CSV, Float64 stored
+    assert rows["user_id"].dtype == pl.Int64
+
+
+def test_write_parquet_appends_a_version(loaded: Path, tmp_path: Path) -> None:
+    path = tmp_path / "rows.parquet"
+    pl.DataFrame(
+        {
+            "user_id": [42],
+            "event_timestamp": [datetime(2024, 5, 4)],
+            "orders_7d": [5],
+            "spend_7d": [30.0],
+        }
+    ).write_parquet(path)
+    out = ok(run("--repo", loaded, "write", "user_stats", path))
+    assert "wrote 1 rows to user_stats: version 1" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "code", "fragments"),
+    [
+        ("missing.csv", None, 2, ["'FILE'", "does not exist"]),
+        ("rows.json", "[]", 1, ["use a .parquet or .csv file"]),
+        ("bad.parquet", "not parquet", 1, ["cannot read", "as PARQUET"]),
+        (
+            "badtime.csv",
+            "user_id,event_timestamp,orders_7d,spend_7d\n1,last tuesday,1,1.0\n",
+            1,
+            ["column 'event_timestamp'", "'last tuesday'", "ISO-8601"],
+        ),
+        (
+            "badvalue.csv",
+            "user_id,event_timestamp,orders_7d,spend_7d\n1,2024-01-01,1.5,1.0\n",
+            1,
+            ["cannot read", "as CSV", "orders_7d"],
+        ),
+        (
+            "extra.csv",
+            "user_id,event_timestamp,orders_7d,spend\n1,2024-01-01,1,1.0\n",
+            1,
+            ["['spend']", "Did you mean 'spend_7d'"],
+        ),
+    ],
+)
+def test_write_rejects_bad_files(
+    loaded: Path,
+    tmp_path: Path,
+    name: str,
+    content: str | None,
+    code: int,
+    fragments: list[str],
+) -> None:
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    error(run("--repo", loaded, "write", "user_stats", path), code, *fragments)
+    with FeatureStore(loaded) as store:
+        assert store.versions() == {"user_stats": 0}  # nothing was written
+
+
+def test_write_to_an_unknown_view(loaded: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "rows.csv"
+    csv.write_text(ROWS_CSV)
+    error(run("--repo", loaded, "write", "users_stats", csv), 1, "Did you mean 'user_stats'")
+
+
+# --- materialize and get --------------------------------------------------------------------
+
+
+def test_materialize_then_get_as_table_and_json(loaded: Path) -> None:
+    out = ok(run("--repo", loaded, "materialize"))
+    assert "Materialized" in out
+    assert "user_stats" in out
+    out = ok(
+        run("--repo", loaded, "get", "user_stats:*", "--key", "user_id=42", "--now", "2024-05-04")
+    )
+    assert "user_id=42" in out
+    assert "orders_7d" in out
+    assert "20" in out
+    out = ok(
+        run(
+            "--repo",
+            loaded,
+            "get",
+            "churn_model",
+            "--key",
+            "user_id=42",
+            "--key",
+            "user_id=7",
+            "--key",
+            "user_id=99",
+            "--now",
+            "2024-05-04T00:00:00Z",
+            "--json",
+        )
+    )
+    assert json.loads(out) == [
+        {"user_id": 42, "orders_7d": 4, "spend_7d": 20.0},
+        {"user_id": 7, "orders_7d": 1, "spend_7d": 5.0},
+        {"user_id": 99, "orders_7d": None, "spend_7d": None},
+    ]
+
+
+def test_get_applies_ttl_at_now(loaded: Path) -> None:
+    ok(run("--repo", loaded, "materialize", "user_stats"))
+    args = ["--repo", loaded, "get", "user_stats:spend_7d", "--key", "user_id=42"]
+    stale = ok(run(*args, "--now", "2025-01-01", "--json", "--full-names"))
+    assert json.loads(stale) == [{"user_id": 42, "user_stats__spend_7d": None}]
+    assert "∅" in ok(run(*args, "--now", "2025-01-01"))
+    assert "∅" not in ok(run(*args, "--now", "2024-05-04"))
+
+
+def test_materialize_with_end_syncs_only_rows_up_to_it(loaded: Path) -> None:
+    ok(run("--repo", loaded, "materialize", "user_stats", "--end", "2024-05-01T12:00:00Z"))
+    args = ["--repo", loaded, "get", "user_stats:orders_7d", "--now", "2024-05-04", "--json"]
+    assert json.loads(ok(run(*args, "--key", "user_id=42"))) == [{"user_id": 42, "orders_7d": 3}]
+    ok(run("--repo", loaded, "materialize"))
+    assert json.loads(ok(run(*args, "--key", "user_id=42"))) == [{"user_id": 42, "orders_7d": 4}]
+
+
+def test_materialize_errors(loaded: Path) -> None:
+    error(run("--repo", loaded, "materialize", "--end", "soon"), 2, "--end", "'soon'", "ISO 8601")
+    error(run("--repo", loaded, "materialize", "user_stat"), 1, "Did you mean 'user_stats'")
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "fragments"),
+    [
+        (["user_stats:orders_7d", "--key", "user42"], 2, ["--key", "'user42' is not NAME=VALUE"]),
+        (["user_stats:orders_7d", "--key", "user_id="], 2, ["'user_id=' is not NAME=VALUE"]),
+        (["user_stats:orders_7d"], 2, ["Missing option '--key'"]),
+        (["--key", "user_id=1"], 2, ["Missing argument 'FEATURES...'"]),
+        (["users:orders_7d", "--key", "user_id=1"], 1, ["no feature view 'users'"]),
+        (["user_stats:orders", "--key", "user_id=1"], 1, ["has no feature 'orders'"]),
+        (["user_stats", "--key", "user_id=1"], 1, ["must look like 'view:feature'"]),
+        (["user_stats:*", "--key", "user_id=1", "--now", "nope"], 2, ["--now", "'nope'"]),
+        (
+            ["user_stats:*", "--key", "user_id=1", "--key", "user_id=2", "--key", "x=1"],
+            2,
+            ["same number of values"],
+        ),
+    ],
+)
+def test_get_errors(loaded: Path, args: list[str], code: int, fragments: list[str]) -> None:
+    ok(run("--repo", loaded, "materialize"))
+    error(run("--repo", loaded, "get", *args), code, *fragments)
+
+
+def test_parse_keys_types_and_compound_keys() -> None:
+    assert parse_keys(["user_id=42", "item=ab"]) == [{"user_id": 42, "item": "ab"}]
+    assert parse_keys(["id=-3", "id=007", "id=x"]) == [{"id": "-3"}, {"id": "007"}, {"id": "x"}]
+    assert parse_keys(["id=-3", "id=+4"]) == [{"id": -3}, {"id": 4}]
+    assert parse_keys(['id="12"']) == [{"id": "12"}]
+
+
+# --- demo -----------------------------------------------------------------------------------
+
+
+def test_demo_builds_a_repository_and_prints_the_story(tmp_path: Path) -> None:
+    path = tmp_path / "demo"
+    out = ok(run("demo", path, "--users", "300"))
+    for text in ("Point-in-time training set", "Leakage check", "Time travel", "parity"):
+        assert text in out
+    assert "0 mismatching rows" in out
+    assert (path / DEMO_MARKER).is_file()
+    listing = ok(run("--repo", path, "ls"))
+    assert "churn_model" in listing
+    assert "sessions" in listing
+    out = ok(run("--repo", path, "get", "churn_model", "--key", "user_id=1", "--now", "2024-07-01"))
+    assert "plan" in out
+
+
+def test_run_demo_returns_the_key_figures(tmp_path: Path) -> None:
+    quiet = Console(file=io.StringIO())
+    figures = run_demo(tmp_path / "demo", quiet, n_users=400)
+    assert figures["spine_rows"] == figures["training_rows"] == 1_000
+    assert figures["orders_rows"] > 4_000
+    assert figures["corrections_rows"] == figures["orders_rows"] // 50
+    assert 0.1 < figures["churn_rate"] < 0.6
+    assert 0 < figures["leaky_rows"] <= figures["spine_rows"]
+    assert sum(figures["leaky_rows_by_view"].values()) >= figures["leaky_rows"]
+    assert figures["plan_differs"] > 0
+    assert figures["versions_before_corrections"] == {"orders": 0, "sessions": 0, "user_profile": 0}
+    assert figures["versions_after_corrections"]["orders"] == 1
+    assert figures["time_travel_changed_rows"] > 0
+    assert figures["saved_dataset_reproduced"] is True
+    assert set(figures["materialize"]) == {"orders", "sessions", "user_profile"}
+    assert figures["vector_matches_online"] is True
+    assert set(figures["online_vector"]) == set(figures["training_columns"][3:])
+    assert figures["parity_checked"] == 400
+    assert figures["parity_mismatches"] == 0
+    assert set(figures["seconds"]) >= {"generate", "training", "materialize", "parity"}
+    again = run_demo(tmp_path / "demo", quiet, n_users=400)  # seeded: the same figures
+    for key in ("orders_rows", "leaky_rows", "time_travel_changed_rows", "online_vector"):
+        assert again[key] == figures[key]
+
+
+def test_demo_rebuilds_a_previous_demo_but_refuses_other_folders(tmp_path: Path) -> None:
+    path = tmp_path / "demo"
+    ok(run("--repo", path, "demo", "--users", "100"))
+    (path / "leftover.txt").write_text("from the last run")
+    ok(run("demo", path, "--users", "100"))
+    assert not (path / "leftover.txt").exists()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    error(run("demo", precious), 1, "refusing", "not a previous polarstore demo")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    (tmp_path / "afile").write_text("x")
+    error(run("demo", tmp_path / "afile"), 1, "refusing", "not a folder")
+    error(run("demo", path, "--users", "0"), 2, "--users")
+
+
+def test_demo_ignores_the_env_repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("x")
+    ok(run("demo", "--users", "50", env={"POLARSTORE_REPO": str(precious)}))
+    assert (tmp_path / "demo_repo" / DEMO_MARKER).is_file()
+    assert (precious / "keep").exists()
+
+
+# --- the installed console script -----------------------------------------------------------
+
+
+def script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("POLARSTORE_REPO", None)
+    return subprocess.run(
+        [str(SCRIPT), *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_console_script_full_demo_and_lookups(tmp_path: Path) -> None:
+    """The real ``polarstore`` script: the full-size demo, then commands on its repository."""
+    done = script("demo", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "0 mismatching rows" in done.stdout
+    assert "20,000 users" in done.stdout
+    repo = tmp_path / "demo_repo"
+    assert (repo / DEMO_MARKER).is_file()
+    done = script(
+        "--repo", repo, "get", "churn_model", "--key", "user_id=42", "--json", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["user_id"] == 42
+    done = script("--repo", repo, "get", "nope:x", "--key", "user_id=42", cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("Error: feature reference 'nope:x'")
+    assert len(done.stderr.strip().splitlines()) == 1
+    done = script("--repo", repo, "materialize", "--end", "not-a-time", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("Error: Invalid value for --end")
