@@ -52,6 +52,7 @@ __all__ = [
     "generate",
     "parse_size",
     "plan_writes",
+    "user_stats",
     "view_definitions",
     "write_plan",
 ]
@@ -292,6 +293,12 @@ def generate(
     stats_def, profile_def = view_definitions()
     views = (stats_def.with_frame(stats), profile_def.with_frame(profile))
     return Workload(n=n, seed=seed, spine=spine, views=views)
+
+
+def user_stats(n: int, *, seed: int = SEED, n_entities: int = N_ENTITIES) -> ViewData:
+    """Only the ``user_stats`` view of ``generate(n)``: the same rows, without generating the
+    other view and the spine (for the single-view benchmarks ``online`` and ``write``)."""
+    return view_definitions()[0].with_frame(_user_stats(n, seed, n_entities, 0.01))
 
 
 # --- writing ------------------------------------------------------------------------------
