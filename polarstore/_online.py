@@ -54,7 +54,7 @@ from polarstore._definitions import (
 from polarstore._errors import PolarstoreError, SchemaError, ValidationError
 from polarstore._frames import entity_frame, key_dtype
 from polarstore._offline import OfflineStore, seq_floor
-from polarstore._retrieval import Requested, resolve_features
+from polarstore._retrieval import Requested, resolve_features, service_named
 from polarstore._time import to_utc
 
 __all__ = ["OnlineStore"]
@@ -862,10 +862,10 @@ class OnlineStore:
             cache_key, plan = None, None
         if plan is None:
             state = store._state()
-            if isinstance(features, str) and ":" not in features and features in state.services:
-                features = state.services[features]
             requested = resolve_features(
-                state.views, features, full_feature_names=full_feature_names
+                state.views,
+                service_named(features, state.services),
+                full_feature_names=full_feature_names,
             )
             groups: dict[str, list[Requested]] = {}
             for r in requested:
@@ -927,6 +927,8 @@ def _latest(
 
 def _hashable(features: Any) -> Any:
     """A cache key for a features argument (plans are dropped whenever the registry changes)."""
+    if type(features) is list:  # the hot path: a list of "view:feature" strings
+        return tuple(features)
     if isinstance(features, FeatureService):  # its tags (a dict) make it unhashable as is
         features = ("service", features.name, *features.features)
     if isinstance(features, (list, tuple)):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import polars as pl
 
-from polarstore._definitions import SEQ_COLUMN, FeatureView, as_references
+from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
 from polarstore._errors import NotFoundError, ValidationError, did_you_mean
 from polarstore._frames import key_dtype, to_polars
 from polarstore._offline import OfflineStore
@@ -218,3 +219,10 @@ def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:
     if ttl is None or moment - datetime.min.replace(tzinfo=moment.tzinfo) <= ttl:
         return None
     return moment - ttl
+
+
+def service_named(features: Any, services: Mapping[str, FeatureService]) -> Any:
+    """The feature service a bare name (no ``:``) refers to, else ``features`` unchanged."""
+    if isinstance(features, str) and ":" not in features and features in services:
+        return services[features]
+    return features

@@ -24,7 +24,12 @@ from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_
 from polarstore._frames import cast_keys, entity_frame, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._registry import Registry, RegistryState
-from polarstore._retrieval import EMPTY_VERSION, historical_features, resolve_features
+from polarstore._retrieval import (
+    EMPTY_VERSION,
+    historical_features,
+    resolve_features,
+    service_named,
+)
 from polarstore._time import STORED_DTYPE, check_range, to_utc, utc_now
 
 __all__ = ["FeatureStore"]
@@ -473,8 +478,7 @@ class FeatureStore:
         [4, None, None]
         """
         state = self._state()
-        if isinstance(features, str) and ":" not in features and features in state.services:
-            features = state.services[features]
+        features = service_named(features, state.services)
         requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
         versions = self._pin(as_of, [r.view.name for r in requested])
         where = "get_historical_features"
@@ -530,8 +534,10 @@ class FeatureStore:
         """
         check_name(name, what="dataset")
         spine = to_polars(entity_df, what=f"save_dataset {name!r} entity_df")
-        refs = list(as_references(features, where=f"save_dataset {name!r}"))
         state = self._state()
+        refs = list(
+            as_references(service_named(features, state.services), where=f"save_dataset {name!r}")
+        )
         requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
         pins = self._pin(as_of, [r.view.name for r in requested])
         current = self.versions()
@@ -666,8 +672,7 @@ class FeatureStore:
         entities give nulls. Values older than ``now - ttl`` read as null, as offline.
         """
         state = self._state()
-        if isinstance(features, str) and ":" not in features and features in state.services:
-            features = state.services[features]
+        features = service_named(features, state.services)
         requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
         moment = utc_now() if now is None else to_utc(now, what="now")
         return self._online().lookup(entity_rows, requested, moment)  # type: ignore[no-any-return]
