@@ -425,7 +425,8 @@ def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
             "that polarstore does not read yet."
         )
         raise PolarstoreError(msg)
-    actions = pl.DataFrame(pa.table(table.get_add_actions(flatten=True)))
+    # Straight from the Arrow stream: going through pa.table() imports pandas (~0.3 s).
+    actions = pl.DataFrame(table.get_add_actions(flatten=True))
     ts = view.timestamp_field
     return [
         _File(

@@ -31,10 +31,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from polarstore import Entity, FeatureStore, FeatureView
+from polarstore import FeatureStore
 from tests.reference import RefView, point_in_time, resolve_features
 from tests.test_pit_properties import (
-    ENTITY_KEYS,
     GRID,
     KEY_DTYPES,
     KEY_VALUES,
@@ -42,6 +41,7 @@ from tests.test_pit_properties import (
     UTC,
     Case,
     cases,
+    define_views,
     grid,
     write_data,
 )
@@ -75,20 +75,7 @@ def syncs(draw: st.DrawFn, case: Case) -> list[Sync]:
 
 def build(path: str, case: Case) -> FeatureStore:
     store = FeatureStore(path)
-    entities = {name: Entity(name, join_keys=list(keys)) for name, keys in ENTITY_KEYS.items()}
-    store.apply(
-        [
-            FeatureView(
-                name,
-                entities=[entities[case.entities[name]]],
-                schema=case.dtypes[name],
-                timestamp_field=view.timestamp_field,
-                created_timestamp_field=view.created_timestamp_field,
-                ttl=view.ttl,
-            )
-            for name, view in case.views.items()
-        ]
-    )
+    define_views(store, case)
     return store
 
 

@@ -329,8 +329,8 @@ def spine_frame(case: Case) -> pl.DataFrame:
     return pl.DataFrame(columns)
 
 
-def build_store(path: str, case: Case) -> FeatureStore:
-    store = FeatureStore(path)
+def define_views(store: FeatureStore, case: Case) -> None:
+    """Apply the case's entities and views to ``store``."""
     entities = {name: Entity(name, join_keys=list(keys)) for name, keys in ENTITY_KEYS.items()}
     objects: list[Any] = [entities[case.entities[name]] for name in case.views]
     for name, view in case.views.items():
@@ -345,6 +345,11 @@ def build_store(path: str, case: Case) -> FeatureStore:
             )
         )
     store.apply(objects)
+
+
+def build_store(path: str, case: Case) -> FeatureStore:
+    store = FeatureStore(path)
+    define_views(store, case)
     for write in case.writes:
         version = store.write(write.view, write_data(case, write))
         assert isinstance(version, int)
