@@ -541,6 +541,16 @@ class _VectorView:
         self.nulls = {output: None for _, output in self.wanted}
         self.layout_raw: bytes | None = None
         self.fetch: Callable[[_Txn, Mapping[str, Any], int, dict[str, Any]], None] = self._absent
+        self.env: Any = None  # the environment and snapshot id the layout was last checked in
+        self.snapshot = -1
+
+    def check_layout(self, txn: _Txn, env: Any, snapshot: int) -> None:
+        raw = txn.get(self.layout_key)
+        if raw is None:
+            self.layout_raw, self.fetch = None, self._absent
+        elif raw != self.layout_raw:
+            self.adopt(raw)
+        self.env, self.snapshot = env, snapshot
 
     def _absent(self, txn: _Txn, entity: Mapping[str, Any], now_us: int, out: dict) -> None:
         _key_check(self.view, entity)
@@ -832,13 +842,12 @@ class OnlineStore:
             env.set_mapsize(0)
             txn = env.begin()
         try:
+            snapshot = txn.id()
             for part in plan:
-                raw_layout = txn.get(part.layout_key)
-                if raw_layout != part.layout_raw:
-                    if raw_layout is None:
-                        part._absent(txn, entity, now_us, out)
-                        continue
-                    part.adopt(raw_layout)
+                # Layouts change only in a sync, which also moves the snapshot id: re-read the
+                # layout once per snapshot, not on every call.
+                if part.snapshot != snapshot or part.env is not env:
+                    part.check_layout(txn, env, snapshot)
                 part.fetch(txn, entity, now_us, out)
         finally:
             txn.abort()
