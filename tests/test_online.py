@@ -860,6 +860,26 @@ def test_two_stores_on_one_repository_share_the_online_store(tmp_path: Path) -> 
     lmdb.open(str(first.online_path), readonly=True).close()  # nothing left open
 
 
+def test_a_cached_vector_plan_follows_a_rebuild_by_another_store(tmp_path: Path) -> None:
+    # `reader` keeps its compiled get_feature_vector plan while `writer` (standing in for
+    # another process) adds a feature and rebuilds the view's online data: the records change
+    # shape (one more validity byte and slot), and the reader must decode them with the new
+    # layout from its very next call.
+    path = tmp_path / "repo"
+    reader, writer = FeatureStore(path), FeatureStore(path)
+    reader.apply(view())
+    reader.write("v", rows([1, 2], [0, 0], [10, 20]))
+    reader.materialize()
+    assert reader.get_feature_vector({"user_id": 2}, ["v:x"], now=T) == {"x": 20}
+    writer.apply(view(schema={"y": pl.Float64, "x": pl.Int64}))
+    writer.write("v", rows([2], [1], [21], y=[0.5]))
+    assert writer.materialize()["v"]["rows_read"] == 3  # rebuilt with the new layout
+    assert reader.get_feature_vector({"user_id": 2}, ["v:x"], now=at(1)) == {"x": 21}
+    assert reader.get_feature_vector({"user_id": 1}, ["v:x"], now=at(1)) == {"x": 10}
+    reader.close()
+    writer.close()
+
+
 def _in_child(work: Any, timeout: float = 60.0) -> Any:
     """Run ``work()`` in a forked child; return its JSON result (or raise its error)."""
     read_end, write_end = os.pipe()
