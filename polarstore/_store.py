@@ -101,7 +101,18 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        """Close the online store's LMDB environment, if it was opened."""
+        """Close the online store's LMDB environment, if it was opened.
+
+        The store stays usable: the environment is reopened on the next online call. Prefer
+        ``with FeatureStore(path) as store:`` in scripts.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> with FeatureStore(tempfile.mkdtemp()) as store:
+        ...     store.versions()
+        {}
+        """
         if self._online_store is not None:
             self._online_store.close()
             self._online_store = None
@@ -179,7 +190,22 @@ class FeatureStore:
         return self._registry.load()
 
     def get_feature_view(self, name: str) -> FeatureView:
-        """The registered view called ``name``; ``NotFoundError`` with a hint if none."""
+        """The registered view called ``name``; ``NotFoundError`` with a hint if none.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.get_feature_view("stats").join_keys
+        ('user_id',)
+        >>> store.get_feature_view("stat")
+        Traceback (most recent call last):
+        ...
+        polarstore._errors.NotFoundError: there is no feature view 'stat'. Did you mean 'stats'?
+        """
         views = self._state().views
         if name not in views:
             msg = f"there is no feature view {name!r}." + did_you_mean(name, views)
@@ -187,6 +213,19 @@ class FeatureStore:
         return views[name]
 
     def get_feature_service(self, name: str) -> FeatureService:
+        """The registered feature service called ``name``; ``NotFoundError`` if none.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.apply(FeatureService("churn", features=["stats:clicks"]))
+        >>> store.get_feature_service("churn").features
+        ('stats:clicks',)
+        """
         services = self._state().services
         if name not in services:
             msg = f"there is no feature service {name!r}." + did_you_mean(name, services)
@@ -209,12 +248,49 @@ class FeatureStore:
         return self.get_feature_view(view)
 
     def list_entities(self) -> list[Entity]:
+        """The registered entities, in the order they were first applied.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> [e.name for e in store.list_entities()]
+        ['user']
+        """
         return list(self._state().entities.values())
 
     def list_feature_views(self) -> list[FeatureView]:
+        """The registered feature views, in the order they were first applied.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> [v.name for v in store.list_feature_views()]
+        ['stats']
+        """
         return list(self._state().views.values())
 
     def list_feature_services(self) -> list[FeatureService]:
+        """The registered feature services, in the order they were first applied.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.apply(FeatureService("churn", features=["stats:*"]))
+        >>> [s.name for s in store.list_feature_services()]
+        ['churn']
+        """
         return list(self._state().services.values())
 
     def search(self, text: str) -> list[Definition]:
@@ -252,7 +328,23 @@ class FeatureStore:
         return found
 
     def describe(self, view: str | FeatureView) -> dict[str, Any]:
-        """Schema, description, owner, tags, rows, versions, latest event time, online state."""
+        """Schema, description, owner, tags, rows, versions, latest event time, online state.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> info = store.describe("stats")
+        >>> info["rows"], info["version"], info["materialized_version"]
+        (3, 0, None)
+        """
         v = self._view(view)
         version = self._offline.current_version(v.name)
         latest = None
@@ -321,6 +413,22 @@ class FeatureStore:
 
         Rows come sorted by event time, then created time, then write order: for equal
         keys and times, the row that ``get_historical_features`` would pick comes last.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> store.read("stats").collect()["clicks"].to_list()  # by event time
+        [3, 1, 5]
+        >>> store.read("stats", as_of={"stats": 0}).collect().height
+        3
         """
         v = self._view(view)
         version = self._pin(as_of, [v.name]).get(v.name)
@@ -341,11 +449,43 @@ class FeatureStore:
         return frame.select(columns)
 
     def history(self, view: str | FeatureView) -> pl.DataFrame:
-        """One row per table version: version, commit time, operation, rows added."""
+        """One row per table version: version, commit time, operation, rows added.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> store.history("stats").select("version", "operation", "rows_added").rows()
+        [(0, 'write', 3)]
+        """
         return self._offline.history(self._view(view).name)
 
     def versions(self) -> dict[str, int]:
-        """The current version of every view (-1 for a view with no data): a pin for as_of."""
+        """The current version of every view (-1 for a view with no data): a pin for as_of.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.versions()
+        {'stats': -1}
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> store.versions()
+        {'stats': 0}
+        """
         return {
             name: v if (v := self._offline.current_version(name)) is not None else EMPTY_VERSION
             for name in self._state().views
@@ -356,6 +496,25 @@ class FeatureStore:
 
         Every row is kept with its write order, so answers are unchanged; retrieval gets
         faster because files no longer overlap in time.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> store.write("stats", pl.DataFrame({"user_id": [2], "clicks": [2],
+        ...     "event_timestamp": [datetime(2024, 1, 1)]}))
+        1
+        >>> store.compact("stats")
+        2
+        >>> store.read("stats").collect()["clicks"].to_list()
+        [3, 2, 1, 5]
         """
         v = self._view(view)
         return self._offline.rewrite(v, lambda rows: rows.collect(engine="in-memory"), "compact")
@@ -404,6 +563,20 @@ class FeatureStore:
 
         Files that a saved dataset's pinned version still needs are kept unless ``force``
         (those datasets can then no longer be loaded).
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> store.vacuum()  # nothing is older than the 7-day default retention
+        {'stats': []}
         """
         pinned: dict[str, set[int]] = {}
         if not force:
@@ -594,7 +767,27 @@ class FeatureStore:
         return result
 
     def load_dataset(self, name: str) -> pl.LazyFrame:
-        """The training set saved under ``name``, rebuilt from its spine and pinned versions."""
+        """The training set saved under ``name``, rebuilt from its spine and pinned versions.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
+        >>> _ = store.save_dataset("train", spine, ["stats:clicks"])
+        >>> store.write("stats", pl.DataFrame({"user_id": [1], "clicks": [9],
+        ...     "event_timestamp": [datetime(2024, 1, 2)]}))  # a late row
+        1
+        >>> store.load_dataset("train").collect()["clicks"].to_list()  # as it was saved
+        [3]
+        """
         datasets = self._state().datasets
         if name not in datasets:
             msg = f"there is no dataset {name!r}." + did_you_mean(name, datasets)
@@ -617,6 +810,25 @@ class FeatureStore:
         )
 
     def list_datasets(self) -> dict[str, dict[str, Any]]:
+        """The saved datasets by name: features, pinned versions, rows, spine file.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
+        >>> _ = store.save_dataset("train", spine, ["stats:clicks"])
+        >>> entry = store.list_datasets()["train"]
+        >>> entry["features"], entry["versions"], entry["rows"]
+        (['stats:clicks'], {'stats': 0}, 1)
+        """
         return dict(self._state().datasets)
 
     # --- online store -----------------------------------------------------------------------
@@ -641,9 +853,26 @@ class FeatureStore:
         """Sync the latest row per entity of each online view into LMDB, incrementally.
 
         Only rows committed since the last sync are read; ``end`` limits the sync to rows with
-        event time at or before it (later rows are synced by a later call). Each view's sync is
-        one LMDB transaction. Returns, per view: rows read, entities written, version synced,
-        seconds.
+        event time at or before it (later rows are synced by a later call). All views sync in
+        one LMDB transaction: a crash leaves the previous sync whole. Returns, per view: rows
+        read, entities written, version synced, seconds.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime, timedelta
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}, ttl=timedelta(days=7)))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> summary = store.materialize()
+        >>> summary["stats"]["rows_read"], summary["stats"]["entities_written"]
+        (3, 2)
+        >>> store.materialize()["stats"]["rows_read"]  # incremental: nothing new
+        0
         """
         state = self._state()
         if views is None:
@@ -670,6 +899,23 @@ class FeatureStore:
 
         ``entity_rows`` is a dict, a list of dicts, or a DataFrame of join keys. Missing
         entities give nulls. Values older than ``now - ttl`` read as null, as offline.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime, timedelta
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}, ttl=timedelta(days=7)))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> _ = store.materialize()
+        >>> now = datetime(2024, 1, 4)  # default: the current time, which the ttl counts from
+        >>> store.get_online_features([{"user_id": 1}, {"user_id": 3}], ["stats:clicks"],
+        ...                           now=now).rows()
+        [(1, 5), (3, None)]
         """
         state = self._state()
         features = service_named(features, state.services)
@@ -685,7 +931,25 @@ class FeatureStore:
         full_feature_names: bool = False,
         now: datetime | None = None,
     ) -> dict[str, Any]:
-        """One entity's feature values as a plain dict: the request-time path, no DataFrame."""
+        """One entity's feature values as a plain dict: the request-time path, no DataFrame.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime, timedelta
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"clicks": pl.Int64}, ttl=timedelta(days=7)))
+        >>> store.write("stats", pl.DataFrame({"user_id": [1, 1, 2], "clicks": [3, 5, 1],
+        ...     "event_timestamp": [datetime(2024, 1, 1), datetime(2024, 1, 3),
+        ...                         datetime(2024, 1, 2)]}))
+        0
+        >>> _ = store.materialize()
+        >>> store.get_feature_vector({"user_id": 1}, ["stats:clicks"], now=datetime(2024, 1, 4))
+        {'clicks': 5}
+        >>> store.get_feature_vector({"user_id": 1}, ["stats:clicks"], now=datetime(2024, 2, 1))
+        {'clicks': None}
+        """
         return self._online().vector(  # type: ignore[no-any-return]
             self, entity, features, full_feature_names=full_feature_names, now=now
         )
