@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import uuid
@@ -195,7 +196,6 @@ class FeatureStore:
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -218,7 +218,6 @@ class FeatureStore:
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -253,7 +252,6 @@ class FeatureStore:
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -268,7 +266,6 @@ class FeatureStore:
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -283,7 +280,6 @@ class FeatureStore:
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -562,7 +558,8 @@ class FeatureStore:
         """Delete data files no version newer than ``retention`` needs; return them per view.
 
         Files that a saved dataset's pinned version still needs are kept unless ``force``
-        (those datasets can then no longer be loaded).
+        (those datasets can then no longer be loaded). ``retention`` is rounded up to whole
+        hours, Delta Lake's unit.
 
         Examples
         --------
@@ -584,7 +581,11 @@ class FeatureStore:
                 for name, version in entry["versions"].items():
                     if version != EMPTY_VERSION:
                         pinned.setdefault(name, set()).add(version)
-        hours = max(0, int(retention.total_seconds() // 3600))
+        if not isinstance(retention, timedelta) or retention < timedelta(0):
+            msg = f"vacuum: retention must be a timedelta of 0 or more, got {retention!r}."
+            raise ValidationError(msg)
+        # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
+        hours = math.ceil(retention / timedelta(hours=1))
         return {
             name: self._offline.vacuum(
                 name, retention_hours=hours, keep_versions=sorted(pinned.get(name, ()))

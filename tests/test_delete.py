@@ -188,8 +188,12 @@ def test_vacuum_keeps_what_datasets_pin_until_forced(spend: FeatureStore) -> Non
     spend.delete_entities("spend", {"user_id": 1, "region": "eu"})
     after = spend.save_dataset("after_delete", SPINE, FEATURES).collect()
 
-    # The default retention (7 days) keeps everything this young.
+    # The default retention (7 days) keeps everything this young; so does half an hour, even
+    # forced (Delta counts whole hours: rounding it down to 0 would delete these files).
     assert spend.vacuum() == {"spend": []}
+    assert spend.vacuum(retention=timedelta(minutes=30), force=True) == {"spend": []}
+    with pytest.raises(ValidationError, match="retention"):
+        spend.vacuum(retention=timedelta(hours=-1))
     # No retention, not forced: files pinned by "before_delete" stay, so does its answer.
     assert spend.vacuum(retention=timedelta(0)) == {"spend": []}
     assert_frame_equal(spend.load_dataset("before_delete").collect(), saved)
