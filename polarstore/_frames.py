@@ -11,7 +11,15 @@ from polarstore._definitions import FeatureView
 from polarstore._errors import ValidationError, did_you_mean
 from polarstore._time import STORED_DTYPE, check_range, to_utc_expr
 
-__all__ = ["KEY_DTYPES", "cast_keys", "entity_frame", "key_dtype", "prepare_rows", "to_polars"]
+__all__ = [
+    "KEY_DTYPES",
+    "cast_keys",
+    "entity_frame",
+    "key_dtype",
+    "lossless_cast",
+    "prepare_rows",
+    "to_polars",
+]
 
 _INTEGER = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
 # Join keys are stored as Int64 or String whatever the input width, so spines, views and the
@@ -81,11 +89,11 @@ def cast_keys(
             raise ValidationError(msg)
         if target == pl.Null:
             target = have or pl.Int64()
-        exprs.append(_lossless_cast(frame, key, target, where).alias(key))
+        exprs.append(lossless_cast(frame, key, target, where).alias(key))
     return frame.select(exprs)
 
 
-def _lossless_cast(frame: pl.DataFrame, column: str, target: pl.DataType, where: str) -> pl.Expr:
+def lossless_cast(frame: pl.DataFrame, column: str, target: pl.DataType, where: str) -> pl.Expr:
     source = frame.schema[column]
     if source == target or source == pl.Null:
         return pl.col(column).cast(target)
@@ -147,13 +155,13 @@ def prepare_rows(
             raise ValidationError(msg)
         if target == pl.Null:
             target = stored_keys.get(key, pl.Int64()) if stored_keys else pl.Int64()
-        exprs.append(_lossless_cast(frame, key, target, where))
+        exprs.append(lossless_cast(frame, key, target, where))
     for column in (ts, created):
         if column is not None:
             check_range(frame[column], where=where)
             exprs.append(to_utc_expr(column, frame.schema[column], where=where).alias(column))
     for name, dtype in view.schema.items():
-        exprs.append(_lossless_cast(frame, name, dtype, where))
+        exprs.append(lossless_cast(frame, name, dtype, where))
     out = frame.select(exprs)
     for column in (*view.join_keys, ts, created):
         if column is not None and out[column].null_count():

@@ -11,9 +11,9 @@ import polars as pl
 
 from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
 from polarstore._errors import NotFoundError, ValidationError, did_you_mean
-from polarstore._frames import key_dtype, to_polars
+from polarstore._frames import key_dtype, lossless_cast, to_polars
 from polarstore._offline import OfflineStore
-from polarstore._time import to_utc_expr
+from polarstore._time import check_range, to_utc_expr
 
 __all__ = ["EMPTY_VERSION", "Requested", "historical_features", "resolve_features"]
 
@@ -115,6 +115,7 @@ def historical_features(
             "rename those columns or pass full_feature_names=True."
         )
         raise ValidationError(msg)
+    check_range(spine[timestamp_field], where=where)
     left_exprs: list[pl.Expr] = [
         pl.int_range(pl.len(), dtype=pl.UInt32 if spine.height < 2**32 else pl.UInt64).alias(_ROW),
         to_utc_expr(timestamp_field, spine.schema[timestamp_field], where=where).alias(_TS),
@@ -146,7 +147,7 @@ def historical_features(
                 raise ValidationError(msg)
             # One spine column per (key, dtype): views sharing a key share the cast column.
             temp = f"__polarstore_key_{key}_{target}"
-            key_columns[temp] = pl.col(key).cast(target)
+            key_columns[temp] = lossless_cast(spine, key, target, where)
             temp_keys[temp] = target
         plans.append((reqs, temp_keys))
     left_exprs.extend(expr.alias(name) for name, expr in key_columns.items())

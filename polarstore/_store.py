@@ -31,7 +31,7 @@ from polarstore._retrieval import (
     resolve_features,
     service_named,
 )
-from polarstore._time import STORED_DTYPE, check_range, to_utc, utc_now
+from polarstore._time import STORED_DTYPE, to_utc, utc_now
 
 __all__ = ["FeatureStore"]
 
@@ -659,16 +659,9 @@ class FeatureStore:
         if not isinstance(timestamp_field, str):
             msg = f"{where}: timestamp_field must be a column name, got {timestamp_field!r}."
             raise ValidationError(msg)
-        spine = to_polars(entity_df, what=f"{where} entity_df")
-        # Key values must fit the stored key dtype (a UInt64 beyond Int64's range does not).
-        keys = dict.fromkeys(k for r in requested for k in r.view.join_keys)
-        present = [k for k in keys if k in spine.columns]
-        cast_keys(spine.select(present), present, None, where=where)
-        if timestamp_field in spine.columns:
-            check_range(spine[timestamp_field], where=where)
         return historical_features(
             self._offline,
-            spine,
+            entity_df,
             requested,
             timestamp_field=timestamp_field,
             versions=versions,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from typing import cast
 
@@ -45,9 +44,6 @@ def to_utc_expr(name: str, dtype: pl.DataType, *, where: str) -> pl.Expr:
     training sets end up a thousand times off.
     """
     col = pl.col(name)
-    if (isinstance(dtype, pl.Datetime) and dtype.time_unit != "ns") or dtype == pl.Date:
-        # Callers check the column first (check_range) for a plain message; this is the guard.
-        col = col.map_batches(_range_check(where), return_dtype=dtype)
     if isinstance(dtype, pl.Datetime):
         if dtype.time_zone is None:
             col = col.dt.replace_time_zone("UTC")
@@ -94,14 +90,6 @@ def check_range(series: pl.Series, *, where: str) -> None:
             f"(raw {dtype} values from {low} to {high}); check how it was built."
         )
         raise ValidationError(msg)
-
-
-def _range_check(where: str) -> Callable[[pl.Series], pl.Series]:
-    def check(series: pl.Series) -> pl.Series:
-        check_range(series, where=where)
-        return series
-
-    return check
 
 
 def as_timedelta(value: object, *, what: str) -> timedelta | None:

@@ -98,3 +98,29 @@ def test_stored_key_subset_is_read_only_in_time_range(stats_store: FeatureStore)
     stats_store.write("user_stats", stats_rows([1], [30], clicks=[99]))
     plan = stats_store.get_historical_features(SPINE, ["user_stats:clicks"]).explain()
     assert "2024-01-02" in plan  # the spine's max time bounds the scan
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "match"),
+    [
+        # Polars panics (not an exception) on these unless they are rejected first.
+        ("user_id", pl.Series([2**63 + 1], dtype=pl.UInt64), "do not fit Int64 exactly"),
+        (
+            "event_timestamp",
+            pl.Series([-(2**62)]).cast(pl.Datetime("us")),
+            "outside the years 1 to 9999",
+        ),
+        (
+            "event_timestamp",
+            pl.Series([2**62]).cast(pl.Datetime("ms")),
+            "outside the years 1 to 9999",
+        ),
+    ],
+)
+def test_spine_values_beyond_the_stored_dtypes_are_rejected(
+    stats_store: FeatureStore, column: str, values: pl.Series, match: str
+) -> None:
+    spine = SPINE.head(1).with_columns(values.alias(column))
+    with pytest.raises(ValidationError, match=match) as info:
+        stats_store.get_historical_features(spine, ["user_stats:clicks"])
+    assert f"'{column}'" in str(info.value)

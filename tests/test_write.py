@@ -178,3 +178,12 @@ def test_nan_and_inf_are_values(stats_store: FeatureStore) -> None:
     got = stats_store.get_historical_features(spine, ["user_stats:spend"]).collect()
     assert got["spend"].is_nan().to_list() == [True, False]
     assert got["spend"][1] == float("inf")
+
+
+@pytest.mark.parametrize("column", ["event_timestamp", "created"])
+def test_times_beyond_python_datetimes_are_rejected(stats_store: FeatureStore, column: str) -> None:
+    # Converting these to microseconds makes Polars panic unless they are rejected first.
+    rows = stats_rows([3], [1]).with_columns(pl.Series(column, [2**62]).cast(pl.Datetime("ms")))
+    with pytest.raises(ValidationError, match=rf"'{column}' holds times outside the years 1"):
+        stats_store.write("user_stats", rows)
+    assert stats_store.versions()["user_stats"] == 0
