@@ -1072,9 +1072,9 @@ def _newer_only(
         existing = dict(cursor.getmulti(doubtful))
     if not existing:
         return keys, values
-    present = [k in existing for k in keys]
-    old = layout.decode_headers([existing[k] for k, p in zip(keys, present, strict=True) if p])
-    new = layout.decode_headers([v for v, p in zip(values, present, strict=True) if p])
+    present = np.fromiter((k in existing for k in keys), dtype=bool, count=len(keys))
+    old = layout.decode_headers([existing[k] for k in compress(keys, present.tolist())])
+    new = headers[present]
     newer = (new[:, 0] > old[:, 0]) | (
         (new[:, 0] == old[:, 0])
         & ((new[:, 1] > old[:, 1]) | ((new[:, 1] == old[:, 1]) & (new[:, 2] > old[:, 2])))
