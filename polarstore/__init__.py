@@ -7,9 +7,11 @@ and the online store is an embedded LMDB file synced from the Delta tables.
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import (
     ConflictError,
+    NanosecondWarning,
     NotFoundError,
     PolarstoreError,
     SchemaError,
+    StorageError,
     ValidationError,
 )
 from polarstore._store import FeatureStore
@@ -20,9 +22,11 @@ __all__ = [
     "FeatureService",
     "FeatureStore",
     "FeatureView",
+    "NanosecondWarning",
     "NotFoundError",
     "PolarstoreError",
     "SchemaError",
+    "StorageError",
     "ValidationError",
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,14 +11,17 @@ from typing import Any
 
 import polars as pl
 
-from polarstore._errors import SchemaError, ValidationError
-from polarstore._time import as_timedelta
+from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
+from polarstore._time import as_ttl
 
 __all__ = [
+    "KEY_DTYPES",
+    "MAX_NAME_LENGTH",
     "SEQ_COLUMN",
     "Entity",
     "FeatureService",
     "FeatureView",
+    "check_column",
     "check_name",
     "dtype_from_str",
     "dtype_to_str",
@@ -27,6 +31,18 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The write-order column stored beside every view's rows; the final tie-breaker.
 SEQ_COLUMN = "_polarstore_seq"
 _RESERVED_PREFIX = "_polarstore"
+# The join and the online codec add working columns (``__polarstore_ts``, ``__row``,
+# ``__code``, ...) beside the user's columns: a user column of the same name would collide
+# with them, so the whole double-underscore namespace is kept for internal columns.
+_INTERNAL_PREFIX = "__"
+# Names become folder and file names (``views/<view>``, ``locks/<view>.lock``,
+# ``datasets/<name>-<16 hex>.parquet.tmp``): 128 leaves room for those affixes within the
+# 255-byte file-name limit of common file systems, and names are ASCII, so bytes = chars.
+MAX_NAME_LENGTH = 128
+# Declarable join-key dtypes. Keys are stored as Int64 or String whatever the declared width
+# (spines, tables and the online key codec then agree on one encoding per kind); a narrower
+# integer declaration is checked value by value on every write, spine and lookup.
+KEY_DTYPES: tuple[pl.DataType, ...] = (pl.Int8(), pl.Int16(), pl.Int32(), pl.Int64(), pl.String())
 
 
 def check_name(name: object, *, what: str) -> str:
@@ -48,8 +64,36 @@ def check_name(name: object, *, what: str) -> str:
             "(letters, digits and underscores, not starting with a digit)."
         )
         raise ValidationError(msg)
+    if len(name) > MAX_NAME_LENGTH:
+        msg = (
+            f"{what} name {name[:20]!r}... is {len(name)} characters long; names are limited "
+            f"to {MAX_NAME_LENGTH} (they become file names)."
+        )
+        raise ValidationError(msg)
     if name.startswith(_RESERVED_PREFIX):
         msg = f"{what} name {name!r} is invalid: the prefix {_RESERVED_PREFIX!r} is reserved."
+        raise ValidationError(msg)
+    return name
+
+
+def check_column(name: object, *, what: str) -> str:
+    """:func:`check_name` for a column (key, timestamp, feature): internal names are refused.
+
+    >>> check_column("clicks", what="feature")
+    'clicks'
+    >>> check_column("__polarstore_ts", what="feature")
+    Traceback (most recent call last):
+    ...
+    polarstore._errors.ValidationError: feature name '__polarstore_ts' is reserved: ...
+    """
+    check_name(name, what=what)
+    assert isinstance(name, str)
+    if name.startswith(_INTERNAL_PREFIX):
+        msg = (
+            f"{what} name {name!r} is reserved: names starting with {_INTERNAL_PREFIX!r} are "
+            "polarstore's internal columns (used by the point-in-time join and the online "
+            "store). Rename the column."
+        )
         raise ValidationError(msg)
     return name
 
@@ -156,7 +200,10 @@ class Entity:
     name
         Identifier-like name, unique in the repository.
     join_keys
-        The key column(s); a list makes a compound key.
+        The key column(s): a str, a list of str (a compound key), or a dict of key name to
+        Polars dtype (``pl.String`` or ``pl.Int8``-``pl.Int64``) that declares the key types;
+        then every write, spine and lookup is cast losslessly to them (``"0042"`` stays a
+        string). Undeclared key types are fixed by the first write.
     description, tags
         Free text and string labels, searchable with ``FeatureStore.search``.
 
@@ -166,27 +213,58 @@ class Entity:
     ('user_id',)
     >>> Entity("pair", join_keys=["user_id", "item_id"]).join_keys
     ('user_id', 'item_id')
+    >>> Entity("account", join_keys={"account_code": pl.String}).key_dtypes
+    {'account_code': String}
     """
 
     name: str
-    join_keys: tuple[str, ...] | str | Sequence[str]
+    join_keys: tuple[str, ...] | str | Sequence[str] | Mapping[str, Any]
     description: str = ""
     tags: Mapping[str, str] | None = field(default=None, compare=True)
+    key_dtypes: dict[str, pl.DataType] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.name, what="entity")
-        keys = (self.join_keys,) if isinstance(self.join_keys, str) else tuple(self.join_keys)
+        where = f"entity {self.name!r}"
+        given = self.join_keys
+        declared: dict[str, pl.DataType] = {}
+        if isinstance(given, str):
+            keys: tuple[Any, ...] = (given,)
+        elif isinstance(given, Mapping):
+            keys = tuple(given)
+            for key in keys:
+                check_column(key, what=f"join key of {where}")
+                declared[key] = _key_dtype(given[key], where=f"{where}, join key {key!r}")
+        elif isinstance(given, Iterable) and not isinstance(given, (bytes, bytearray)):
+            keys = tuple(given)
+        else:
+            msg = (
+                f"{where}: join_keys must be a str, a list of str or a dict of key name to "
+                f"Polars dtype, got {type(given).__name__} {given!r}."
+            )
+            raise ValidationError(msg)
         if not keys:
-            msg = f"entity {self.name!r} needs at least one join key."
+            msg = f"{where} needs at least one join key."
             raise ValidationError(msg)
         for key in keys:
-            check_name(key, what=f"join key of entity {self.name!r}")
+            check_column(key, what=f"join key of {where}")
         if len(set(keys)) != len(keys):
-            msg = f"entity {self.name!r} names a join key twice: {list(keys)}."
+            msg = f"{where} names a join key twice: {list(keys)}."
             raise ValidationError(msg)
         object.__setattr__(self, "join_keys", keys)
-        _check_text(self.description, what=f"description of entity {self.name!r}")
-        object.__setattr__(self, "tags", _check_tags(self.tags, owner=f"entity {self.name!r}"))
+        object.__setattr__(self, "key_dtypes", declared)
+        _check_text(self.description, what=f"description of {where}")
+        object.__setattr__(self, "tags", _check_tags(self.tags, owner=where))
+
+
+def _key_dtype(dtype: Any, *, where: str) -> pl.DataType:
+    if isinstance(dtype, type) and issubclass(dtype, pl.DataType):
+        dtype = dtype()
+    if not isinstance(dtype, pl.DataType) or dtype not in KEY_DTYPES:
+        allowed = ", ".join(f"pl.{t}" for t in KEY_DTYPES)
+        msg = f"{where}: a join key's dtype must be one of {allowed}, got {dtype!r}."
+        raise SchemaError(msg)
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -198,7 +276,8 @@ class FeatureView:
     name
         Identifier-like name; also the name of the view's Delta table folder.
     entities
-        The entities (one or several) whose join keys identify a row.
+        The entities (one or several) whose join keys identify a row: ``Entity`` objects, or
+        the names of entities registered before or in the same ``apply``.
     schema
         Feature name to Polars dtype, in the order features are returned by ``view:*``.
     timestamp_field
@@ -206,7 +285,7 @@ class FeatureView:
     created_timestamp_field
         Optional column recording when a row was produced; breaks ties in event time.
     ttl
-        How long a value stays valid after its event time; ``None`` means forever.
+        How long a value stays valid after its event time (positive); ``None`` means forever.
     online
         Whether ``materialize`` syncs this view to the online store.
 
@@ -219,10 +298,13 @@ class FeatureView:
     ...                    ttl=timedelta(days=7))
     >>> view.join_keys, view.feature_names
     (('user_id',), ('clicks', 'spend'))
+    >>> by_name = FeatureView("user_stats", entities=["user"], schema={"clicks": pl.Int64})
+    >>> by_name.resolve({"user": user}).join_keys
+    ('user_id',)
     """
 
     name: str
-    entities: Sequence[Entity] | Entity
+    entities: Sequence[Entity | str] | Entity | str
     schema: Mapping[str, Any]
     timestamp_field: str = "event_timestamp"
     created_timestamp_field: str | None = None
@@ -235,35 +317,68 @@ class FeatureView:
     def __post_init__(self) -> None:
         check_name(self.name, what="feature view")
         where = f"feature view {self.name!r}"
-        entities = (self.entities,) if isinstance(self.entities, Entity) else tuple(self.entities)
-        if not entities or not all(isinstance(e, Entity) for e in entities):
-            msg = f"{where}: entities must be a non-empty list of Entity objects."
+        given = self.entities
+        entities = (
+            (given,)
+            if isinstance(given, (Entity, str))
+            else tuple(given)
+            if isinstance(given, Iterable)
+            else ()
+        )
+        if not entities or not all(isinstance(e, (Entity, str)) for e in entities):
+            msg = (
+                f"{where}: entities must be a non-empty list of Entity objects or entity "
+                f"names, got {given!r}."
+            )
+            raise ValidationError(msg)
+        for entity in entities:
+            if isinstance(entity, str):
+                check_name(entity, what=f"entity of {where}")
+        names = [e if isinstance(e, str) else e.name for e in entities]
+        if len(set(names)) != len(names):
+            msg = f"{where} names an entity twice: {names}."
             raise ValidationError(msg)
         object.__setattr__(self, "entities", entities)
         if not isinstance(self.schema, Mapping) or not self.schema:
             msg = f"{where}: schema must be a non-empty dict of feature name to Polars dtype."
             raise SchemaError(msg)
         schema = {
-            check_name(n, what=f"feature of {where}"): _normalise_dtype(t, where=f"{where}, {n}")
+            check_column(n, what=f"feature of {where}"): _normalise_dtype(t, where=f"{where}, {n}")
             for n, t in self.schema.items()
         }
         object.__setattr__(self, "schema", schema)
-        check_name(self.timestamp_field, what=f"timestamp field of {where}")
+        check_column(self.timestamp_field, what=f"timestamp field of {where}")
         if self.created_timestamp_field is not None:
-            check_name(self.created_timestamp_field, what=f"created timestamp field of {where}")
-        object.__setattr__(self, "ttl", as_timedelta(self.ttl, what=f"ttl of {where}"))
+            check_column(self.created_timestamp_field, what=f"created timestamp field of {where}")
+        object.__setattr__(self, "ttl", as_ttl(self.ttl, what=f"ttl of {where}"))
         if not isinstance(self.online, bool):
             msg = f"{where}: online must be True or False, got {self.online!r}."
             raise ValidationError(msg)
         _check_text(self.description, what=f"description of {where}")
         _check_text(self.owner, what=f"owner of {where}")
         object.__setattr__(self, "tags", _check_tags(self.tags, owner=where))
+        if self.resolved:
+            self._check_columns()
+
+    def _check_columns(self) -> None:
+        """Every column plays one role, and entities sharing a key agree on its dtype."""
+        where = f"feature view {self.name!r}"
+        declared: dict[str, tuple[str, pl.DataType]] = {}
+        for entity in self._entities():
+            for key, dtype in entity.key_dtypes.items():
+                other = declared.setdefault(key, (entity.name, dtype))
+                if other[1] != dtype:
+                    msg = (
+                        f"{where}: join key {key!r} is declared {other[1]} by entity "
+                        f"{other[0]!r} and {dtype} by entity {entity.name!r}."
+                    )
+                    raise SchemaError(msg)
         seen: dict[str, str] = {}
         for role, names in (
             ("join key", self.join_keys),
             ("timestamp field", (self.timestamp_field,)),
             ("created timestamp field", (self.created_timestamp_field,)),
-            ("feature", tuple(schema)),
+            ("feature", tuple(self.schema)),
         ):
             for column in names:
                 if column is None:
@@ -274,12 +389,66 @@ class FeatureView:
                 seen[column] = role
 
     @property
+    def resolved(self) -> bool:
+        """False while some entity is only named; ``FeatureStore.apply`` resolves the names."""
+        return all(isinstance(e, Entity) for e in self.entities)  # type: ignore[union-attr]
+
+    def _entities(self) -> tuple[Entity, ...]:
+        if not self.resolved:
+            named = [e for e in self.entities if isinstance(e, str)]  # type: ignore[union-attr]
+            msg = (
+                f"feature view {self.name!r} names its entities {named} by name: their join "
+                "keys are known once it is applied (FeatureStore.apply) or resolved against "
+                "the entities (view.resolve({name: entity}))."
+            )
+            raise ValidationError(msg)
+        return self.entities  # type: ignore[return-value]
+
+    def resolve(self, entities: Mapping[str, Entity]) -> FeatureView:
+        """This view with every entity given by name replaced by the entity of that name.
+
+        ``NotFoundError`` with a close-match hint for a name not in ``entities``.
+        """
+        found: list[Entity] = []
+        for entity in self.entities:  # type: ignore[union-attr]
+            if isinstance(entity, str):
+                if entity not in entities:
+                    msg = (
+                        f"feature view {self.name!r} names the entity {entity!r}, which is "
+                        "neither registered nor in this apply." + did_you_mean(entity, entities)
+                    )
+                    raise NotFoundError(msg)
+                found.append(entities[entity])
+            else:
+                found.append(entity)
+        return self.with_entities(found)
+
+    def with_entities(self, entities: Sequence[Entity]) -> FeatureView:
+        """This view over ``entities`` (the same names, possibly re-applied definitions)."""
+        if list(self.entities) == list(entities):  # type: ignore[arg-type]
+            return self
+        return dataclasses.replace(self, entities=tuple(entities))
+
+    @property
+    def entity_names(self) -> tuple[str, ...]:
+        """The names of the view's entities (given as objects or as names)."""
+        return tuple(e if isinstance(e, str) else e.name for e in self.entities)  # type: ignore[union-attr]
+
+    @property
     def join_keys(self) -> tuple[str, ...]:
         """Every join key of the view's entities, in order, without repeats."""
         keys: dict[str, None] = {}
-        for entity in self.entities:  # type: ignore[union-attr]
+        for entity in self._entities():
             keys.update(dict.fromkeys(entity.join_keys))
         return tuple(keys)
+
+    @property
+    def key_dtypes(self) -> dict[str, pl.DataType]:
+        """The declared dtypes of the view's join keys (``{}`` when none is declared)."""
+        declared: dict[str, pl.DataType] = {}
+        for entity in self._entities():
+            declared.update(entity.key_dtypes)
+        return declared
 
     @property
     def feature_names(self) -> tuple[str, ...]:

@@ -7,9 +7,11 @@ from collections.abc import Iterable
 
 __all__ = [
     "ConflictError",
+    "NanosecondWarning",
     "NotFoundError",
     "PolarstoreError",
     "SchemaError",
+    "StorageError",
     "ValidationError",
     "did_you_mean",
 ]
@@ -37,6 +39,14 @@ class NotFoundError(KeyError, PolarstoreError):
 
 class ConflictError(PolarstoreError):
     """A concurrent operation made this one impossible to complete safely."""
+
+
+class StorageError(OSError, PolarstoreError):
+    """The file system failed (a full disk, no permission); what was being written is unchanged."""
+
+
+class NanosecondWarning(UserWarning):
+    """Nanosecond input was truncated to microseconds, polarstore's time resolution."""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

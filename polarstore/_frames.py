@@ -14,6 +14,8 @@ from polarstore._time import STORED_DTYPE, check_range, to_utc_expr
 __all__ = [
     "KEY_DTYPES",
     "cast_keys",
+    "check_declared_keys",
+    "declared_key",
     "entity_frame",
     "key_dtype",
     "lossless_cast",
@@ -65,6 +67,42 @@ def key_dtype(dtype: pl.DataType, *, where: str, column: str) -> pl.DataType:
     raise ValidationError(msg)
 
 
+def declared_key(
+    frame: pl.DataFrame, key: str, declared: Mapping[str, pl.DataType], *, where: str
+) -> pl.DataType:
+    """:func:`key_dtype` of ``frame[key]``, first checked against the key's declared dtype.
+
+    A key declared ``String`` refuses integers (``42`` is not ``"0042"``); one declared
+    ``Int32`` refuses values beyond Int32. The result is the stored kind (Int64 or String),
+    so an undeclared key behaves exactly as before.
+    """
+    given = key_dtype(frame.schema[key], where=where, column=key)
+    want = declared.get(key)
+    if want is None:
+        return given
+    kind = key_dtype(want, where=where, column=key)
+    if given == pl.Null:
+        return kind
+    if given != kind:
+        msg = (
+            f"{where}: join key {key!r} is declared {want} but the data holds "
+            f"{frame.schema[key]}; pass {want} values"
+            + (" (as text, so that e.g. '0042' keeps its zeros)." if kind == pl.String else ".")
+        )
+        raise ValidationError(msg)
+    lossless_cast(frame, key, want, where)  # values must fit the declared width
+    return kind
+
+
+def check_declared_keys(
+    frame: pl.DataFrame, declared: Mapping[str, pl.DataType], *, where: str
+) -> None:
+    """``ValidationError`` unless every declared key column of ``frame`` fits its dtype."""
+    for key in declared:
+        if key in frame.columns:
+            declared_key(frame, key, declared, where=where)
+
+
 def cast_keys(
     frame: pl.DataFrame,
     join_keys: Sequence[str],
@@ -94,27 +132,52 @@ def cast_keys(
 
 
 def lossless_cast(frame: pl.DataFrame, column: str, target: pl.DataType, where: str) -> pl.Expr:
-    source = frame.schema[column]
-    if source == target or source == pl.Null:
-        return pl.col(column).cast(target)
-    if (
-        (source.is_numeric() and target.is_numeric())
-        or (isinstance(source, (pl.Categorical, pl.Enum)) and target == pl.String)
-        or (isinstance(source, pl.List) and isinstance(target, pl.List))
-    ):
-        cast = frame.select(pl.col(column).cast(target, strict=False))[column]
-        original = frame[column]
-        back = cast.cast(source, strict=False) if source.is_numeric() else cast
-        same_nulls = (cast.is_null() == original.is_null()).all()
-        if same_nulls and (not source.is_numeric() or back.eq_missing(original).all()):
-            return pl.col(column).cast(target)
-        msg = (
-            f"{where}: column {column!r} holds {source} values that do not fit {target} "
-            "exactly; cast it yourself if losing precision is intended."
-        )
+    """``pl.col(column).cast(target)`` after checking that no value of it changes.
+
+    Integers and floats must survive the cast exactly, except that ``Float32`` takes any
+    finite float and rounds it; lists follow these rules element by element (a list of ints
+    is not a ``List(String)``); nanosecond datetimes are floored to microseconds with a
+    :class:`NanosecondWarning`. Anything else is a ``ValidationError`` naming the column.
+    """
+    problem = _loss(frame[column], target, where=where)
+    if problem:
+        source = frame.schema[column]
+        listed = isinstance(source, pl.List)
+        inside = f" (its list elements, {source} for {target})" if listed else ""
+        msg = f"{where}: column {column!r}{inside} {problem}"
         raise ValidationError(msg)
-    msg = f"{where}: column {column!r} must be {target}, got {source}."
-    raise ValidationError(msg)
+    return pl.col(column).cast(target)
+
+
+def _loss(series: pl.Series, target: pl.DataType, *, where: str) -> str | None:
+    """Why casting ``series`` to ``target`` would change a value, or None if it would not."""
+    source = series.dtype
+    if source == target or source == pl.Null:
+        return None
+    if isinstance(source, pl.List) and isinstance(target, pl.List):
+        return _loss(series.explode(), target.inner, where=where)  # type: ignore[arg-type]
+    if isinstance(source, (pl.Categorical, pl.Enum)) and target == pl.String:
+        return None
+    if isinstance(source, pl.Datetime) and isinstance(target, pl.Datetime):
+        if source.time_zone is not None and target.time_zone is None:
+            return f"must be {target}, got {source}: convert zone-aware times yourself."
+        check_range(series, where=where)  # warns about nanoseconds, refuses year 10000
+        return None
+    if not (source.is_numeric() and target.is_numeric()):
+        return f"must be {target}, got {source}; cast it yourself if that is intended."
+    cast = series.cast(target, strict=False)
+    if target == pl.Float32 and source.is_float():
+        # Rounding to Float32 is what a Float32 feature is for; overflowing to inf is not.
+        bad = series.filter(series.is_finite() & cast.is_infinite())
+        return f"holds {bad[0]}, beyond Float32's range." if bad.len() else None
+    back = cast.cast(source, strict=False)
+    changed = series.filter((cast.is_null() != series.is_null()) | ~back.eq_missing(series))
+    if changed.len():
+        return (
+            f"holds {source} values that do not fit {target} exactly (e.g. {changed[0]!r}); "
+            "cast it yourself if losing precision is intended."
+        )
+    return None
 
 
 def prepare_rows(
@@ -123,7 +186,8 @@ def prepare_rows(
     """Validate rows for ``view`` and return them in stored dtypes; nothing is written here.
 
     ``stored_keys`` are the key dtypes of the existing table, if any: a view keyed by
-    integers stays keyed by integers.
+    integers stays keyed by integers. Declared key dtypes (``Entity(join_keys={...})``) win
+    over what the first write would otherwise fix.
     """
     where = f"write to view {view.name!r}"
     frame = to_polars(data, what=where)
@@ -145,8 +209,9 @@ def prepare_rows(
         )
         raise ValidationError(msg)
     exprs: list[pl.Expr] = []
+    declared = view.key_dtypes
     for key in view.join_keys:
-        target = key_dtype(frame.schema[key], where=where, column=key)
+        target = declared_key(frame, key, declared, where=where)
         if stored_keys and target not in (stored_keys.get(key, target), pl.Null()):
             msg = (
                 f"{where}: join key {key!r} is {frame.schema[key]} but the view's stored "

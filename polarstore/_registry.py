@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
-import tempfile
+import secrets
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -21,7 +23,7 @@ from polarstore._definitions import (
     dtype_from_str,
     dtype_to_str,
 )
-from polarstore._errors import PolarstoreError, SchemaError
+from polarstore._errors import PolarstoreError, SchemaError, StorageError
 
 __all__ = ["REGISTRY_FILE", "Registry", "RegistryState", "file_lock"]
 
@@ -47,7 +49,7 @@ def file_lock(path: Path) -> Iterator[None]:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides who may share it
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -55,24 +57,48 @@ def file_lock(path: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that readers see the old file or the new one, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """Write ``text`` so that readers see the old file or the new one, never a torn one.
+
+    The file follows the umask like any other file (``mkstemp`` would make it 0600, which
+    locks colleagues sharing the folder out). A failure leaves the old file as it was and is
+    a :class:`StorageError` that says what happened (e.g. that the disk is full).
+    """
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            _write_all(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        cause = "the disk is full" if full else f"{e.strerror or e}"
+        msg = f"could not write {path}: {cause}; it is unchanged."
+        raise StorageError(e.errno, msg) from e
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+
+
+def _file_key(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 class Registry:
@@ -81,26 +107,44 @@ class Registry:
     def __init__(self, root: Path) -> None:
         self.path = root / REGISTRY_FILE
         self._lock_path = root / ".polarstore" / "registry.lock"
-        self._cache: tuple[int, int, RegistryState] | None = None
+        # (file key, open descriptor of that file, parsed state); the online store reads
+        # ``_cache[2]`` to notice a new state.
+        self._cache: tuple[tuple[int, int, int, int], int, RegistryState] | None = None
+        # The cached file stays open: while it is, its inode number cannot be given to a new
+        # file, so (device, inode) names that one file. Every update replaces the file, hence
+        # a new inode; mtime and size alone miss a same-size change within one clock tick.
+        self._pinned: list[int] = []
+        weakref.finalize(self, _close_all, self._pinned)
 
     def load(self) -> RegistryState:
         try:
-            stat = self.path.stat()
+            stat = os.stat(self.path)
         except FileNotFoundError:
             return RegistryState()
+        except OSError as e:
+            msg = f"the registry {self.path} cannot be read: {e.strerror or e}."
+            raise StorageError(e.errno, msg) from e
         # Re-parse only when the file changed: lookups resolve definitions on every call.
-        if self._cache and self._cache[:2] == (stat.st_mtime_ns, stat.st_size):
+        if self._cache and self._cache[0] == _file_key(stat):
             return self._cache[2]
         try:
-            text = self.path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            msg = (
-                f"the registry {self.path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                "restore it from version control or a backup."
-            )
-            raise PolarstoreError(msg) from e
-        state = _decode(text, self.path)
-        self._cache = (stat.st_mtime_ns, stat.st_size, state)
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return RegistryState()
+        except OSError as e:
+            msg = f"the registry {self.path} cannot be read: {e.strerror or e}."
+            raise StorageError(e.errno, msg) from e
+        try:
+            key = _file_key(os.fstat(fd))  # of the file read, even if replaced meanwhile
+            with open(fd, "rb", closefd=False) as f:
+                raw = f.read()
+            state = _decode(raw, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        _close_all(self._pinned)
+        self._pinned.append(fd)
+        self._cache = (key, fd, state)
         return state
 
     def update(self, change: Callable[[RegistryState], T]) -> T:
@@ -114,6 +158,12 @@ class Registry:
             finally:
                 self._cache = None  # the cached state may hold the mutated copy
             return result
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 # --- JSON encoding --------------------------------------------------------------------------
@@ -134,13 +184,27 @@ def _encode(state: RegistryState) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def _decode(text: str, path: Path) -> RegistryState:
+def _decode(raw: bytes, path: Path) -> RegistryState:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        msg = (
+            f"the registry {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+            "restore it from version control or a backup."
+        )
+        raise PolarstoreError(msg) from e
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         msg = (
             f"the registry {path} is not valid JSON ({e.msg} at line {e.lineno}, column "
             f"{e.colno}); restore it from version control or a backup."
+        )
+        raise PolarstoreError(msg) from e
+    except (ValueError, RecursionError) as e:  # a 5000-digit number, nesting 100k deep
+        msg = (
+            f"the registry {path} is damaged: it is JSON that no registry holds "
+            f"({type(e).__name__}: {str(e)[:120]}); restore it from version control or a backup."
         )
         raise PolarstoreError(msg) from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -156,9 +220,7 @@ def _decode(text: str, path: Path) -> RegistryState:
     try:
         state = RegistryState()
         for name, ent in doc["entities"].items():
-            state.entities[name] = Entity(
-                name, ent["join_keys"], description=ent["description"], tags=ent["tags"]
-            )
+            state.entities[name] = _entity_from_json(name, ent)
         for name, v in doc["feature_views"].items():
             state.views[name] = _view_from_json(name, v, state.entities)
         for name, s in doc["feature_services"].items():
@@ -167,7 +229,7 @@ def _decode(text: str, path: Path) -> RegistryState:
             )
             state.service_versions[name] = int(s["version"])
         state.datasets = {n: _dataset_from_json(n, d) for n, d in doc["datasets"].items()}
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as err:
         detail = str(err) if isinstance(err, PolarstoreError) else f"{type(err).__name__}: {err}"
         msg = f"the registry {path} is damaged: {detail}."
         raise PolarstoreError(msg) from err
@@ -177,9 +239,23 @@ def _decode(text: str, path: Path) -> RegistryState:
 def _entity_to_json(entity: Entity) -> dict[str, Any]:
     return {
         "join_keys": list(entity.join_keys),
+        # Only the declared keys; registries written before key dtypes existed have none.
+        "key_dtypes": {k: dtype_to_str(t) for k, t in entity.key_dtypes.items()},
         "description": entity.description,
         "tags": entity.tags,
     }
+
+
+def _entity_from_json(name: str, ent: dict[str, Any]) -> Entity:
+    keys, declared = ent["join_keys"], ent.get("key_dtypes") or {}
+    if not isinstance(keys, list) or not isinstance(declared, dict):
+        msg = f"entity {name!r} has join_keys {keys!r} and key_dtypes {declared!r}"
+        raise TypeError(msg)
+    if declared and set(declared) != set(keys):
+        msg = f"entity {name!r} declares dtypes for {list(declared)}, its join keys are {keys}"
+        raise ValueError(msg)
+    join_keys: Any = {k: dtype_from_str(declared[k]) for k in keys} if declared else keys
+    return Entity(name, join_keys, description=ent["description"], tags=ent["tags"])
 
 
 def _view_to_json(view: FeatureView) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import polars as pl
 
 from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
 from polarstore._errors import NotFoundError, ValidationError, did_you_mean
-from polarstore._frames import key_dtype, lossless_cast, to_polars
+from polarstore._frames import declared_key, lossless_cast, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._time import check_range, to_utc_expr
 
@@ -135,7 +135,7 @@ def historical_features(
         stored = None if version == EMPTY_VERSION else offline.table_schema(view_name)
         temp_keys: dict[str, pl.DataType] = {}
         for key in view.join_keys:
-            given = key_dtype(spine.schema[key], where=where, column=key)
+            given = declared_key(spine, key, view.key_dtypes, where=where)
             target = stored[key] if stored and key in stored else given
             if target == pl.Null:
                 target = pl.Int64()

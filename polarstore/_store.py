@@ -21,8 +21,14 @@ from polarstore._definitions import (
     as_references,
     check_name,
 )
-from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
-from polarstore._frames import cast_keys, entity_frame, prepare_rows, to_polars
+from polarstore._errors import (
+    NotFoundError,
+    SchemaError,
+    StorageError,
+    ValidationError,
+    did_you_mean,
+)
+from polarstore._frames import cast_keys, entity_frame, key_dtype, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
 from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import (
@@ -85,7 +91,14 @@ class FeatureStore:
             )
             raise ValidationError(msg)
         self.path = Path(text.removeprefix("file://")).resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as e:
+            msg = f"repository {text!r}: {e.filename or self.path} is a file, not a folder."
+            raise ValidationError(msg) from e
+        except OSError as e:
+            msg = f"repository {text!r}: cannot create the folder {self.path}: {e.strerror}."
+            raise StorageError(e.errno, msg) from e
         self.online_path = Path(online_path) if online_path else self.path / "online"
         self._registry = Registry(self.path)
         self._offline = OfflineStore(str(self.path), storage_options)
@@ -151,14 +164,15 @@ class FeatureStore:
         entities = [i for i in items if isinstance(i, Entity)]
         views = [i for i in items if isinstance(i, FeatureView)]
         services = [i for i in items if isinstance(i, FeatureService)]
-        entities += [e for v in views for e in v.entities]  # type: ignore[union-attr]
+        declared = {n: v.key_dtypes for n, v in state.views.items()}
+        entities += [e for v in views for e in v.entities if isinstance(e, Entity)]  # type: ignore[union-attr]
         for entity in entities:
             old = state.entities.get(entity.name)
             if old is not None and old.join_keys != entity.join_keys:
                 users = [
                     v.name
                     for v in state.views.values()
-                    if entity.name in {e.name for e in v.entities}  # type: ignore[union-attr]
+                    if entity.name in v.entity_names
                     and self._offline.current_version(v.name) is not None
                 ]
                 if users:
@@ -170,14 +184,17 @@ class FeatureStore:
                     raise SchemaError(msg)
             state.entities[entity.name] = entity
         for view in views:
+            view = view.resolve(state.entities)  # names of entities registered or in this apply
             old_view = state.views.get(view.name)
             if old_view is not None and self._offline.current_version(view.name) is not None:
                 _check_evolution(old_view, view)
             state.views[view.name] = view
         # Rebuild views on re-applied entities so descriptions and tags stay in sync.
         for name, view in list(state.views.items()):
-            ents = [state.entities[e.name] for e in view.entities]  # type: ignore[union-attr]
-            state.views[name] = _replace_entities(view, ents)
+            rebuilt = _replace_entities(view, [state.entities[e] for e in view.entity_names])
+            if rebuilt.key_dtypes and rebuilt.key_dtypes != declared.get(name):
+                _check_key_dtypes(rebuilt, self._offline.table_schema(name))
+            state.views[name] = rebuilt
         for service in services:
             resolve_features(state.views, service.features, full_feature_names=True)
             old_service = state.services.get(service.name)
@@ -234,6 +251,8 @@ class FeatureStore:
     def _view(self, view: str | FeatureView) -> FeatureView:
         if isinstance(view, FeatureView):
             registered = self.get_feature_view(view.name)
+            if not view.resolved:  # entities given by name: compare what they name
+                view = view.resolve(self._state().entities)
             if registered != view:
                 msg = (
                     f"feature view {view.name!r} differs from the registered definition; "
@@ -304,6 +323,9 @@ class FeatureStore:
         >>> [d.name for d in store.search("GROWTH")]
         ['stats']
         """
+        if not isinstance(text, str):
+            msg = f"search(text): text must be a str, got {type(text).__name__} {text!r}."
+            raise ValidationError(msg)
         needle = text.lower()
         state = self._state()
         found: list[Definition] = []
@@ -980,17 +1002,16 @@ def _check_evolution(old: FeatureView, new: FeatureView) -> None:
 
 
 def _replace_entities(view: FeatureView, entities: list[Entity]) -> FeatureView:
-    if list(view.entities) == entities:  # type: ignore[arg-type]
-        return view
-    return FeatureView(
-        view.name,
-        entities=entities,
-        schema=view.schema,
-        timestamp_field=view.timestamp_field,
-        created_timestamp_field=view.created_timestamp_field,
-        ttl=view.ttl,
-        online=view.online,
-        description=view.description,
-        owner=view.owner,
-        tags=view.tags,
-    )
+    return view.with_entities(entities)
+
+
+def _check_key_dtypes(view: FeatureView, stored: Mapping[str, pl.DataType] | None) -> None:
+    """A declared key dtype must be of the kind (Int64 or String) the table already holds."""
+    for key, dtype in view.key_dtypes.items():
+        have = (stored or {}).get(key)
+        if have is not None and key_dtype(dtype, where=view.name, column=key) != have:
+            msg = (
+                f"feature view {view.name!r} has data keyed by {key!r} as {have}; its entity "
+                f"cannot declare {key!r} as {dtype}. Declare {have} or create a new view."
+            )
+            raise SchemaError(msg)
