@@ -42,7 +42,13 @@ class ConflictError(PolarstoreError):
 
 
 class StorageError(OSError, PolarstoreError):
-    """The file system failed (a full disk, no permission); what was being written is unchanged."""
+    """The file system failed (a full disk, no permission); what was being written is unchanged.
+
+    Raised as ``StorageError(errno, message)``: ``errno`` is the system's, the text polarstore's.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror) if self.strerror else super().__str__()
 
 
 class NanosecondWarning(UserWarning):
