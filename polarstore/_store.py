@@ -94,7 +94,8 @@ class FeatureStore:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:
-            msg = f"repository {text!r}: {e.filename or self.path} is a file, not a folder."
+            file = next((p for p in (self.path, *self.path.parents) if p.is_file()), self.path)
+            msg = f"repository {text!r}: {file} is a file, not a folder."
             raise ValidationError(msg) from e
         except OSError as e:
             msg = f"repository {text!r}: cannot create the folder {self.path}: {e.strerror}."
