@@ -137,7 +137,8 @@ class FeatureStore:
     def apply(self, objects: Definition | Iterable[Definition]) -> None:
         """Register or update definitions; applying the same definitions again is a no-op.
 
-        A view's entities are registered with it. Adding features to a view is allowed;
+        A view's entities are registered with it; a view may also name its entities
+        (``entities=["user"]``) registered before or in the same call. Adding features is allowed;
         changing a feature's dtype, removing a feature, or changing a view's entities or
         timestamp fields raises ``SchemaError`` once the view has data.
 
@@ -149,6 +150,9 @@ class FeatureStore:
         >>> store.apply(FeatureView("stats", entities=user, schema={"clicks": pl.Int64}))
         >>> [e.name for e in store.list_entities()]
         ['user']
+        >>> store.apply(FeatureView("more", entities=["user"], schema={"views": pl.Int64}))
+        >>> store.get_feature_view("more").join_keys
+        ('user_id',)
         """
         items = (
             [objects]
