@@ -232,9 +232,9 @@ class Entity:
             keys: tuple[Any, ...] = (given,)
         elif isinstance(given, Mapping):
             keys = tuple(given)
-            for key in keys:
-                check_column(key, what=f"join key of {where}")
-                declared[key] = _key_dtype(given[key], where=f"{where}, join key {key!r}")
+            declared = {
+                k: _key_dtype(t, where=f"{where}, join key {k!r}") for k, t in given.items()
+            }
         elif isinstance(given, Iterable) and not isinstance(given, (bytes, bytearray)):
             keys = tuple(given)
         else:

@@ -260,7 +260,7 @@ def _entity_from_json(name: str, ent: dict[str, Any]) -> Entity:
 
 def _view_to_json(view: FeatureView) -> dict[str, Any]:
     return {
-        "entities": [e.name for e in view.entities],  # type: ignore[union-attr]
+        "entities": list(view.entity_names),
         "schema": {n: dtype_to_str(t) for n, t in view.schema.items()},
         "timestamp_field": view.timestamp_field,
         "created_timestamp_field": view.created_timestamp_field,
