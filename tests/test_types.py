@@ -4,6 +4,8 @@ entities by name, element-wise list casts, Float32 rounding, nanoseconds and a z
 from __future__ import annotations
 
 import itertools
+import math
+import struct
 import warnings
 from datetime import datetime, timedelta, timezone
 
@@ -22,6 +24,7 @@ from polarstore import (
     SchemaError,
     ValidationError,
 )
+from polarstore._frames import lossless_cast
 
 from .reference import RefView, point_in_time
 
@@ -382,3 +385,78 @@ def test_a_zero_ttl_is_refused_with_a_hint() -> None:
         "v", entities=Entity("u", "u"), schema={"x": pl.Int64}, ttl=timedelta(microseconds=1)
     )
     assert one.ttl == timedelta(microseconds=1)
+
+
+# --- the cast rules against a plain-Python reference -----------------------------------------
+
+NUMERIC = [pl.Int8(), pl.Int16(), pl.Int32(), pl.Int64(), pl.Float32(), pl.Float64()]
+
+
+def ref_cast(value: float | None, source: pl.DataType, target: pl.DataType) -> tuple[bool, object]:
+    """(fits, stored value) of one scalar, by the SPEC's rules, in plain Python."""
+    if value is None:
+        return True, None
+    if target.is_integer():
+        bits = int(str(target)[3:])
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            return False, None
+        return -(2 ** (bits - 1)) <= value < 2 ** (bits - 1), int(value)
+    if target == pl.Float32:
+        try:
+            rounded = struct.unpack("<f", struct.pack("<f", value))[0]
+        except OverflowError:  # beyond Float32's range once rounded
+            return False, None
+        return source.is_float() or rounded == value, rounded
+    return float(value) == value or math.isnan(value), float(value)
+
+
+@st.composite
+def numeric_columns(draw: st.DrawFn) -> tuple[pl.DataType, pl.DataType, list[object], bool]:
+    source, target = draw(st.sampled_from(NUMERIC)), draw(st.sampled_from(NUMERIC))
+    if source.is_integer():
+        bits = int(str(source)[3:])
+        scalar = st.integers(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    else:
+        scalar = st.floats(width=32 if source == pl.Float32 else 64) | st.integers(-300, 300).map(
+            float
+        )
+    value = st.none() | scalar
+    listed = draw(st.booleans())
+    values = draw(
+        st.lists(st.none() | st.lists(value, max_size=3) if listed else value, max_size=6)
+    )
+    return source, target, values, listed
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@given(case=numeric_columns())
+@settings(max_examples=300, deadline=None)
+def test_numeric_casts_match_the_reference(
+    case: tuple[pl.DataType, pl.DataType, list[object], bool],
+) -> None:
+    source, target, values, listed = case
+    dtype = pl.List(source) if listed else source
+    frame = pl.DataFrame({"x": pl.Series(values, dtype=dtype)})
+    scalars = [v for vs in values if vs is not None for v in vs] if listed else values
+    fits = all(ref_cast(v, source, target)[0] for v in scalars)  # type: ignore[arg-type]
+    want_dtype = pl.List(target) if listed else target
+    if not fits:
+        with pytest.raises(ValidationError, match=r"column 'x'"):
+            lossless_cast(frame, "x", want_dtype, "w")
+        return
+    got = frame.select(lossless_cast(frame, "x", want_dtype, "w"))["x"].to_list()
+    if listed:
+        want = [
+            None if vs is None else [ref_cast(v, source, target)[1] for v in vs]  # type: ignore[arg-type]
+            for vs in values
+        ]
+    else:
+        want = [ref_cast(v, source, target)[1] for v in values]  # type: ignore[arg-type]
+    assert same(got, want)
