@@ -39,6 +39,7 @@ _INITIAL_MAP_SIZE = 1 << 30  # virtual address space only; the file grows as pag
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 _PROGRESS_ROWS = 1_000_000
+_FOREVER = 1 << 80  # µs, more than any two representable times are apart
 
 # py-lmdb's stubs type values as ``bytes | memoryview``; transactions here never use buffers=True,
 # so values are bytes.
@@ -126,7 +127,8 @@ class _VectorView:
         self.layout_raw = raw
         encode = layout.key_encoder("get_feature_vector")
         nulls = self.nulls
-        ttl = None if self.view.ttl is None else self.view.ttl // _US
+        # No ttl: a span no event time can be outside of, so one chained comparison serves.
+        ttl = _FOREVER if self.view.ttl is None else self.view.ttl // _US
         n = len(layout.features)
         wanted = [(output, layout.index.get(f)) for f, output in self.wanted]
         picks = [
@@ -145,7 +147,8 @@ class _VectorView:
                 out.update(nulls)
                 return
             fields = unpack(value)
-            if ttl is not None and fields[0] < now_us - ttl:
+            # Outside the ttl, or from the future of ``now`` (the latest row is all there is).
+            if not now_us - ttl <= fields[0] <= now_us:
                 out.update(nulls)
                 return
             if variable:
@@ -443,10 +446,11 @@ def _lookup_view(
     if not values:
         return {r.output: pl.Series(r.output, [None] * frame.height) for r in wanted}
     records, payloads = layout.decode_values(values)
-    live = np.ones(len(values), dtype=bool)
+    # Online holds only the latest row: one from the future of ``now`` cannot answer for it.
+    live = records["ts"] <= now_us
     ttl = wanted[0].view.ttl
     if ttl is not None:
-        live = records["ts"] >= now_us - ttl // _US
+        live &= records["ts"] >= now_us - ttl // _US
     out: dict[str, pl.Series] = {}
     for r in wanted:
         i = layout.index.get(r.feature)
