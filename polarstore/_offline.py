@@ -263,6 +263,26 @@ class OfflineStore:
             keep_versions=list(keep_versions) or None,
         )
 
+    def deletes_after(self, view: str, version: int) -> list[int] | None:
+        """The versions after ``version`` committed by ``delete_entities``, oldest first.
+
+        Reads only the commits after ``version`` (one small JSON file each), so a sync that
+        checks for deletes since its last run pays for what was committed since. None when
+        the log no longer reaches back that far (purged by ``vacuum``): unknown.
+        """
+        table = self._open(view)
+        if table is None or table.version() <= version:
+            return []
+        commits = table.history(limit=table.version() - version)
+        versions = {int(c["version"]) for c in commits if "version" in c}
+        if not set(range(version + 1, table.version() + 1)) <= versions:
+            return None
+        return sorted(
+            int(c["version"])
+            for c in commits
+            if c.get("version", -1) > version and c.get(_OPERATION_KEY) == "delete"
+        )
+
     # --- reading --------------------------------------------------------------------------
 
     def scan(

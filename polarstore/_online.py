@@ -9,8 +9,12 @@ transaction whose handle py-lmdb drops when it ends, so a reader would wait on a
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import json
 import os
+import shutil
+import stat
 import sys
 import threading
 import time
@@ -18,19 +22,18 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
-import numpy as np
 import polars as pl
 
-from polarstore._definitions import FeatureService, FeatureView
+from polarstore._definitions import FeatureService, FeatureView, dtype_from_str
 from polarstore._errors import PolarstoreError, ValidationError
 from polarstore._frames import entity_frame
 from polarstore._offline import OfflineStore
 from polarstore._records import Layout, cast_keys, key_check, stored_layout
 from polarstore._retrieval import Requested, resolve_features, service_named
-from polarstore._sync import Progress, delete_prefix, meta_key, micros, sync_view
+from polarstore._sync import Progress, delete_synced, drop_view, meta_key, micros, sync_view
 from polarstore._time import to_utc
 
 __all__ = ["OnlineStore"]
@@ -44,26 +47,84 @@ _FOREVER = 1 << 80  # µs, more than any two representable times are apart
 # py-lmdb's stubs type values as ``bytes | memoryview``; transactions here never use buffers=True,
 # so values are bytes.
 _Txn = Any
+_T = TypeVar("_T")
 
 _generation = 0
 # LMDB forbids opening one environment twice in a process (py-lmdb refuses to), so every
-# OnlineStore on a folder shares one: folder -> (environment, ids of the stores using it).
-# The last store to close it closes it.
-_SHARED: dict[str, tuple[lmdb.Environment, set[int]]] = {}
+# OnlineStore on a folder shares one: folder -> (environment, ids of the stores using it, its
+# gate). The last store to close it closes it.
+_SHARED: dict[str, tuple[lmdb.Environment, set[int], _Gate]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _acquire(path: Path, owner: object) -> lmdb.Environment:
+class _Gate:
+    """Keeps ``set_mapsize`` away from this process's open transactions, without a lock per read.
+
+    LMDB allows a map resize only while the process has no transaction open, and py-lmdb
+    invalidates every open transaction of the environment when it resizes, so a lookup in
+    another thread would fail with "closed/deleted/dropped object". Each transaction enters
+    and leaves the gate; a resize closes it, waits until no transaction is inside and runs
+    alone. Entering costs two ``next()`` calls on ``itertools.count`` (atomic under the GIL)
+    and a flag test; the resize, which happens a few times in a store's life, does the waiting.
+    """
+
+    def __init__(self) -> None:
+        self._entered = itertools.count()
+        self._left = itertools.count()
+        self._closed = False
+        self._lock = threading.Lock()  # held by the resizer while the gate is closed
+
+    def enter(self) -> None:
+        while True:
+            next(self._entered)
+            if not self._closed:
+                return
+            next(self._left)  # back out, and wait for the resize to finish
+            with self._lock:
+                pass
+
+    def leave(self) -> None:
+        next(self._left)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._lock:
+            self._closed = True
+            try:
+                # Read ``left`` before ``entered``: the difference then never undercounts the
+                # transactions inside (each call here moves both counters by one).
+                while next(self._left) != next(self._entered):
+                    time.sleep(0.0002)
+                yield
+            finally:
+                self._closed = False
+
+
+def _acquire(path: Path, owner: object) -> tuple[lmdb.Environment, _Gate]:
     with _SHARED_LOCK:
         shared = _SHARED.get(os.path.realpath(path))
         if shared is None:
-            path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(
-                str(path), map_size=_INITIAL_MAP_SIZE, max_readers=1024, readahead=False
-            )
-            shared = _SHARED[os.path.realpath(path)] = (env, set())
+            _refuse_links(path)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                _refuse_links(path)
+                # mode: data.mdb and lock.mdb follow the umask like every other file
+                # (py-lmdb's default, 0o755, made them executable).
+                env = lmdb.open(
+                    str(path),
+                    map_size=_INITIAL_MAP_SIZE,
+                    max_readers=1024,
+                    readahead=False,
+                    mode=0o666,
+                )
+            except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
+                raise _damaged(path, e) from e
+            except (lmdb.Error, OSError) as e:
+                msg = f"cannot open the online store at {path}: {e}"
+                raise PolarstoreError(msg) from e
+            shared = _SHARED[os.path.realpath(path)] = (env, set(), _Gate())
         shared[1].add(id(owner))
-        return shared[0]
+        return shared[0], shared[2]
 
 
 def _release(path: Path, owner: object) -> None:
@@ -76,6 +137,67 @@ def _release(path: Path, owner: object) -> None:
                 shared[0].close()
 
 
+def _refuse_links(path: Path) -> None:
+    """Refuse an online folder, data.mdb or lock.mdb that is a link (or not a plain file).
+
+    LMDB opens and writes its files wherever a symlink points: a link planted in a shared
+    repository would make the next ``materialize`` overwrite a file outside it. Checked
+    before opening; a link planted while this process has the environment open is not seen
+    (LMDB opens the files once, at ``lmdb.open``).
+    """
+    for candidate, kind in (
+        (path, stat.S_ISDIR),
+        (path / "data.mdb", stat.S_ISREG),
+        (path / "lock.mdb", stat.S_ISREG),
+    ):
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            msg = f"cannot open the online store at {path}: {e}"
+            raise PolarstoreError(msg) from e
+        if stat.S_ISLNK(mode) or not kind(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file or folder"
+            msg = (
+                f"the online store's {candidate} is {what}; polarstore never follows links out "
+                f"of the repository. Remove it (the online store is rebuilt by materialize())."
+            )
+            raise PolarstoreError(msg)
+
+
+def _damaged(path: Path, e: Exception) -> PolarstoreError:
+    msg = (
+        f"the online store file {path / 'data.mdb'} is damaged ({e}). It holds only a copy of "
+        f"the offline tables: delete the folder {path} and run materialize() to rebuild it."
+    )
+    return PolarstoreError(msg)
+
+
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError)
+_LOW_DISK = 16 << 20  # bytes: below this, a failed commit is taken for a full disk
+
+
+def _write_failed(path: Path, e: Exception) -> PolarstoreError:
+    """The error for a write transaction LMDB could not commit (nothing of it was applied).
+
+    A full disk shows as ENOSPC, or as LMDB's EIO for a short write: tell by the free space.
+    """
+    try:
+        free: int | None = shutil.disk_usage(path).free
+    except OSError:
+        free = None
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e)
+    if full or (free is not None and free < _LOW_DISK):
+        msg = (
+            f"the disk holding the online store {path} is full ({free or 0:,} bytes free): "
+            f"{e}. The online store is unchanged; free some space and run materialize() again."
+        )
+    else:
+        msg = f"writing the online store at {path} failed: {e}. The online store is unchanged."
+    return PolarstoreError(msg)
+
+
 def _forked() -> None:
     global _generation, _SHARED_LOCK
     _generation += 1
@@ -83,7 +205,7 @@ def _forked() -> None:
     # The inherited environments must be closed before the child can open its own. That is
     # safe when no other thread of the parent was inside a lookup at the fork: mdb_env_close
     # clears only the reader slots of the child's pid (the parent's slots and locks stay).
-    for env, _ in _SHARED.values():
+    for env, _, _ in _SHARED.values():
         with contextlib.suppress(lmdb.Error):
             env.close()
     _SHARED.clear()
@@ -166,6 +288,50 @@ class _VectorView:
         self.fetch = fetch
 
 
+def _begin(env: lmdb.Environment, gate: _Gate, path: Path) -> _Txn:
+    """A read transaction, inside the gate (the caller leaves it after ``abort``)."""
+    while True:
+        gate.enter()
+        try:
+            return env.begin()
+        except lmdb.MapResizedError:
+            pass  # another process grew the map: adopt its size, with no transaction open
+        except _DAMAGE as e:
+            gate.leave()
+            raise _damaged(path, e) from e
+        except BaseException:
+            gate.leave()
+            raise
+        gate.leave()
+        with gate.exclusive():
+            env.set_mapsize(0)
+
+
+def _materialize(
+    txn: _Txn,
+    offline: OfflineStore,
+    views: Sequence[FeatureView],
+    end_us: int | None,
+    show: bool,
+) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    # The write transaction is taken first: it is also the lock that serialises syncs from
+    # several processes, so each one reads the state the previous one committed.
+    with Progress(show) as report:
+        for view in views:
+            started = time.perf_counter()
+            report(f"{view.name}: reading new rows")
+            read, written, version = sync_view(txn, offline, view, end_us, report)
+            summary[view.name] = {
+                "rows_read": read,
+                "entities_written": written,
+                "version": version,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            report(f"{view.name}: {read:,} rows read, {written:,} entities written")
+    return summary
+
+
 class OnlineStore:
     """The LMDB environment of one repository, opened lazily and reopened after ``fork()``.
 
@@ -176,6 +342,7 @@ class OnlineStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._env: lmdb.Environment | None = None
+        self._gate = _Gate()  # replaced by the shared environment's own when opened
         self._generation = _generation
         self._lock = threading.RLock()
         self._plans: dict[Any, list[_VectorView]] = {}
@@ -195,14 +362,11 @@ class OnlineStore:
             self._generation = _generation
         if self._env is None:
             if not create and not (self.path / "data.mdb").exists():
+                _refuse_links(self.path)  # a dangling link is refused, not taken for "empty"
                 return None
             with self._lock:
                 if self._env is None:
-                    try:
-                        self._env = _acquire(self.path, self)
-                    except (lmdb.Error, OSError) as e:
-                        msg = f"cannot open the online store at {self.path}: {e}"
-                        raise PolarstoreError(msg) from e
+                    self._env, self._gate = _acquire(self.path, self)
         return self._env
 
     @contextmanager
@@ -211,15 +375,47 @@ class OnlineStore:
         if env is None:
             yield None
             return
-        try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)  # another process grew the map: adopt its size
-            txn = env.begin()
+        txn = _begin(env, self._gate, self.path)
         try:
             yield txn
+        except _DAMAGE as e:
+            raise _damaged(self.path, e) from e
         finally:
             txn.abort()
+            self._gate.leave()
+
+    def _write(self, work: Callable[[_Txn], _T]) -> _T:
+        """``work(txn)`` in one write transaction, retried after adopting or growing the map.
+
+        Another process may have grown the map (MapResizedError: adopt its size) or this
+        transaction may not fit (MapFullError: double it); either way nothing was committed
+        and ``work`` runs again from the start.
+        """
+        env = self._environment(create=True)
+        assert env is not None
+        gate = self._gate
+        with self._lock:
+            while True:
+                gate.enter()
+                try:
+                    with env.begin(write=True) as txn:
+                        return work(txn)
+                except lmdb.MapResizedError:
+                    size = 0  # adopt the size the other process set
+                except lmdb.MapFullError:
+                    size = env.info()["map_size"] * 2
+                except _DAMAGE as e:
+                    raise _damaged(self.path, e) from e
+                except lmdb.Error as e:
+                    raise _write_failed(self.path, e) from e
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    raise _write_failed(self.path, e) from e
+                finally:
+                    gate.leave()
+                with gate.exclusive():
+                    env.set_mapsize(size)
 
     def close(self) -> None:
         with self._lock:
@@ -242,68 +438,40 @@ class OnlineStore:
         *,
         end: datetime | None,
         progress: bool | None,
+        drop: Sequence[str] = (),
     ) -> dict[str, dict[str, Any]]:
-        """Sync every view in one write transaction; retried with a larger map when full."""
+        """Sync every view in one write transaction; the online data of ``drop`` (views that
+        are no longer online) goes in the same transaction."""
         end_us = None if end is None else micros(end)
-        env = self._environment(create=True)
-        assert env is not None
         if progress is None:
             progress = sys.stderr.isatty() and (
                 sum(offline.row_count(v) for v in views) >= _PROGRESS_ROWS
             )
-        with self._lock:
-            while True:
-                try:
-                    return self._materialize(env, offline, views, end_us, progress)
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
 
-    def _materialize(
-        self,
-        env: lmdb.Environment,
-        offline: OfflineStore,
-        views: Sequence[FeatureView],
-        end_us: int | None,
-        show: bool,
-    ) -> dict[str, dict[str, Any]]:
-        summary: dict[str, dict[str, Any]] = {}
-        # The write transaction is taken first: it is also the lock that serialises syncs
-        # from several processes, so each one reads the state the previous one committed.
-        with env.begin(write=True) as txn, Progress(show) as report:
-            for view in views:
-                started = time.perf_counter()
-                report(f"{view.name}: reading new rows")
-                read, written, version = sync_view(txn, offline, view, end_us, report)
-                summary[view.name] = {
-                    "rows_read": read,
-                    "entities_written": written,
-                    "version": version,
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-                report(f"{view.name}: {read:,} rows read, {written:,} entities written")
-        return summary
+        def work(txn: _Txn) -> dict[str, dict[str, Any]]:
+            for name in drop:
+                drop_view(txn, name)
+            return _materialize(txn, offline, views, end_us, bool(progress))
+
+        return self._write(work)
 
     # --- deletes ---------------------------------------------------------------------------
 
-    def delete(self, view: FeatureView, keys: pl.DataFrame) -> int:
-        """Remove entities of a view; returns how many were online."""
-        env = self._environment(create=False)
-        if env is None:
+    def delete(self, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+        """Remove entities deleted offline by table ``version``; returns how many were online.
+
+        Should this fail or the process die first, the next ``materialize`` repairs it.
+        """
+        if self._environment(create=False) is None:
             return 0
-        with self._lock, env.begin(write=True) as txn:
-            raw = txn.get(meta_key("layout", view.name))
-            if raw is None:
-                return 0
-            layout = Layout.from_json(raw)
-            if list(layout.key_names) != list(view.join_keys):
-                # Stored under other keys: drop all of the view's online data (materialize
-                # rebuilds it) rather than risk keeping a deleted entity servable.
-                delete_prefix(txn, layout.prefix)
-                txn.delete(meta_key("layout", view.name))
-                txn.delete(meta_key("state", view.name))
-                return 0
-            frame = cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
-            return sum(txn.delete(k) for k in layout.encode_keys(frame))
+        try:
+            return self._write(lambda txn: delete_synced(txn, view, keys, version))
+        except PolarstoreError as e:
+            msg = (
+                f"delete_entities({view.name!r}): the rows are deleted offline (version "
+                f"{version}), but not yet online: {e} The next materialize() removes them."
+            )
+            raise PolarstoreError(msg) from e
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -317,13 +485,19 @@ class OnlineStore:
         for r in requested:
             by_view.setdefault(r.view.name, []).append(r)
             join_keys += [k for k in r.view.join_keys if k not in join_keys]
-        frame = entity_frame(entity_rows, join_keys, where=where)
+        _refuse_offline_only([wanted[0].view for wanted in by_view.values()], where)
         now_us = micros(now)
         columns: dict[str, pl.Series] = {}
         with self._read() as txn:
-            for wanted in by_view.values():
+            layouts = {
+                name: None if txn is None else txn.get(meta_key("layout", name)) for name in by_view
+            }
+            if isinstance(entity_rows, list) and not entity_rows:
+                entity_rows = _no_entities(join_keys, layouts)
+            frame = entity_frame(entity_rows, join_keys, where=where)
+            for name, wanted in by_view.items():
                 view = wanted[0].view
-                raw = None if txn is None else txn.get(meta_key("layout", view.name))
+                raw = layouts[name]
                 if txn is None or raw is None:
                     for r in wanted:
                         columns[r.output] = pl.Series(r.output, [None] * frame.height)
@@ -357,11 +531,8 @@ class OnlineStore:
                 for part in plan:
                     part._absent(None, entity, now_us, out)
                 return out
-        try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            txn = env.begin()
+        gate = self._gate
+        txn = _begin(env, gate, self.path)
         try:
             snapshot = txn.id()
             for part in plan:
@@ -370,8 +541,11 @@ class OnlineStore:
                 if part.snapshot != snapshot or part.env is not env:
                     part.check_layout(txn, env, snapshot)
                 part.fetch(txn, entity, now_us, out)
+        except _DAMAGE as e:
+            raise _damaged(self.path, e) from e
         finally:
             txn.abort()
+            gate.leave()
         return out
 
     def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
@@ -400,6 +574,7 @@ class OnlineStore:
             groups: dict[str, list[Requested]] = {}
             for r in requested:
                 groups.setdefault(r.view.name, []).append(r)
+            _refuse_offline_only([rs[0].view for rs in groups.values()], "get_feature_vector")
             plan = [_VectorView(rs[0].view, rs) for rs in groups.values()]
             if cache_key is not None:
                 self._plans[cache_key] = plan
@@ -416,6 +591,27 @@ def _hashable(features: Any) -> Any:
         return tuple(("view", f.name) if isinstance(f, FeatureView) else f for f in features)
     hash(features)
     return features
+
+
+def _refuse_offline_only(views: Sequence[FeatureView], where: str) -> None:
+    offline_only = [v.name for v in views if not v.online]
+    if offline_only:
+        msg = (
+            f"{where}: feature view(s) {offline_only} are not online (online=False): they have "
+            "no online values. Use get_historical_features, or apply the view with online=True "
+            "and run materialize()."
+        )
+        raise ValidationError(msg)
+
+
+def _no_entities(join_keys: Sequence[str], layouts: Mapping[str, bytes | None]) -> pl.DataFrame:
+    """The entity frame of an empty list: key columns in the dtypes they were synced with."""
+    dtypes: dict[str, pl.DataType] = {}
+    for raw in layouts.values():
+        if raw is not None:
+            for name, kind in Layout.from_json(raw).keys:
+                dtypes.setdefault(name, dtype_from_str(kind))
+    return pl.DataFrame([pl.Series(k, [], dtype=dtypes.get(k, pl.Null())) for k in join_keys])
 
 
 def _lookup_view(

@@ -549,7 +549,7 @@ class FeatureStore:
             "delete",
         )
         if v.online:
-            self._online().delete(v, frame)
+            self._online().delete(v, frame, version)
         return version
 
     def vacuum(
@@ -872,14 +872,24 @@ class FeatureStore:
         if views is None:
             targets = [v for v in state.views.values() if v.online]
         else:
-            items = [views] if isinstance(views, (str, FeatureView)) else list(views)
+            items = [views] if isinstance(views, (str, FeatureView)) else views
+            if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+                msg = (
+                    "materialize: views must be a view name, a FeatureView or a list of them, "
+                    f"got {views!r}."
+                )
+                raise ValidationError(msg)
             targets = [self._view(v) for v in items]
             offline_only = [v.name for v in targets if not v.online]
             if offline_only:
                 msg = f"views {offline_only} are not online (online=False); nothing to sync."
                 raise ValidationError(msg)
         until = None if end is None else to_utc(end, what="end")
-        return self._online().materialize(self._offline, targets, end=until, progress=progress)  # type: ignore[no-any-return]
+        # Views applied since with online=False stop being served: their online data goes.
+        drop = [v.name for v in state.views.values() if not v.online]
+        return self._online().materialize(  # type: ignore[no-any-return]
+            self._offline, targets, end=until, progress=progress, drop=drop
+        )
 
     def get_online_features(
         self,

@@ -21,9 +21,9 @@ import polars as pl
 
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._offline import OfflineStore, seq_floor
-from polarstore._records import META, Layout
+from polarstore._records import META, Layout, cast_keys
 
-__all__ = ["Progress", "delete_prefix", "meta_key", "micros", "sync_view"]
+__all__ = ["Progress", "delete_synced", "drop_view", "meta_key", "micros", "sync_view"]
 
 _NEXT_ID = META + b"next_id"
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -47,6 +47,13 @@ class _SyncState:
         self.materialized_at: str | None = doc.get("materialized_at")
         # The latest event time online: rows after it need no comparison with what is online.
         self.max_event: int | None = doc.get("max_event_us")
+        # Deletes are applied online by delete_entities after its offline commit; a crash in
+        # between would leave the entity served. Every delete commit up to ``deletes_through``
+        # is reflected online, and so are those listed in ``deletes_applied``; any other is
+        # repaired by the next sync. (A state written before this field existed checks the
+        # whole log once.)
+        self.deletes_through: int = doc.get("deletes_through", -1)
+        self.deletes_applied: list[int] = list(doc.get("deletes_applied", []))
 
     @property
     def version(self) -> int:
@@ -60,6 +67,8 @@ class _SyncState:
             "end": None if end is None else _iso(int(end)),
             "materialized_at": self.materialized_at,
             "max_event_us": self.max_event,
+            "deletes_through": self.deletes_through,
+            "deletes_applied": self.deletes_applied,
         }
         return json.dumps(doc).encode()
 
@@ -261,8 +270,12 @@ def sync_view(
     raw_state = txn.get(state_key)
     state = _SyncState(None if raw_state is None else json.loads(raw_state))
     rebuild = old is None or old.signature != layout.signature or current < state.version
+    if not rebuild and _unapplied_deletes(offline, view, state, current):
+        report(f"{view.name}: repairing after an interrupted delete_entities")
+        rebuild = True
     if rebuild:
-        # New or changed layout, or a table older than what was synced: start over.
+        # New or changed layout, a table older than what was synced, or a delete that never
+        # reached the online store: start over from the current table.
         delete_prefix(txn, layout.prefix)
         state = _SyncState(None)
         txn.put(layout_key, layout.json)
@@ -281,8 +294,56 @@ def sync_view(
             with txn.cursor() as cursor:
                 _, written = cursor.putmulti(zip(keys, values, strict=True))
     state.advance(current, end_us)
+    state.deletes_through = current
+    state.deletes_applied = [v for v in state.deletes_applied if v > current]
     if latest_event is not None:
         known = state.max_event
         state.max_event = latest_event if known is None else max(known, latest_event)
     txn.put(state_key, state.to_json())
     return read, written, current
+
+
+def _unapplied_deletes(
+    offline: OfflineStore, view: FeatureView, state: _SyncState, current: int
+) -> bool:
+    """Whether a delete commit up to ``current`` may not be reflected online."""
+    deletes = offline.deletes_after(view.name, state.deletes_through)
+    if deletes is None:  # the log was purged past what this state knows: cannot tell
+        return True
+    return any(v <= current and v not in state.deletes_applied for v in deletes)
+
+
+def delete_synced(txn: _Txn, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+    """Remove entities of a view deleted offline by table ``version``; returns how many were
+    online. Records the delete as applied, so the next sync need not repair it."""
+    raw = txn.get(meta_key("layout", view.name))
+    raw_state = txn.get(meta_key("state", view.name))
+    if raw is None or raw_state is None:
+        return 0
+    layout = Layout.from_json(raw)
+    if list(layout.key_names) != list(view.join_keys):
+        # Stored under other keys: drop all of the view's online data (materialize
+        # rebuilds it) rather than risk keeping a deleted entity servable.
+        drop_view(txn, view.name)
+        return 0
+    state = _SyncState(json.loads(raw_state))
+    if state.deletes_through >= version:
+        # A sync already rebuilt from a table holding this delete (and maybe rows written
+        # since for the same entities): deleting now would remove those.
+        return 0
+    frame = cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
+    removed = sum(txn.delete(k) for k in layout.encode_keys(frame))
+    state.deletes_applied.append(version)
+    txn.put(meta_key("state", view.name), state.to_json())
+    return removed
+
+
+def drop_view(txn: _Txn, name: str) -> bool:
+    """Remove a view's online values, layout and state; whether there were any."""
+    raw = txn.get(meta_key("layout", name))
+    if raw is None:
+        return False
+    delete_prefix(txn, Layout.from_json(raw).prefix)
+    txn.delete(meta_key("layout", name))
+    txn.delete(meta_key("state", name))
+    return True
