@@ -194,7 +194,7 @@ def _write_failed(path: Path, e: Exception) -> PolarstoreError:
             f"{e}. The online store is unchanged; free some space and run materialize() again."
         )
     else:
-        msg = f"writing the online store at {path} failed: {e}. The online store is unchanged."
+        msg = f"updating the online store at {path} failed: {e}. The online store is unchanged."
     return PolarstoreError(msg)
 
 
@@ -406,11 +406,7 @@ class OnlineStore:
                     size = env.info()["map_size"] * 2
                 except _DAMAGE as e:
                     raise _damaged(self.path, e) from e
-                except lmdb.Error as e:
-                    raise _write_failed(self.path, e) from e
-                except OSError as e:
-                    if e.errno != errno.ENOSPC:
-                        raise
+                except (lmdb.Error, OSError) as e:
                     raise _write_failed(self.path, e) from e
                 finally:
                     gate.leave()

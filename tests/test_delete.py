@@ -9,6 +9,7 @@ dataset pins, unless ``force=True``; such a dataset then fails to load with a cl
 
 from __future__ import annotations
 
+import errno
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,48 @@ def test_delete_online(spend: FeatureStore) -> None:
     spine = pl.DataFrame({**keys, "event_timestamp": [now] * 4})
     offline = spend.get_historical_features(spine, FEATURES).collect()
     assert_frame_equal(got, offline.drop("event_timestamp"))
+
+
+def test_a_failed_online_delete_is_repaired_by_the_next_materialize(
+    spend: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polarstore._online
+
+    spend.materialize()
+    keys = {"user_id": [1, 2, 3], "region": ["eu", "us", "eu"]}
+    now = T0 + timedelta(hours=3)
+
+    def fail(*args: Any) -> int:
+        raise OSError(errno.EIO, "injected: the online delete failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(polarstore._online, "delete_synced", fail)
+        with pytest.raises(PolarstoreError, match=r"deleted offline .* next materialize\(\)"):
+            spend.delete_entities("spend", {"user_id": 1, "region": "eu"})
+    # The rows are gone offline; online still has them until the next sync repairs it.
+    assert spend.get_online_features(keys, FEATURES, now=now)["amount"][0] == 100.0
+    summary = spend.materialize()
+    got = spend.get_online_features(keys, FEATURES, now=now)
+    assert got["amount"].to_list() == [None, 21.0, 300.0]
+    assert_frame_equal(got, answers_at(spend, keys, now))
+    assert spend.get_feature_vector({"user_id": 1, "region": "eu"}, FEATURES, now=now) == {
+        "amount": None,
+        "note": None,
+    }
+    assert summary["spend"]["rows_read"] == spend.read("spend").collect().height  # rebuilt
+    # A delete that reached the online store costs the next sync nothing.
+    spend.delete_entities("spend", {"user_id": 3, "region": "eu"})
+    assert spend.materialize()["spend"]["rows_read"] == 0
+    assert spend.get_online_features(keys, FEATURES, now=now)["amount"].to_list() == [
+        None,
+        21.0,
+        None,
+    ]
+
+
+def answers_at(store: FeatureStore, keys: dict[str, list[Any]], now: Any) -> pl.DataFrame:
+    spine = pl.DataFrame({**keys, "event_timestamp": [now] * len(keys["user_id"])})
+    return store.get_historical_features(spine, FEATURES).collect().drop("event_timestamp")
 
 
 def test_delete_rows_not_yet_materialized_never_reach_the_online_store(
