@@ -253,15 +253,34 @@ class OfflineStore:
         return got
 
     def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
+        """Delete the data files no kept version needs; returns the files this call deleted,
+        relative to the repository (``views/<view>/...``), sorted."""
         table = self._open(view)
         if table is None:
             return []
-        return table.vacuum(
-            retention_hours=retention_hours,
-            dry_run=False,
-            enforce_retention_duration=False,
-            keep_versions=list(keep_versions) or None,
-        )
+
+        def run(dry_run: bool) -> list[str]:
+            return table.vacuum(
+                retention_hours=retention_hours,
+                dry_run=dry_run,
+                enforce_retention_duration=False,
+                keep_versions=list(keep_versions) or None,
+            )
+
+        try:
+            # delta-rs lists files it already deleted (the log keeps their tombstones), as
+            # absolute paths: report only what exists before and is gone after.
+            candidates = [_table_relative(p, self.table_uri(view)) for p in run(True)]
+            before = [p for p in candidates if not self._local or self._exists(view, p)]
+            run(False)
+        except (DeltaError, OSError) as e:
+            msg = f"vacuum of view {view!r} failed: {e}"
+            raise PolarstoreError(msg) from e
+        gone = [p for p in before if not self._local or not self._exists(view, p)]
+        return sorted(f"views/{view}/{p}" for p in gone)
+
+    def _exists(self, view: str, relative: str) -> bool:
+        return (Path(self.table_uri(view).removeprefix("file://")) / relative).exists()
 
     def deletes_after(self, view: str, version: int) -> list[int] | None:
         """The versions after ``version`` committed by ``delete_entities``, oldest first.
@@ -459,6 +478,14 @@ def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
         )
         for row in actions.iter_rows(named=True)
     ]
+
+
+def _table_relative(path: str, table_uri: str) -> str:
+    """A path delta-rs reports (relative, absolute or a URI) relative to the table folder."""
+    for root in (table_uri, table_uri.removeprefix("file://")):
+        if path.startswith(root.rstrip("/") + "/"):
+            return path[len(root.rstrip("/")) + 1 :]
+    return path
 
 
 def _no_version(view: str, version: int, current: int | None) -> NotFoundError:

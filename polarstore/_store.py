@@ -575,6 +575,9 @@ class FeatureStore:
         >>> store.vacuum()  # nothing is older than the 7-day default retention
         {'stats': []}
         """
+        if not isinstance(force, bool):
+            msg = f"vacuum: force must be True or False, got {force!r}."
+            raise ValidationError(msg)
         pinned: dict[str, set[int]] = {}
         if not force:
             for entry in self._state().datasets.values():
@@ -586,12 +589,9 @@ class FeatureStore:
             raise ValidationError(msg)
         # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
         hours = math.ceil(retention / timedelta(hours=1))
-        return {
-            name: self._offline.vacuum(
-                name, retention_hours=hours, keep_versions=sorted(pinned.get(name, ()))
-            )
-            for name in self._state().views
-        }
+        from polarstore._vacuum import vacuum_views
+
+        return vacuum_views(self._offline, list(self._state().views), hours=hours, pinned=pinned)
 
     # --- retrieval ------------------------------------------------------------------------
 
@@ -707,8 +707,10 @@ class FeatureStore:
         )
         requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
         pins = self._pin(as_of, [r.view.name for r in requested])
-        current = self.versions()
-        versions = {r.view.name: pins.get(r.view.name, current[r.view.name]) for r in requested}
+        versions: dict[str, int | None] = {}
+        for r in requested:  # only the views it uses: another's damaged table must not block
+            current = pins.get(r.view.name, self._offline.current_version(r.view.name))
+            versions[r.view.name] = EMPTY_VERSION if current is None else current
         result = self.get_historical_features(
             spine,
             refs,
