@@ -270,7 +270,7 @@ class OfflineStore:
         try:
             # delta-rs lists files it already deleted (the log keeps their tombstones), as
             # absolute paths: report only what exists before and is gone after.
-            candidates = [_table_relative(p, self.table_uri(view)) for p in run(True)]
+            candidates = [self._table_relative(p, self.table_uri(view)) for p in run(True)]
             before = [p for p in candidates if not self._local or self._exists(view, p)]
             run(False)
         except (DeltaError, OSError) as e:
@@ -281,6 +281,14 @@ class OfflineStore:
 
     def _exists(self, view: str, relative: str) -> bool:
         return (Path(self.table_uri(view).removeprefix("file://")) / relative).exists()
+
+    @staticmethod
+    def _table_relative(path: str, table_uri: str) -> str:
+        """A path delta-rs reports (relative, absolute or a URI) relative to the table."""
+        for root in (table_uri, table_uri.removeprefix("file://")):
+            if path.startswith(root.rstrip("/") + "/"):
+                return path[len(root.rstrip("/")) + 1 :]
+        return path
 
     def deletes_after(self, view: str, version: int) -> list[int] | None:
         """The versions after ``version`` committed by ``delete_entities``, oldest first.
@@ -478,14 +486,6 @@ def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
         )
         for row in actions.iter_rows(named=True)
     ]
-
-
-def _table_relative(path: str, table_uri: str) -> str:
-    """A path delta-rs reports (relative, absolute or a URI) relative to the table folder."""
-    for root in (table_uri, table_uri.removeprefix("file://")):
-        if path.startswith(root.rstrip("/") + "/"):
-            return path[len(root.rstrip("/")) + 1 :]
-    return path
 
 
 def _no_version(view: str, version: int, current: int | None) -> NotFoundError:
