@@ -290,6 +290,41 @@ class OfflineStore:
                 return path[len(root.rstrip("/")) + 1 :]
         return path
 
+    def purge(self, view: str) -> list[str]:
+        """Leave only the current version in the table's log: checkpoint it, remove the rest.
+
+        Old commit files and checkpoints hold the min/max statistics of every file ever
+        written, so values deleted from the table (and vacuumed) would still be in them. After
+        this, versions before the current one cannot be read (no log describes them). Local
+        repositories only. Returns the removed log files, relative to the repository.
+        """
+        if not self._local:
+            msg = f"purging the log of view {view!r} needs a local repository, not {self.root}."
+            raise PolarstoreError(msg)
+        log = Path(self.table_uri(view).removeprefix("file://")) / "_delta_log"
+        removed: list[str] = []
+        # Under the write lock: a rewrite committing meanwhile would otherwise be the version
+        # the checkpoint is not of.
+        with self._write_lock(view):
+            table = self._open(view)
+            if table is None:
+                return []
+            current = table.version()
+            try:
+                table.create_checkpoint()
+                for path in sorted(log.iterdir()):
+                    digits = path.name.split(".", 1)[0]
+                    # NNNNNNNNNNNNNNNNNNNN.json, .checkpoint.parquet, .crc, multi-part
+                    # checkpoints: everything of an older version goes (also temporary files
+                    # of an interrupted commit, named by their version too).
+                    if digits.isdigit() and int(digits) < current and path.is_file():
+                        path.unlink()
+                        removed.append(f"views/{view}/_delta_log/{path.name}")
+            except (DeltaError, OSError) as e:
+                msg = f"purging the log of view {view!r} failed: {e}"
+                raise PolarstoreError(msg) from e
+        return removed
+
     def deletes_after(self, view: str, version: int) -> list[int] | None:
         """The versions after ``version`` committed by ``delete_entities``, oldest first.
 

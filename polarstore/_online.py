@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import os
 import shutil
 import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -73,6 +75,7 @@ class _Gate:
         self._left = itertools.count()
         self._closed = False
         self._lock = threading.Lock()  # held by the resizer while the gate is closed
+        self.retired = False  # the environment was closed (replaced by a compacted copy)
 
     def enter(self) -> None:
         while True:
@@ -80,6 +83,8 @@ class _Gate:
             if not self._closed:
                 return
             next(self._left)  # back out, and wait for the resize to finish
+            if self.retired:
+                raise _RetiredError
             with self._lock:
                 pass
 
@@ -97,7 +102,11 @@ class _Gate:
                     time.sleep(0.0002)
                 yield
             finally:
-                self._closed = False
+                self._closed = self.retired  # a retired gate stays closed
+
+
+class _RetiredError(Exception):
+    """The environment was closed by a compaction: reopen it and try again."""
 
 
 def _acquire(path: Path, owner: object) -> tuple[lmdb.Environment, _Gate]:
@@ -195,6 +204,28 @@ def _write_failed(path: Path, e: Exception) -> PolarstoreError:
         )
     else:
         msg = f"updating the online store at {path} failed: {e}. The online store is unchanged."
+    return PolarstoreError(msg)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _busy(data: Path) -> PolarstoreError:
+    msg = (
+        f"the online store {data} is open in another process, so it was not compacted: the "
+        "bytes of deleted values may remain in its free pages. Stop the other processes using "
+        "this repository and run vacuum(retention=timedelta(0), force=True) again."
+    )
     return PolarstoreError(msg)
 
 
@@ -375,7 +406,15 @@ class OnlineStore:
         if env is None:
             yield None
             return
-        txn = _begin(env, self._gate, self.path)
+        try:
+            txn = _begin(env, self._gate, self.path)
+        except _RetiredError:
+            self._env = None
+            env = self._environment(create=False)
+            if env is None:
+                yield None
+                return
+            txn = _begin(env, self._gate, self.path)
         try:
             yield txn
         except _DAMAGE as e:
@@ -391,12 +430,16 @@ class OnlineStore:
         transaction may not fit (MapFullError: double it); either way nothing was committed
         and ``work`` runs again from the start.
         """
-        env = self._environment(create=True)
-        assert env is not None
-        gate = self._gate
         with self._lock:
             while True:
-                gate.enter()
+                env = self._environment(create=True)
+                assert env is not None
+                gate = self._gate
+                try:
+                    gate.enter()
+                except _RetiredError:
+                    self._env = None
+                    continue
                 try:
                     with env.begin(write=True) as txn:
                         return work(txn)
@@ -412,6 +455,55 @@ class OnlineStore:
                     gate.leave()
                 with gate.exclusive():
                     env.set_mapsize(size)
+
+    def compact(self) -> str | None:
+        """Replace data.mdb by a compacted copy, without the free pages that still hold the
+        bytes of deleted values; returns the file's path relative to the folder (None if no
+        online store).
+
+        Only when no other process has the online store open (their mappings would keep the
+        old file, and their writes would go to it): otherwise nothing is replaced and a
+        PolarstoreError says so. Threads of this process wait, then reopen the new file.
+        """
+        env = self._environment(create=False)
+        if env is None:
+            return None
+        data, lock = self.path / "data.mdb", self.path / "lock.mdb"
+        with self._lock, _SHARED_LOCK, self._gate.exclusive():
+            before = _stamp(data)
+            tmp = Path(tempfile.mkdtemp(prefix=".compact-", dir=self.path))
+            try:
+                env.copy(str(tmp), compact=True)
+                # Closing the environment drops this process's locks on lock.mdb (POSIX
+                # closes all of a process's fcntl locks on a file with any descriptor of it),
+                # so the exclusive lock below can only be taken once it is closed.
+                self._gate.retired = True
+                env.close()
+                _SHARED.pop(os.path.realpath(self.path), None)
+                self._env = None
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    try:
+                        # What every LMDB process holds a shared lock on while it has the
+                        # environment open; holding it exclusively keeps new openers waiting.
+                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+                    except OSError as e:
+                        raise _busy(data) from e
+                    if _stamp(data) != before:  # written by a process since the copy
+                        raise _busy(data)
+                    copy = tmp / "data.mdb"
+                    with copy.open("rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(copy, data)
+                    _fsync_dir(self.path)
+                finally:
+                    os.close(fd)  # releases the lock: the next opener starts from the copy
+            except lmdb.Error as e:
+                msg = f"compacting the online store {data} failed: {e}; it is unchanged."
+                raise PolarstoreError(msg) from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return "data.mdb"
 
     def close(self) -> None:
         with self._lock:
@@ -528,7 +620,13 @@ class OnlineStore:
                     part._absent(None, entity, now_us, out)
                 return out
         gate = self._gate
-        txn = _begin(env, gate, self.path)
+        try:
+            txn = _begin(env, gate, self.path)
+        except _RetiredError:  # compacted by vacuum meanwhile: reopen
+            self._env = None
+            return self.vector(
+                store, entity, features, full_feature_names=full_feature_names, now=now
+            )
         try:
             snapshot = txn.id()
             for part in plan:

@@ -559,7 +559,18 @@ class FeatureStore:
 
         Files that a saved dataset's pinned version still needs are kept unless ``force``
         (those datasets can then no longer be loaded). ``retention`` is rounded up to whole
-        hours, Delta Lake's unit.
+        hours, Delta Lake's unit. Returns the files this call deleted, relative to the
+        repository. A view that cannot be vacuumed does not stop the others: the failures are
+        raised together once every view was tried.
+
+        ``vacuum(retention=timedelta(0), force=True)`` also *purges*, for the right to be
+        forgotten after ``delete_entities``: each view's Delta log is reduced to a checkpoint
+        of the current version (older versions can no longer be read, by ``as_of``, time
+        travel or saved datasets, whose entries and spine files are removed), and the online
+        store's file is rewritten without its free pages. Deleted values are then in no file
+        of the repository. The online store can be compacted only while no other process has
+        it open (a PolarstoreError says so; run it again once they are stopped); local
+        repositories only.
 
         Examples
         --------
@@ -589,9 +600,13 @@ class FeatureStore:
             raise ValidationError(msg)
         # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
         hours = math.ceil(retention / timedelta(hours=1))
-        from polarstore._vacuum import vacuum_views
+        from polarstore._vacuum import purge, vacuum_views
 
-        return vacuum_views(self._offline, list(self._state().views), hours=hours, pinned=pinned)
+        views = list(self._state().views)
+        deleted = vacuum_views(self._offline, views, hours=hours, pinned=pinned)
+        if force and retention == timedelta(0):
+            purge(self._offline, views, self._online(), self._registry, self.path)
+        return deleted
 
     # --- retrieval ------------------------------------------------------------------------
 

@@ -1,17 +1,32 @@
-"""``vacuum``: deleting the files old table versions needed, view by view.
+"""``vacuum``: deleting the files old table versions needed, view by view, and the purge.
 
 One view whose table cannot be vacuumed (a damaged log, say) does not stop the others: every
 view is tried, and the failures are raised together at the end, with what was deleted.
+
+The purge (``vacuum(retention=timedelta(0), force=True)``) is for the right to be forgotten:
+after ``delete_entities``, the deleted values are still in the files old versions need (the
+vacuum deletes those), in the Delta log's min/max statistics of every file ever written (the
+purge leaves only a checkpoint of the current version), in the free pages of the LMDB file
+(compacted), and in the spines of saved datasets, which can no longer be loaded once the log
+of their versions is gone (removed, entries and files).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
 
 from polarstore._errors import PolarstoreError
 from polarstore._offline import OfflineStore
 
-__all__ = ["vacuum_views"]
+__all__ = ["purge", "vacuum_views"]
+
+# Commits that change no rows: a dataset pinned before them reads what the current version does.
+_NO_DATA_CHANGE = ["vacuum start", "vacuum end"]
 
 
 def vacuum_views(
@@ -39,3 +54,53 @@ def vacuum_views(
         )
         raise PolarstoreError(msg)
     return deleted
+
+
+def purge(
+    offline: OfflineStore, views: Sequence[str], online: Any, registry: Any, root: Path
+) -> None:
+    """Leave only the current version of every view, anywhere in the repository."""
+    failed: dict[str, PolarstoreError] = {}
+    same_data: dict[str, tuple[int, int]] = {}  # view -> (first, last) versions of its data
+    for name in views:
+        try:
+            history = offline.history(name)
+            changes = history.filter(~pl.col("operation").is_in(_NO_DATA_CHANGE))
+            if history.height:
+                first = int(changes["version"].max()) if changes.height else 0  # type: ignore[arg-type]
+                same_data[name] = (first, int(history["version"].max()))  # type: ignore[arg-type]
+            offline.purge(name)
+        except PolarstoreError as e:
+            failed[name] = e
+            same_data.pop(name, None)
+    _repin_datasets(registry, root, same_data)
+    online.compact()  # raises if another process has it open: the rest is done by then
+    if failed:
+        problems = "; ".join(f"{name!r}: {e}" for name, e in failed.items())
+        msg = f"vacuum: the log of {len(failed)} view(s) could not be purged ({problems})."
+        raise PolarstoreError(msg)
+
+
+def _repin_datasets(registry: Any, root: Path, same_data: Mapping[str, tuple[int, int]]) -> None:
+    """Datasets pinned to a version whose data is the current one (only vacuum committed
+    since) are pinned to the current version; the others can no longer be loaded, and are
+    removed with their spines (which hold the entity keys they were saved with)."""
+    spines: list[str] = []
+
+    def change(state: Any) -> None:
+        for name, entry in list(state.datasets.items()):
+            pins = entry["versions"]
+            for view, version in list(pins.items()):
+                if version < 0 or view not in same_data:
+                    continue
+                first, last = same_data[view]
+                if version < first:
+                    spines.append(entry["spine"])
+                    del state.datasets[name]
+                    break
+                pins[view] = last
+
+    registry.update(change)
+    for spine in spines:
+        with contextlib.suppress(FileNotFoundError):
+            (root / spine).unlink()
