@@ -71,38 +71,39 @@ class _Gate:
     """
 
     def __init__(self) -> None:
-        self._entered = itertools.count()
-        self._left = itertools.count()
-        self._closed = False
+        # Bound ``__next__`` of the two counters: the cheapest atomic step there is.
+        self.inc = itertools.count().__next__
+        self.dec = itertools.count().__next__
+        self.closed = False
         self._lock = threading.Lock()  # held by the resizer while the gate is closed
         self.retired = False  # the environment was closed (replaced by a compacted copy)
 
     def enter(self) -> None:
         while True:
-            next(self._entered)
-            if not self._closed:
+            self.inc()
+            if not self.closed:
                 return
-            next(self._left)  # back out, and wait for the resize to finish
+            self.dec()  # back out, and wait for the resize to finish
             if self.retired:
                 raise _RetiredError
             with self._lock:
                 pass
 
     def leave(self) -> None:
-        next(self._left)
+        self.dec()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._lock:
-            self._closed = True
+            self.closed = True
             try:
-                # Read ``left`` before ``entered``: the difference then never undercounts the
+                # Read ``dec`` before ``inc``: the difference then never undercounts the
                 # transactions inside (each call here moves both counters by one).
-                while next(self._left) != next(self._entered):
+                while self.dec() != self.inc():
                     time.sleep(0.0002)
                 yield
             finally:
-                self._closed = self.retired  # a retired gate stays closed
+                self.closed = self.retired  # a retired gate stays closed
 
 
 class _RetiredError(Exception):
@@ -620,13 +621,20 @@ class OnlineStore:
                     part._absent(None, entity, now_us, out)
                 return out
         gate = self._gate
+        gate.inc()  # _begin inlined: this is the request-time path
         try:
-            txn = _begin(env, gate, self.path)
-        except _RetiredError:  # compacted by vacuum meanwhile: reopen
-            self._env = None
-            return self.vector(
-                store, entity, features, full_feature_names=full_feature_names, now=now
-            )
+            txn = None if gate.closed else env.begin()
+        except lmdb.Error:
+            txn = None
+        if txn is None:  # a resize, a compaction, another process's larger map, damage
+            gate.dec()
+            try:
+                txn = _begin(env, gate, self.path)
+            except _RetiredError:  # compacted by vacuum meanwhile: reopen
+                self._env = None
+                return self.vector(
+                    store, entity, features, full_feature_names=full_feature_names, now=now
+                )
         try:
             snapshot = txn.id()
             for part in plan:
@@ -639,7 +647,7 @@ class OnlineStore:
             raise _damaged(self.path, e) from e
         finally:
             txn.abort()
-            gate.leave()
+            gate.dec()
         return out
 
     def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
