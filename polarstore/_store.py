@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import uuid
@@ -586,27 +585,9 @@ class FeatureStore:
         >>> store.vacuum()  # nothing is older than the 7-day default retention
         {'stats': []}
         """
-        if not isinstance(force, bool):
-            msg = f"vacuum: force must be True or False, got {force!r}."
-            raise ValidationError(msg)
-        pinned: dict[str, set[int]] = {}
-        if not force:
-            for entry in self._state().datasets.values():
-                for name, version in entry["versions"].items():
-                    if version != EMPTY_VERSION:
-                        pinned.setdefault(name, set()).add(version)
-        if not isinstance(retention, timedelta) or retention < timedelta(0):
-            msg = f"vacuum: retention must be a timedelta of 0 or more, got {retention!r}."
-            raise ValidationError(msg)
-        # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
-        hours = math.ceil(retention / timedelta(hours=1))
-        from polarstore._vacuum import purge, vacuum_views
+        from polarstore._vacuum import vacuum_repository
 
-        views = list(self._state().views)
-        deleted = vacuum_views(self._offline, views, hours=hours, pinned=pinned)
-        if force and retention == timedelta(0):
-            purge(self._offline, views, self._online(), self._registry, self.path)
-        return deleted
+        return vacuum_repository(self, retention=retention, force=force)
 
     # --- retrieval ------------------------------------------------------------------------
 

@@ -14,19 +14,46 @@ of their versions is gone (removed, entries and files).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
-from polarstore._errors import PolarstoreError
+from polarstore._errors import PolarstoreError, ValidationError
 from polarstore._offline import OfflineStore
+from polarstore._retrieval import EMPTY_VERSION
 
-__all__ = ["purge", "vacuum_views"]
+__all__ = ["vacuum_repository"]
 
 # Commits that change no rows: a dataset pinned before them reads what the current version does.
 _NO_DATA_CHANGE = ["vacuum start", "vacuum end"]
+
+
+def vacuum_repository(store: Any, *, retention: timedelta, force: bool) -> dict[str, list[str]]:
+    """``FeatureStore.vacuum``: validate, vacuum every view, purge on retention 0 + force."""
+    if not isinstance(force, bool):
+        msg = f"vacuum: force must be True or False, got {force!r}."
+        raise ValidationError(msg)
+    if not isinstance(retention, timedelta) or retention < timedelta(0):
+        msg = f"vacuum: retention must be a timedelta of 0 or more, got {retention!r}."
+        raise ValidationError(msg)
+    state = store._state()
+    pinned: dict[str, set[int]] = {}
+    if not force:
+        for entry in state.datasets.values():
+            for name, version in entry["versions"].items():
+                if version != EMPTY_VERSION:
+                    pinned.setdefault(name, set()).add(version)
+    # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
+    hours = math.ceil(retention / timedelta(hours=1))
+    views = list(state.views)
+    deleted = vacuum_views(store._offline, views, hours=hours, pinned=pinned)
+    if force and retention == timedelta(0):
+        purge(store._offline, views, store._online(), store._registry, store.path)
+    return deleted
 
 
 def vacuum_views(
