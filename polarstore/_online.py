@@ -492,6 +492,9 @@ class OnlineStore:
                         raise _busy(data) from e
                     if _stamp(data) != before:  # written by a process since the copy
                         raise _busy(data)
+                    for stale in self.path.glob(".compact-*"):  # left by a killed compaction
+                        if stale != tmp:
+                            shutil.rmtree(stale, ignore_errors=True)
                     copy = tmp / "data.mdb"
                     with copy.open("rb+") as f:
                         os.fsync(f.fileno())
