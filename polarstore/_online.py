@@ -35,7 +35,15 @@ from polarstore._frames import entity_frame
 from polarstore._offline import OfflineStore
 from polarstore._records import Layout, cast_keys, key_check, stored_layout
 from polarstore._retrieval import Requested, resolve_features, service_named
-from polarstore._sync import Progress, delete_synced, drop_view, meta_key, micros, sync_view
+from polarstore._sync import (
+    Progress,
+    delete_synced,
+    drop_view,
+    meta_key,
+    micros,
+    settle_deletes,
+    sync_view,
+)
 from polarstore._time import to_utc
 
 __all__ = ["OnlineStore"]
@@ -456,6 +464,17 @@ class OnlineStore:
                     gate.leave()
                 with gate.exclusive():
                     env.set_mapsize(size)
+
+    def settle_deletes(self, offline: OfflineStore, views: Sequence[FeatureView]) -> None:
+        """Before a purge of the Delta logs: record the deletes already reflected online."""
+        if self._environment(create=False) is None:
+            return
+
+        def work(txn: _Txn) -> None:
+            for view in views:
+                settle_deletes(txn, offline, view)
+
+        self._write(work)
 
     def compact(self) -> str | None:
         """Replace data.mdb by a compacted copy, without the free pages that still hold the

@@ -23,7 +23,15 @@ from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._offline import OfflineStore, seq_floor
 from polarstore._records import META, Layout, cast_keys
 
-__all__ = ["Progress", "delete_synced", "drop_view", "meta_key", "micros", "sync_view"]
+__all__ = [
+    "Progress",
+    "delete_synced",
+    "drop_view",
+    "meta_key",
+    "micros",
+    "settle_deletes",
+    "sync_view",
+]
 
 _NEXT_ID = META + b"next_id"
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -311,6 +319,26 @@ def _unapplied_deletes(
     if deletes is None:  # the log was purged past what this state knows: cannot tell
         return True
     return any(v <= current and v not in state.deletes_applied for v in deletes)
+
+
+def settle_deletes(txn: _Txn, offline: OfflineStore, view: FeatureView) -> None:
+    """Before the Delta log is purged: record that every delete commit so far is reflected
+    online (the next sync could not tell any more, and would rebuild), or, where one is not
+    (an interrupted delete_entities), drop the view's online data, which still holds the
+    deleted entities: the next materialize rebuilds it."""
+    raw_state = txn.get(meta_key("state", view.name))
+    current = offline.current_version(view.name)
+    if raw_state is None or current is None:
+        return
+    state = _SyncState(json.loads(raw_state))
+    if state.deletes_through >= current:
+        return
+    if _unapplied_deletes(offline, view, state, current):
+        drop_view(txn, view.name)
+        return
+    state.deletes_through = current
+    state.deletes_applied = [v for v in state.deletes_applied if v > current]
+    txn.put(meta_key("state", view.name), state.to_json())
 
 
 def delete_synced(txn: _Txn, view: FeatureView, keys: pl.DataFrame, version: int) -> int:

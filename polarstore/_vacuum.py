@@ -52,7 +52,9 @@ def vacuum_repository(store: Any, *, retention: timedelta, force: bool) -> dict[
     views = list(state.views)
     deleted = vacuum_views(store._offline, views, hours=hours, pinned=pinned)
     if force and retention == timedelta(0):
-        purge(store._offline, views, store._online(), store._registry, store.path)
+        online = store._online()
+        online.settle_deletes(store._offline, [v for v in state.views.values() if v.online])
+        purge(store._offline, views, online, store._registry, store.path)
     return deleted
 
 

@@ -83,6 +83,7 @@ def test_delete_then_purge_leaves_the_value_in_no_file(tmp_path: Path) -> None:
         assert files_holding(repo, KEY) == []
         assert files_holding(repo, VALUE) == []
         assert not leftover.exists()
+        assert store.materialize()["profile"]["rows_read"] == 0  # incremental still
         # What remains is whole and served.
         now = T + timedelta(hours=2)
         online = store.get_online_features({"account": ["aaa", "zzz", KEY]}, ["profile:email"])
@@ -103,6 +104,30 @@ def test_delete_then_purge_leaves_the_value_in_no_file(tmp_path: Path) -> None:
     with FeatureStore(repo) as store:
         assert store.get_feature_vector({"account": "bbb"}, ["profile:email"]) == {"email": "b@x"}
         assert store.read("profile").collect().height == 3
+
+
+def test_a_purge_after_an_interrupted_online_delete_leaves_nothing_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polarstore._online
+
+    repo = tmp_path / "repo"
+    with build(repo) as store:
+        with monkeypatch.context() as patch:
+            patch.setattr(polarstore._online, "delete_synced", _fail)
+            with pytest.raises(PolarstoreError, match="not yet online"):
+                store.delete_entities("profile", {"account": KEY})
+        assert store.get_feature_vector({"account": KEY}, ["profile:email"])["email"]
+        store.vacuum(retention=timedelta(0), force=True)
+        assert files_holding(repo, KEY) == []
+        assert files_holding(repo, VALUE) == []
+        store.materialize()
+        online = store.get_online_features({"account": ["aaa", KEY]}, ["profile:email"])
+        assert online["email"].to_list() == ["a@x", None]
+
+
+def _fail(*args: object) -> int:
+    raise OSError("injected: the online delete failed")
 
 
 def test_an_ordinary_vacuum_keeps_the_history(tmp_path: Path) -> None:
