@@ -218,7 +218,7 @@ def _polarstore_calls(repo: str, keys: np.ndarray, batch: pl.DataFrame) -> tuple
 def _raw_calls(repo: str, keys: np.ndarray, batch: pl.DataFrame) -> tuple[Any, Any]:
     import lmdb
 
-    from polarstore._online import Layout
+    from polarstore._records import Layout
 
     env = lmdb.open(str(Path(repo) / "online"), readonly=True, lock=True)
     txn = env.begin()

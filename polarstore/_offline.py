@@ -253,14 +253,96 @@ class OfflineStore:
         return got
 
     def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
+        """Delete the data files no kept version needs; returns the files this call deleted,
+        relative to the repository (``views/<view>/...``), sorted."""
         table = self._open(view)
         if table is None:
             return []
-        return table.vacuum(
-            retention_hours=retention_hours,
-            dry_run=False,
-            enforce_retention_duration=False,
-            keep_versions=list(keep_versions) or None,
+
+        def run(dry_run: bool) -> list[str]:
+            return table.vacuum(
+                retention_hours=retention_hours,
+                dry_run=dry_run,
+                enforce_retention_duration=False,
+                keep_versions=list(keep_versions) or None,
+            )
+
+        try:
+            # delta-rs lists files it already deleted (the log keeps their tombstones), as
+            # absolute paths: report only what exists before and is gone after.
+            candidates = [self._table_relative(p, self.table_uri(view)) for p in run(True)]
+            before = [p for p in candidates if not self._local or self._exists(view, p)]
+            run(False)
+        except (DeltaError, OSError) as e:
+            msg = f"vacuum of view {view!r} failed: {e}"
+            raise PolarstoreError(msg) from e
+        gone = [p for p in before if not self._local or not self._exists(view, p)]
+        return sorted(f"views/{view}/{p}" for p in gone)
+
+    def _exists(self, view: str, relative: str) -> bool:
+        return (Path(self.table_uri(view).removeprefix("file://")) / relative).exists()
+
+    @staticmethod
+    def _table_relative(path: str, table_uri: str) -> str:
+        """A path delta-rs reports (relative, absolute or a URI) relative to the table."""
+        for root in (table_uri, table_uri.removeprefix("file://")):
+            if path.startswith(root.rstrip("/") + "/"):
+                return path[len(root.rstrip("/")) + 1 :]
+        return path
+
+    def purge(self, view: str) -> list[str]:
+        """Leave only the current version in the table's log: checkpoint it, remove the rest.
+
+        Old commit files and checkpoints hold the min/max statistics of every file ever
+        written, so values deleted from the table (and vacuumed) would still be in them. After
+        this, versions before the current one cannot be read (no log describes them). Local
+        repositories only. Returns the removed log files, relative to the repository.
+        """
+        if not self._local:
+            msg = f"purging the log of view {view!r} needs a local repository, not {self.root}."
+            raise PolarstoreError(msg)
+        log = Path(self.table_uri(view).removeprefix("file://")) / "_delta_log"
+        removed: list[str] = []
+        # Under the write lock: a rewrite committing meanwhile would otherwise be the version
+        # the checkpoint is not of.
+        with self._write_lock(view):
+            table = self._open(view)
+            if table is None:
+                return []
+            current = table.version()
+            try:
+                table.create_checkpoint()
+                for path in sorted(log.iterdir()):
+                    digits = path.name.split(".", 1)[0]
+                    # NNNNNNNNNNNNNNNNNNNN.json, .checkpoint.parquet, .crc, multi-part
+                    # checkpoints: everything of an older version goes (also temporary files
+                    # of an interrupted commit, named by their version too).
+                    if digits.isdigit() and int(digits) < current and path.is_file():
+                        path.unlink()
+                        removed.append(f"views/{view}/_delta_log/{path.name}")
+            except (DeltaError, OSError) as e:
+                msg = f"purging the log of view {view!r} failed: {e}"
+                raise PolarstoreError(msg) from e
+        return removed
+
+    def deletes_after(self, view: str, version: int) -> list[int] | None:
+        """The versions after ``version`` committed by ``delete_entities``, oldest first.
+
+        Reads only the commits after ``version`` (one small JSON file each), so a sync that
+        checks for deletes since its last run pays for what was committed since. None when
+        the log no longer reaches back that far (purged by ``vacuum``): unknown.
+        """
+        table = self._open(view)
+        if table is None or table.version() <= version:
+            return []
+        commits = table.history(limit=table.version() - version)
+        versions = {int(c["version"]) for c in commits if "version" in c}
+        if not set(range(version + 1, table.version() + 1)) <= versions:
+            return None
+        return sorted(
+            int(c["version"])
+            for c in commits
+            if c.get("version", -1) > version and c.get(_OPERATION_KEY) == "delete"
         )
 
     # --- reading --------------------------------------------------------------------------

@@ -1,116 +1,148 @@
 """The online store: the latest row per entity of each online view, in one LMDB environment.
 
-Layout. One database: each view's entries live under a 4-byte id prefix, metadata under the
-prefix 0: per view, its *layout* (id, key and feature dtypes the values were encoded with) and
-its *sync state* (which Delta versions and event times are synced). A sync writes values and
-state in one write transaction, so readers and crashes only ever see whole syncs. (Named LMDB
-databases were tried: opening one needs a write transaction, or a read transaction whose handle
-py-lmdb drops when it ends, so a reader would wait on a running sync.)
-
-Keys. A single integer key is 8 bytes big-endian with the sign bit flipped (numeric order is
-byte order, which keeps ``getmulti`` over sorted keys walking the B-tree forwards); a single
-string key is ``b"s"`` + UTF-8 (LMDB refuses empty keys); compound keys concatenate the parts,
-each string but the last prefixed with its 4-byte length, so no separator byte can collide.
-Keys of 507 bytes or more (LMDB's limit less the prefix) are stored as 475 ``0xff`` bytes + a
-32-byte BLAKE2b digest: exactly 507 bytes, a length no plain key has.
-
-Values. A fixed-width record — event time, created time, write sequence (int64 µs / int64), one
-validity byte per feature, then one slot per feature (the feature's own width; a 4-byte length
-for strings, binaries and lists) — followed by the variable-width payloads. Fixed-width views
-(the common all-numeric case) decode a whole batch with one ``numpy.frombuffer``; the single
-lookup decodes with one ``struct.unpack_from``. List values are msgpack (msgspec). No pickle.
+This is the only module that imports ``lmdb``. One database: each view's entries live under a
+4-byte id prefix (the record codec, ``_records``), metadata under the prefix 0 (the sync,
+``_sync``). (Named LMDB databases were tried: opening one needs a write transaction, or a read
+transaction whose handle py-lmdb drops when it ends, so a reader would wait on a running sync.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
+import fcntl
+import itertools
 import json
 import os
-import struct
+import shutil
+import stat
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
-from itertools import compress
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
-import msgspec
-import numpy as np
 import polars as pl
 
-from polarstore._definitions import (
-    SEQ_COLUMN,
-    FeatureService,
-    FeatureView,
-    dtype_from_str,
-    dtype_to_str,
-)
-from polarstore._errors import PolarstoreError, SchemaError, ValidationError
-from polarstore._frames import entity_frame, key_dtype
-from polarstore._offline import OfflineStore, seq_floor
+from polarstore._definitions import FeatureService, FeatureView, dtype_from_str
+from polarstore._errors import PolarstoreError, ValidationError
+from polarstore._frames import entity_frame
+from polarstore._offline import OfflineStore
+from polarstore._records import Layout, cast_keys, key_check, stored_layout
 from polarstore._retrieval import Requested, resolve_features, service_named
+from polarstore._sync import (
+    Progress,
+    delete_synced,
+    drop_view,
+    meta_key,
+    micros,
+    settle_deletes,
+    sync_view,
+)
 from polarstore._time import to_utc
 
 __all__ = ["OnlineStore"]
 
-_META = b"\x00\x00\x00\x00"
-_NEXT_ID = _META + b"next_id"
 _INITIAL_MAP_SIZE = 1 << 30  # virtual address space only; the file grows as pages are used
-_MAX_KEY = 511 - len(_META)
-_HASHED_PREFIX = b"\xff" * (_MAX_KEY - 32)
-_SIGN = np.uint64(1 << 63)
-_OFFSET = 1 << 63
-_NO_CREATED = -(1 << 63)
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_EPOCH = datetime(1970, 1, 1)
-_EPOCH_DATE = date(1970, 1, 1)
 _US = timedelta(microseconds=1)
-_HEADER = ("ts", "created", "seq")
 _PROGRESS_ROWS = 1_000_000
-
-# numpy dtype, struct code and physical Polars dtype of each fixed-width feature dtype.
-_FIXED: dict[str, tuple[str, str, pl.DataType]] = {
-    "Boolean": ("u1", "B", pl.UInt8()),
-    "Int8": ("i1", "b", pl.Int8()),
-    "Int16": ("<i2", "h", pl.Int16()),
-    "Int32": ("<i4", "i", pl.Int32()),
-    "Int64": ("<i8", "q", pl.Int64()),
-    "Float32": ("<f4", "f", pl.Float32()),
-    "Float64": ("<f8", "d", pl.Float64()),
-    "Date": ("<i4", "i", pl.Int32()),
-    "Datetime(us)": ("<i8", "q", pl.Int64()),
-    "Datetime(us, UTC)": ("<i8", "q", pl.Int64()),
-}
+_FOREVER = 1 << 80  # µs, more than any two representable times are apart
 
 # py-lmdb's stubs type values as ``bytes | memoryview``; transactions here never use buffers=True,
 # so values are bytes.
 _Txn = Any
+_T = TypeVar("_T")
 
 _generation = 0
 # LMDB forbids opening one environment twice in a process (py-lmdb refuses to), so every
-# OnlineStore on a folder shares one: folder -> (environment, ids of the stores using it).
-# The last store to close it closes it.
-_SHARED: dict[str, tuple[lmdb.Environment, set[int]]] = {}
+# OnlineStore on a folder shares one: folder -> (environment, ids of the stores using it, its
+# gate). The last store to close it closes it.
+_SHARED: dict[str, tuple[lmdb.Environment, set[int], _Gate]] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _acquire(path: Path, owner: object) -> lmdb.Environment:
+class _Gate:
+    """Keeps ``set_mapsize`` away from this process's open transactions, without a lock per read.
+
+    LMDB allows a map resize only while the process has no transaction open, and py-lmdb
+    invalidates every open transaction of the environment when it resizes, so a lookup in
+    another thread would fail with "closed/deleted/dropped object". Each transaction enters
+    and leaves the gate; a resize closes it, waits until no transaction is inside and runs
+    alone. Entering costs two ``next()`` calls on ``itertools.count`` (atomic under the GIL)
+    and a flag test; the resize, which happens a few times in a store's life, does the waiting.
+    """
+
+    def __init__(self) -> None:
+        # Bound ``__next__`` of the two counters: the cheapest atomic step there is.
+        self.inc = itertools.count().__next__
+        self.dec = itertools.count().__next__
+        self.closed = False
+        self._lock = threading.Lock()  # held by the resizer while the gate is closed
+        self.retired = False  # the environment was closed (replaced by a compacted copy)
+
+    def enter(self) -> None:
+        while True:
+            self.inc()
+            if not self.closed:
+                return
+            self.dec()  # back out, and wait for the resize to finish
+            if self.retired:
+                raise _RetiredError
+            with self._lock:
+                pass
+
+    def leave(self) -> None:
+        self.dec()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._lock:
+            self.closed = True
+            try:
+                # Read ``dec`` before ``inc``: the difference then never undercounts the
+                # transactions inside (each call here moves both counters by one).
+                while self.dec() != self.inc():
+                    time.sleep(0.0002)
+                yield
+            finally:
+                self.closed = self.retired  # a retired gate stays closed
+
+
+class _RetiredError(Exception):
+    """The environment was closed by a compaction: reopen it and try again."""
+
+
+def _acquire(path: Path, owner: object) -> tuple[lmdb.Environment, _Gate]:
     with _SHARED_LOCK:
         shared = _SHARED.get(os.path.realpath(path))
         if shared is None:
-            path.mkdir(parents=True, exist_ok=True)
-            env = lmdb.open(
-                str(path), map_size=_INITIAL_MAP_SIZE, max_readers=1024, readahead=False
-            )
-            shared = _SHARED[os.path.realpath(path)] = (env, set())
+            _refuse_links(path)
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                _refuse_links(path)
+                # mode: data.mdb and lock.mdb follow the umask like every other file
+                # (py-lmdb's default, 0o755, made them executable).
+                env = lmdb.open(
+                    str(path),
+                    map_size=_INITIAL_MAP_SIZE,
+                    max_readers=1024,
+                    readahead=False,
+                    mode=0o666,
+                )
+            except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
+                raise _damaged(path, e) from e
+            except (lmdb.Error, OSError) as e:
+                msg = f"cannot open the online store at {path}: {e}"
+                raise PolarstoreError(msg) from e
+            shared = _SHARED[os.path.realpath(path)] = (env, set(), _Gate())
         shared[1].add(id(owner))
-        return shared[0]
+        return shared[0], shared[2]
 
 
 def _release(path: Path, owner: object) -> None:
@@ -123,6 +155,89 @@ def _release(path: Path, owner: object) -> None:
                 shared[0].close()
 
 
+def _refuse_links(path: Path) -> None:
+    """Refuse an online folder, data.mdb or lock.mdb that is a link (or not a plain file).
+
+    LMDB opens and writes its files wherever a symlink points: a link planted in a shared
+    repository would make the next ``materialize`` overwrite a file outside it. Checked
+    before opening; a link planted while this process has the environment open is not seen
+    (LMDB opens the files once, at ``lmdb.open``).
+    """
+    for candidate, kind in (
+        (path, stat.S_ISDIR),
+        (path / "data.mdb", stat.S_ISREG),
+        (path / "lock.mdb", stat.S_ISREG),
+    ):
+        try:
+            mode = os.lstat(candidate).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            msg = f"cannot open the online store at {path}: {e}"
+            raise PolarstoreError(msg) from e
+        if stat.S_ISLNK(mode) or not kind(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file or folder"
+            msg = (
+                f"the online store's {candidate} is {what}; polarstore never follows links out "
+                f"of the repository. Remove it (the online store is rebuilt by materialize())."
+            )
+            raise PolarstoreError(msg)
+
+
+def _damaged(path: Path, e: Exception) -> PolarstoreError:
+    msg = (
+        f"the online store file {path / 'data.mdb'} is damaged ({e}). It holds only a copy of "
+        f"the offline tables: delete the folder {path} and run materialize() to rebuild it."
+    )
+    return PolarstoreError(msg)
+
+
+_DAMAGE = (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError, lmdb.PanicError)
+_LOW_DISK = 16 << 20  # bytes: below this, a failed commit is taken for a full disk
+
+
+def _write_failed(path: Path, e: Exception) -> PolarstoreError:
+    """The error for a write transaction LMDB could not commit (nothing of it was applied).
+
+    A full disk shows as ENOSPC, or as LMDB's EIO for a short write: tell by the free space.
+    """
+    try:
+        free: int | None = shutil.disk_usage(path).free
+    except OSError:
+        free = None
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space" in str(e)
+    if full or (free is not None and free < _LOW_DISK):
+        msg = (
+            f"the disk holding the online store {path} is full ({free or 0:,} bytes free): "
+            f"{e}. The online store is unchanged; free some space and run materialize() again."
+        )
+    else:
+        msg = f"updating the online store at {path} failed: {e}. The online store is unchanged."
+    return PolarstoreError(msg)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_mtime_ns, st.st_size
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _busy(data: Path) -> PolarstoreError:
+    msg = (
+        f"the online store {data} is open in another process, so it was not compacted: the "
+        "bytes of deleted values may remain in its free pages. Stop the other processes using "
+        "this repository and run vacuum(retention=timedelta(0), force=True) again."
+    )
+    return PolarstoreError(msg)
+
+
 def _forked() -> None:
     global _generation, _SHARED_LOCK
     _generation += 1
@@ -130,7 +245,7 @@ def _forked() -> None:
     # The inherited environments must be closed before the child can open its own. That is
     # safe when no other thread of the parent was inside a lookup at the fork: mdb_env_close
     # clears only the reader slots of the child's pid (the parent's slots and locks stay).
-    for env, _ in _SHARED.values():
+    for env, _, _ in _SHARED.values():
         with contextlib.suppress(lmdb.Error):
             env.close()
     _SHARED.clear()
@@ -140,395 +255,7 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-# --- encoding -------------------------------------------------------------------------------
-
-
-def _physical(dtype: pl.DataType) -> pl.DataType:
-    """The dtype list values are msgpack-encoded as (temporal types as integers)."""
-    if isinstance(dtype, pl.List):
-        return pl.List(_physical(dtype.inner))  # type: ignore[arg-type]
-    if isinstance(dtype, pl.Datetime):
-        return pl.Int64()
-    if isinstance(dtype, pl.Date):
-        return pl.Int32()
-    return dtype
-
-
-def _python_converter(text: str) -> Callable[[Any], Any] | None:
-    if text == "Boolean":
-        return bool
-    if text == "Date":
-        return lambda days: _EPOCH_DATE + timedelta(days=days)
-    if text == "Datetime(us, UTC)":
-        return lambda us: _EPOCH_UTC + timedelta(microseconds=us)
-    if text == "Datetime(us)":
-        return lambda us: _EPOCH + timedelta(microseconds=us)
-    if text in ("String", "Binary") or text.startswith("List("):
-        return None  # decoded from the payload by Layout.decode_one
-    return None
-
-
-class Layout:
-    """How one view's keys and values are encoded; stored with the values it describes."""
-
-    def __init__(
-        self, view_id: int, keys: Sequence[tuple[str, str]], features: Sequence[tuple[str, str]]
-    ) -> None:
-        self.view_id = view_id
-        self.prefix = view_id.to_bytes(4, "big")
-        self.keys = tuple((k, t) for k, t in keys)
-        self.features = tuple((f, t) for f, t in features)
-        self.key_names = tuple(k for k, _ in self.keys)
-        self.names = tuple(f for f, _ in self.features)
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.dtypes = {f: dtype_from_str(t) for f, t in self.features}
-        self.var = tuple(i for i, (_, t) in enumerate(self.features) if t not in _FIXED)
-        fields = [("ts", "<i8"), ("created", "<i8"), ("seq", "<i8")]
-        fields += [(f"v{i}", "u1") for i in range(len(self.features))]
-        codes = "<qqq" + "B" * len(self.features)
-        for i, (_, t) in enumerate(self.features):
-            np_code, code, _ = _FIXED.get(t, ("<u4", "I", pl.UInt32()))
-            fields.append((f"f{i}", np_code))
-            codes += code
-        self.record = np.dtype(fields)
-        self.width = self.record.itemsize
-        self.struct = struct.Struct(codes)
-        self.converters = [_python_converter(t) for _, t in self.features]
-        self.list_decoders = {
-            i: msgspec.msgpack.Decoder()
-            for i, (_, t) in enumerate(self.features)
-            if t.startswith("List(")
-        }
-        self.signature = json.dumps({"keys": self.keys, "features": self.features})
-        doc = {"id": view_id, "keys": self.keys, "features": self.features}
-        self.json = json.dumps(doc).encode()
-
-    @classmethod
-    def of(cls, view_id: int, view: FeatureView, schema: Mapping[str, pl.DataType]) -> Layout:
-        keys = [
-            (k, dtype_to_str(key_dtype(schema[k], where=view.name, column=k)))
-            for k in view.join_keys
-        ]
-        return cls(view_id, keys, [(f, dtype_to_str(t)) for f, t in view.schema.items()])
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> Layout:
-        doc = json.loads(raw)
-        keys = [tuple(k) for k in doc["keys"]]
-        return cls(doc["id"], keys, [tuple(f) for f in doc["features"]])
-
-    # --- keys ------------------------------------------------------------------------------
-
-    def encode_keys(self, frame: pl.DataFrame) -> list[bytes]:
-        """Keys of a frame of join-key columns, none null, already cast to the key dtypes."""
-        prefix = self.prefix
-        if self.keys == ((self.keys[0][0], "Int64"),):
-            records = np.empty(frame.height, dtype=[("prefix", "V4"), ("key", ">u8")])
-            records["prefix"] = prefix
-            records["key"] = frame[self.keys[0][0]].to_numpy().view(np.uint64) ^ _SIGN
-            return np.frombuffer(records.tobytes(), dtype="V12").tolist()
-        parts: list[list[bytes]] = []
-        last = len(self.keys) - 1
-        for i, (name, kind) in enumerate(self.keys):
-            column = frame[name]
-            if kind == "Int64":
-                flipped = (column.to_numpy().view(np.uint64) ^ _SIGN).astype(">u8")
-                parts.append(np.frombuffer(flipped.tobytes(), dtype="V8").tolist())
-            elif last == 0:
-                return [prefix + _limit_one(b"s" + b) for b in column.cast(pl.Binary).to_list()]
-            elif i < last:
-                parts.append([len(b).to_bytes(4, "big") + b for b in column.cast(pl.Binary)])
-            else:
-                parts.append(column.cast(pl.Binary).to_list())
-        return [prefix + _limit_one(b"".join(p)) for p in zip(*parts, strict=True)]
-
-    def key_encoder(self, where: str) -> Callable[[Mapping[str, Any]], bytes | None]:
-        """Key of one entity dict (None when a key is null): the lean request-time path."""
-        kinds = self.keys
-        prefix = self.prefix
-
-        def part(name: str, kind: str, value: Any) -> bytes:
-            if kind == "Int64":
-                if isinstance(value, bool) or not isinstance(value, int):
-                    value = _as_int(value, name, where)
-                try:
-                    return (value + _OFFSET).to_bytes(8, "big")
-                except OverflowError:
-                    msg = f"{where}: join key {name!r} = {value} is outside the Int64 range."
-                    raise ValidationError(msg) from None
-            if not isinstance(value, str):
-                msg = f"{where}: join key {name!r} must be a string, got {value!r}."
-                raise ValidationError(msg)
-            return value.encode()
-
-        if len(kinds) == 1 and kinds[0][1] == "Int64":
-            name = kinds[0][0]
-
-            def single_int(entity: Mapping[str, Any]) -> bytes | None:
-                try:
-                    value = entity[name]
-                    if type(value) is int and -_OFFSET <= value < _OFFSET:
-                        return prefix + (value + _OFFSET).to_bytes(8, "big")
-                except KeyError:
-                    _key_value(entity, name, where)
-                return None if value is None else prefix + part(name, "Int64", value)
-
-            return single_int
-
-        if len(kinds) == 1:
-            (name, kind) = kinds[0]
-
-            def single(entity: Mapping[str, Any]) -> bytes | None:
-                value = _key_value(entity, name, where)
-                if value is None:
-                    return None
-                raw = part(name, kind, value)
-                return prefix + (raw if kind == "Int64" else _limit_one(b"s" + raw))
-
-            return single
-
-        def compound(entity: Mapping[str, Any]) -> bytes | None:
-            out = []
-            for i, (name, kind) in enumerate(kinds):
-                value = _key_value(entity, name, where)
-                if value is None:
-                    return None
-                raw = part(name, kind, value)
-                if kind != "Int64" and i < len(kinds) - 1:
-                    raw = len(raw).to_bytes(4, "big") + raw
-                out.append(raw)
-            return prefix + _limit_one(b"".join(out))
-
-        return compound
-
-    # --- values ----------------------------------------------------------------------------
-
-    def encode_values(self, frame: pl.DataFrame, view: FeatureView) -> list[bytes]:
-        records = np.zeros(frame.height, dtype=self.record)
-        records["ts"] = frame[view.timestamp_field].cast(pl.Int64).to_numpy()
-        if view.created_timestamp_field:
-            created = frame[view.created_timestamp_field].cast(pl.Int64).fill_null(_NO_CREATED)
-            records["created"] = created.to_numpy()
-        else:
-            records["created"] = _NO_CREATED
-        records["seq"] = frame[SEQ_COLUMN].to_numpy()
-        payloads: list[list[bytes]] = []
-        for i, (name, text) in enumerate(self.features):
-            column = (
-                frame[name] if name in frame.columns else pl.Series(name, [None] * frame.height)
-            )
-            records[f"v{i}"] = column.is_not_null().to_numpy()
-            if text in _FIXED:
-                physical = _FIXED[text][2]
-                records[f"f{i}"] = column.cast(physical).fill_null(0).to_numpy()
-                continue
-            if text in ("String", "Binary"):
-                payload = [b or b"" for b in column.cast(pl.Binary).to_list()]
-            else:
-                physical_list = column.cast(_physical(self.dtypes[name])).to_list()
-                payload = [b"" if v is None else msgspec.msgpack.encode(v) for v in physical_list]
-            records[f"f{i}"] = [len(b) for b in payload]
-            payloads.append(payload)
-        fixed = records.tobytes()
-        if not payloads:
-            return np.frombuffer(fixed, dtype=f"V{self.width}").tolist()
-        width = self.width
-        return [
-            fixed[j * width : (j + 1) * width] + b"".join(row)
-            for j, row in enumerate(zip(*payloads, strict=True))
-        ]
-
-    def decode_headers(self, values: Sequence[bytes]) -> np.ndarray:
-        """(ts, created, seq) of each value, as an (n, 3) int64 array."""
-        if not self.var:
-            records = np.frombuffer(b"".join(values), dtype=self.record)
-        else:
-            records = np.frombuffer(b"".join(v[: self.width] for v in values), dtype=self.record)
-        return np.column_stack([records["ts"], records["created"], records["seq"]])
-
-    def decode_values(self, values: Sequence[bytes]) -> tuple[np.ndarray, dict[int, list[Any]]]:
-        """Fixed records of a batch, and the payloads of its variable-width features."""
-        if not self.var:
-            return np.frombuffer(b"".join(values), dtype=self.record), {}
-        width = self.width
-        records = np.frombuffer(b"".join(v[:width] for v in values), dtype=self.record)
-        lengths = [records[f"f{i}"].tolist() for i in self.var]
-        payloads: dict[int, list[Any]] = {i: [] for i in self.var}
-        for j, value in enumerate(values):
-            offset = width
-            for i, sizes in zip(self.var, lengths, strict=True):
-                end = offset + sizes[j]
-                payloads[i].append(value[offset:end])
-                offset = end
-        return records, payloads
-
-    def column(
-        self, i: int, records: np.ndarray, payloads: dict[int, list[Any]], declared: pl.DataType
-    ) -> pl.Series:
-        """Feature ``i`` of decoded records as a Series of the declared dtype (nulls unset)."""
-        name, text = self.features[i]
-        if text in _FIXED:
-            series = pl.Series(name, np.ascontiguousarray(records[f"f{i}"]))
-            if text == "Boolean":
-                series = series.cast(pl.Boolean)
-        elif text == "String":
-            series = pl.Series(name, payloads[i], dtype=pl.Binary).cast(pl.String)
-        elif text == "Binary":
-            series = pl.Series(name, payloads[i], dtype=pl.Binary)
-        else:
-            decode = self.list_decoders[i].decode
-            raw = [decode(b) if b else None for b in payloads[i]]
-            series = pl.Series(name, raw, dtype=_physical(self.dtypes[name]))
-        return series.cast(declared)
-
-    def decode_one(self, value: bytes) -> list[Any]:
-        """Every feature of one value as Python objects (None for nulls)."""
-        fields = self.struct.unpack_from(value)
-        n = len(self.features)
-        out: list[Any] = []
-        offset = self.width
-        for i in range(n):
-            raw = fields[3 + n + i]
-            if i in self.list_decoders or self.features[i][1] in ("String", "Binary"):
-                payload = value[offset : offset + raw]
-                offset += raw
-                if not fields[3 + i]:
-                    out.append(None)
-                elif i in self.list_decoders:
-                    series = pl.Series([self.list_decoders[i].decode(payload)])
-                    out.append(series.cast(self.dtypes[self.names[i]]).to_list()[0])
-                elif self.features[i][1] == "String":
-                    out.append(bytes(payload).decode())
-                else:
-                    out.append(bytes(payload))
-                continue
-            convert = self.converters[i]
-            out.append(None if not fields[3 + i] else raw if convert is None else convert(raw))
-        return out
-
-
-def _limit_one(key: bytes) -> bytes:
-    if len(key) < _MAX_KEY:
-        return key
-    return _HASHED_PREFIX + hashlib.blake2b(key, digest_size=32).digest()
-
-
-def _key_value(entity: Mapping[str, Any], name: str, where: str) -> Any:
-    try:
-        return entity[name]
-    except KeyError:
-        msg = f"{where}: missing join key {name!r}; got {sorted(entity)}."
-        raise ValidationError(msg) from None
-
-
-def _as_int(value: Any, name: str, where: str) -> int:
-    if not isinstance(value, bool) and hasattr(value, "__index__"):
-        return int(value.__index__())  # numpy integers
-    msg = f"{where}: join key {name!r} must be an integer, got {value!r}."
-    raise ValidationError(msg)
-
-
-# --- sync state -----------------------------------------------------------------------------
-
-
-class _SyncState:
-    """What of a view is online: Delta versions up to ``segments[i][0]`` (from the previous
-    segment's version, exclusive) are synced for event times up to ``segments[i][1]`` µs
-    (None: all of them). Several segments exist only after syncs with an ``end``."""
-
-    def __init__(self, doc: dict[str, Any] | None) -> None:
-        doc = doc or {}
-        self.segments: list[list[int | None]] = [list(s) for s in doc.get("segments", [])]
-        self.materialized_at: str | None = doc.get("materialized_at")
-        # The latest event time online: rows after it need no comparison with what is online.
-        self.max_event: int | None = doc.get("max_event_us")
-
-    @property
-    def version(self) -> int:
-        return int(self.segments[-1][0]) if self.segments else -1  # type: ignore[arg-type]
-
-    def to_json(self) -> bytes:
-        end = self.segments[-1][1] if self.segments else None
-        doc = {
-            "segments": self.segments,
-            "version": self.version if self.segments else None,
-            "end": None if end is None else _iso(int(end)),
-            "materialized_at": self.materialized_at,
-            "max_event_us": self.max_event,
-        }
-        return json.dumps(doc).encode()
-
-    def pending(self, view: FeatureView, current: int, end: int | None) -> _Pending | None:
-        """Rows of versions ≤ ``current`` with event time ≤ ``end`` not yet synced."""
-        ts = pl.col(view.timestamp_field).cast(pl.Int64)
-        seq = pl.col(SEQ_COLUMN)
-        parts = []
-        lowest_seq: int | None = None
-        since: int | None = None
-        low = -1
-        for high, synced_to in self.segments:
-            assert high is not None
-            if synced_to is not None and (end is None or synced_to < end):
-                parts.append(
-                    (seq >= seq_floor(low + 1)) & (seq < seq_floor(high + 1)) & (ts > synced_to)
-                )
-                lowest_seq = seq_floor(low + 1) if lowest_seq is None else lowest_seq
-                since = synced_to if since is None else min(since, synced_to)
-            low = high
-        if current > low:
-            parts.append(seq >= seq_floor(low + 1))
-            lowest_seq = seq_floor(low + 1) if lowest_seq is None else lowest_seq
-            since = None  # new versions: rows of any event time
-        elif not parts:
-            return None
-        rows = pl.any_horizontal(parts)
-        if end is not None:
-            rows = rows & (ts <= end)
-        return _Pending(rows, lowest_seq, None if since is None else _datetime(since))
-
-    def advance(self, current: int, end: int | None) -> None:
-        def later(a: int | None, b: int | None) -> int | None:
-            return None if a is None or b is None else max(a, b)
-
-        segments = [[high, later(synced_to, end)] for high, synced_to in self.segments]
-        if current > self.version:
-            segments.append([current, end])
-        merged: list[list[int | None]] = []
-        for segment in segments:
-            if merged and merged[-1][1] == segment[1]:
-                merged[-1][0] = segment[0]
-            else:
-                merged.append(segment)
-        self.segments = merged
-        self.materialized_at = datetime.now(timezone.utc).isoformat()
-
-
-@dataclass(frozen=True)
-class _Pending:
-    """The rows a sync must read: a filter, plus bounds that let the scan skip whole files."""
-
-    rows: pl.Expr
-    min_seq: int | None
-    since: datetime | None
-
-
-def _datetime(us: int) -> datetime:
-    return _EPOCH_UTC + timedelta(microseconds=us)
-
-
-def _iso(us: int) -> str:
-    return (_EPOCH_UTC + timedelta(microseconds=us)).isoformat()
-
-
-def _micros(moment: datetime) -> int:
-    return (moment - _EPOCH_UTC) // _US
-
-
 # --- the store ------------------------------------------------------------------------------
-
-
-def _meta_key(kind: str, view: str) -> bytes:
-    return _META + f"{kind}/{view}".encode()
 
 
 class _VectorView:
@@ -536,7 +263,7 @@ class _VectorView:
 
     def __init__(self, view: FeatureView, wanted: list[Requested]) -> None:
         self.view = view
-        self.layout_key = _meta_key("layout", view.name)
+        self.layout_key = meta_key("layout", view.name)
         self.wanted = [(r.feature, r.output) for r in wanted]
         self.nulls = {output: None for _, output in self.wanted}
         self.layout_raw: bytes | None = None
@@ -553,16 +280,17 @@ class _VectorView:
         self.env, self.snapshot = env, snapshot
 
     def _absent(self, txn: _Txn, entity: Mapping[str, Any], now_us: int, out: dict) -> None:
-        _key_check(self.view, entity)
+        key_check(self.view, entity)
         out.update(self.nulls)
 
     def adopt(self, raw: bytes) -> None:
         """Compile the lookup for the layout the values were stored with."""
-        layout = _stored_layout(raw, self.view, "get_feature_vector")
+        layout = stored_layout(raw, self.view, "get_feature_vector")
         self.layout_raw = raw
         encode = layout.key_encoder("get_feature_vector")
         nulls = self.nulls
-        ttl = None if self.view.ttl is None else self.view.ttl // _US
+        # No ttl: a span no event time can be outside of, so one chained comparison serves.
+        ttl = _FOREVER if self.view.ttl is None else self.view.ttl // _US
         n = len(layout.features)
         wanted = [(output, layout.index.get(f)) for f, output in self.wanted]
         picks = [
@@ -581,7 +309,8 @@ class _VectorView:
                 out.update(nulls)
                 return
             fields = unpack(value)
-            if ttl is not None and fields[0] < now_us - ttl:
+            # Outside the ttl, or from the future of ``now`` (the latest row is all there is).
+            if not now_us - ttl <= fields[0] <= now_us:
                 out.update(nulls)
                 return
             if variable:
@@ -599,6 +328,50 @@ class _VectorView:
         self.fetch = fetch
 
 
+def _begin(env: lmdb.Environment, gate: _Gate, path: Path) -> _Txn:
+    """A read transaction, inside the gate (the caller leaves it after ``abort``)."""
+    while True:
+        gate.enter()
+        try:
+            return env.begin()
+        except lmdb.MapResizedError:
+            pass  # another process grew the map: adopt its size, with no transaction open
+        except _DAMAGE as e:
+            gate.leave()
+            raise _damaged(path, e) from e
+        except BaseException:
+            gate.leave()
+            raise
+        gate.leave()
+        with gate.exclusive():
+            env.set_mapsize(0)
+
+
+def _materialize(
+    txn: _Txn,
+    offline: OfflineStore,
+    views: Sequence[FeatureView],
+    end_us: int | None,
+    show: bool,
+) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    # The write transaction is taken first: it is also the lock that serialises syncs from
+    # several processes, so each one reads the state the previous one committed.
+    with Progress(show) as report:
+        for view in views:
+            started = time.perf_counter()
+            report(f"{view.name}: reading new rows")
+            read, written, version = sync_view(txn, offline, view, end_us, report)
+            summary[view.name] = {
+                "rows_read": read,
+                "entities_written": written,
+                "version": version,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            report(f"{view.name}: {read:,} rows read, {written:,} entities written")
+    return summary
+
+
 class OnlineStore:
     """The LMDB environment of one repository, opened lazily and reopened after ``fork()``.
 
@@ -609,6 +382,7 @@ class OnlineStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._env: lmdb.Environment | None = None
+        self._gate = _Gate()  # replaced by the shared environment's own when opened
         self._generation = _generation
         self._lock = threading.RLock()
         self._plans: dict[Any, list[_VectorView]] = {}
@@ -628,14 +402,11 @@ class OnlineStore:
             self._generation = _generation
         if self._env is None:
             if not create and not (self.path / "data.mdb").exists():
+                _refuse_links(self.path)  # a dangling link is refused, not taken for "empty"
                 return None
             with self._lock:
                 if self._env is None:
-                    try:
-                        self._env = _acquire(self.path, self)
-                    except (lmdb.Error, OSError) as e:
-                        msg = f"cannot open the online store at {self.path}: {e}"
-                        raise PolarstoreError(msg) from e
+                    self._env, self._gate = _acquire(self.path, self)
         return self._env
 
     @contextmanager
@@ -645,14 +416,117 @@ class OnlineStore:
             yield None
             return
         try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)  # another process grew the map: adopt its size
-            txn = env.begin()
+            txn = _begin(env, self._gate, self.path)
+        except _RetiredError:
+            self._env = None
+            env = self._environment(create=False)
+            if env is None:
+                yield None
+                return
+            txn = _begin(env, self._gate, self.path)
         try:
             yield txn
+        except _DAMAGE as e:
+            raise _damaged(self.path, e) from e
         finally:
             txn.abort()
+            self._gate.leave()
+
+    def _write(self, work: Callable[[_Txn], _T]) -> _T:
+        """``work(txn)`` in one write transaction, retried after adopting or growing the map.
+
+        Another process may have grown the map (MapResizedError: adopt its size) or this
+        transaction may not fit (MapFullError: double it); either way nothing was committed
+        and ``work`` runs again from the start.
+        """
+        with self._lock:
+            while True:
+                env = self._environment(create=True)
+                assert env is not None
+                gate = self._gate
+                try:
+                    gate.enter()
+                except _RetiredError:
+                    self._env = None
+                    continue
+                try:
+                    with env.begin(write=True) as txn:
+                        return work(txn)
+                except lmdb.MapResizedError:
+                    size = 0  # adopt the size the other process set
+                except lmdb.MapFullError:
+                    size = env.info()["map_size"] * 2
+                except _DAMAGE as e:
+                    raise _damaged(self.path, e) from e
+                except (lmdb.Error, OSError) as e:
+                    raise _write_failed(self.path, e) from e
+                finally:
+                    gate.leave()
+                with gate.exclusive():
+                    env.set_mapsize(size)
+
+    def settle_deletes(self, offline: OfflineStore, views: Sequence[FeatureView]) -> None:
+        """Before a purge of the Delta logs: record the deletes already reflected online."""
+        if self._environment(create=False) is None:
+            return
+
+        def work(txn: _Txn) -> None:
+            for view in views:
+                settle_deletes(txn, offline, view)
+
+        self._write(work)
+
+    def compact(self) -> str | None:
+        """Replace data.mdb by a compacted copy, without the free pages that still hold the
+        bytes of deleted values; returns the file's path relative to the folder (None if no
+        online store).
+
+        Only when no other process has the online store open (their mappings would keep the
+        old file, and their writes would go to it): otherwise nothing is replaced and a
+        PolarstoreError says so. Threads of this process wait, then reopen the new file.
+        """
+        env = self._environment(create=False)
+        if env is None:
+            return None
+        data, lock = self.path / "data.mdb", self.path / "lock.mdb"
+        with self._lock, _SHARED_LOCK, self._gate.exclusive():
+            before = _stamp(data)
+            tmp = Path(tempfile.mkdtemp(prefix=".compact-", dir=self.path))
+            try:
+                env.copy(str(tmp), compact=True)
+                # Closing the environment drops this process's locks on lock.mdb (POSIX
+                # closes all of a process's fcntl locks on a file with any descriptor of it),
+                # so the exclusive lock below can only be taken once it is closed.
+                self._gate.retired = True
+                env.close()
+                _SHARED.pop(os.path.realpath(self.path), None)
+                self._env = None
+                fd = os.open(lock, os.O_RDWR)
+                try:
+                    try:
+                        # What every LMDB process holds a shared lock on while it has the
+                        # environment open; holding it exclusively keeps new openers waiting.
+                        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)
+                    except OSError as e:
+                        raise _busy(data) from e
+                    if _stamp(data) != before:  # written by a process since the copy
+                        raise _busy(data)
+                    for stale in self.path.glob(".compact-*"):  # left by a killed compaction
+                        if stale != tmp:
+                            shutil.rmtree(stale, ignore_errors=True)
+                    copy = tmp / "data.mdb"
+                    with copy.open("rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(copy, data)
+                    _fsync_dir(self.path)
+                finally:
+                    os.close(fd)  # releases the lock: the next opener starts from the copy
+            except lmdb.Error as e:
+                msg = f"compacting the online store {data} failed: {e}; it is unchanged."
+                raise PolarstoreError(msg) from e
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return "data.mdb"
 
     def close(self) -> None:
         with self._lock:
@@ -663,7 +537,7 @@ class OnlineStore:
     def state(self, view: str) -> dict[str, Any]:
         """The view's sync state: version, end and time of the last sync ({} if never)."""
         with self._read() as txn:
-            raw = None if txn is None else txn.get(_meta_key("state", view))
+            raw = None if txn is None else txn.get(meta_key("state", view))
         return {} if raw is None else json.loads(raw)
 
     # --- materialize -----------------------------------------------------------------------
@@ -675,114 +549,40 @@ class OnlineStore:
         *,
         end: datetime | None,
         progress: bool | None,
+        drop: Sequence[str] = (),
     ) -> dict[str, dict[str, Any]]:
-        """Sync every view in one write transaction; retried with a larger map when full."""
-        end_us = None if end is None else _micros(end)
-        env = self._environment(create=True)
-        assert env is not None
+        """Sync every view in one write transaction; the online data of ``drop`` (views that
+        are no longer online) goes in the same transaction."""
+        end_us = None if end is None else micros(end)
         if progress is None:
             progress = sys.stderr.isatty() and (
                 sum(offline.row_count(v) for v in views) >= _PROGRESS_ROWS
             )
-        with self._lock:
-            while True:
-                try:
-                    return self._materialize(env, offline, views, end_us, progress)
-                except lmdb.MapFullError:
-                    env.set_mapsize(env.info()["map_size"] * 2)
 
-    def _materialize(
-        self,
-        env: lmdb.Environment,
-        offline: OfflineStore,
-        views: Sequence[FeatureView],
-        end_us: int | None,
-        show: bool,
-    ) -> dict[str, dict[str, Any]]:
-        summary: dict[str, dict[str, Any]] = {}
-        # The write transaction is taken first: it is also the lock that serialises syncs
-        # from several processes, so each one reads the state the previous one committed.
-        with env.begin(write=True) as txn, _Progress(show) as report:
-            for view in views:
-                started = time.perf_counter()
-                report(f"{view.name}: reading new rows")
-                read, written, version = self._sync(txn, offline, view, end_us, report)
-                summary[view.name] = {
-                    "rows_read": read,
-                    "entities_written": written,
-                    "version": version,
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-                report(f"{view.name}: {read:,} rows read, {written:,} entities written")
-        return summary
+        def work(txn: _Txn) -> dict[str, dict[str, Any]]:
+            for name in drop:
+                drop_view(txn, name)
+            return _materialize(txn, offline, views, end_us, bool(progress))
 
-    def _sync(
-        self,
-        txn: _Txn,
-        offline: OfflineStore,
-        view: FeatureView,
-        end_us: int | None,
-        report: Callable[[str], None],
-    ) -> tuple[int, int, int | None]:
-        current = offline.current_version(view.name)
-        schema = offline.table_schema(view.name)
-        if current is None or schema is None:
-            return 0, 0, None
-        state_key, layout_key = _meta_key("state", view.name), _meta_key("layout", view.name)
-        raw_layout = txn.get(layout_key)
-        old = None if raw_layout is None else Layout.from_json(raw_layout)
-        view_id = old.view_id if old else _next_id(txn)
-        layout = Layout.of(view_id, view, schema)
-        raw_state = txn.get(state_key)
-        state = _SyncState(None if raw_state is None else json.loads(raw_state))
-        rebuild = old is None or old.signature != layout.signature or current < state.version
-        if rebuild:
-            # New or changed layout, or a table older than what was synced: start over.
-            _delete_prefix(txn, layout.prefix)
-            state = _SyncState(None)
-            txn.put(layout_key, layout.json)
-        pending = state.pending(view, current, end_us)
-        read = written = 0
-        latest_event = None
-        if pending is not None:
-            latest, read = _latest(offline, view, current, pending)
-            if latest.height:
-                latest_event = int(latest[view.timestamp_field].cast(pl.Int64).max())  # type: ignore[arg-type]
-                report(f"{view.name}: writing {latest.height:,} entities")
-                keys = layout.encode_keys(latest)
-                values = layout.encode_values(latest, view)
-                if not rebuild:
-                    keys, values = _newer_only(txn, layout, keys, values, state.max_event)
-                with txn.cursor() as cursor:
-                    _, written = cursor.putmulti(zip(keys, values, strict=True))
-        state.advance(current, end_us)
-        if latest_event is not None:
-            known = state.max_event
-            state.max_event = latest_event if known is None else max(known, latest_event)
-        txn.put(state_key, state.to_json())
-        return read, written, current
+        return self._write(work)
 
     # --- deletes ---------------------------------------------------------------------------
 
-    def delete(self, view: FeatureView, keys: pl.DataFrame) -> int:
-        """Remove entities of a view; returns how many were online."""
-        env = self._environment(create=False)
-        if env is None:
+    def delete(self, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+        """Remove entities deleted offline by table ``version``; returns how many were online.
+
+        Should this fail or the process die first, the next ``materialize`` repairs it.
+        """
+        if self._environment(create=False) is None:
             return 0
-        with self._lock, env.begin(write=True) as txn:
-            raw = txn.get(_meta_key("layout", view.name))
-            if raw is None:
-                return 0
-            layout = Layout.from_json(raw)
-            if list(layout.key_names) != list(view.join_keys):
-                # Stored under other keys: drop all of the view's online data (materialize
-                # rebuilds it) rather than risk keeping a deleted entity servable.
-                _delete_prefix(txn, layout.prefix)
-                txn.delete(_meta_key("layout", view.name))
-                txn.delete(_meta_key("state", view.name))
-                return 0
-            frame = _cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
-            return sum(txn.delete(k) for k in layout.encode_keys(frame))
+        try:
+            return self._write(lambda txn: delete_synced(txn, view, keys, version))
+        except PolarstoreError as e:
+            msg = (
+                f"delete_entities({view.name!r}): the rows are deleted offline (version "
+                f"{version}), but not yet online: {e} The next materialize() removes them."
+            )
+            raise PolarstoreError(msg) from e
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -796,18 +596,24 @@ class OnlineStore:
         for r in requested:
             by_view.setdefault(r.view.name, []).append(r)
             join_keys += [k for k in r.view.join_keys if k not in join_keys]
-        frame = entity_frame(entity_rows, join_keys, where=where)
-        now_us = _micros(now)
+        _refuse_offline_only([wanted[0].view for wanted in by_view.values()], where)
+        now_us = micros(now)
         columns: dict[str, pl.Series] = {}
         with self._read() as txn:
-            for wanted in by_view.values():
+            layouts = {
+                name: None if txn is None else txn.get(meta_key("layout", name)) for name in by_view
+            }
+            if isinstance(entity_rows, list) and not entity_rows:
+                entity_rows = _no_entities(join_keys, layouts)
+            frame = entity_frame(entity_rows, join_keys, where=where)
+            for name, wanted in by_view.items():
                 view = wanted[0].view
-                raw = None if txn is None else txn.get(_meta_key("layout", view.name))
+                raw = layouts[name]
                 if txn is None or raw is None:
                     for r in wanted:
                         columns[r.output] = pl.Series(r.output, [None] * frame.height)
                     continue
-                layout = _stored_layout(raw, view, where)
+                layout = stored_layout(raw, view, where)
                 columns.update(_lookup_view(txn, layout, frame, wanted, now_us, where))
         return frame.with_columns(
             columns[r.output].cast(r.view.schema[r.feature]).alias(r.output) for r in requested
@@ -827,7 +633,7 @@ class OnlineStore:
             msg = f"get_feature_vector: entity must be a dict of join keys, got {entity!r}."
             raise ValidationError(msg)
         plan = self._plan(store, features, full_feature_names)
-        now_us = time.time_ns() // 1000 if now is None else _micros(to_utc(now, what="now"))
+        now_us = time.time_ns() // 1000 if now is None else micros(to_utc(now, what="now"))
         out: dict[str, Any] = {}
         env = self._env if self._generation == _generation else None
         if env is None:
@@ -836,11 +642,21 @@ class OnlineStore:
                 for part in plan:
                     part._absent(None, entity, now_us, out)
                 return out
+        gate = self._gate
+        gate.inc()  # _begin inlined: this is the request-time path
         try:
-            txn = env.begin()
-        except lmdb.MapResizedError:
-            env.set_mapsize(0)
-            txn = env.begin()
+            txn = None if gate.closed else env.begin()
+        except lmdb.Error:
+            txn = None
+        if txn is None:  # a resize, a compaction, another process's larger map, damage
+            gate.dec()
+            try:
+                txn = _begin(env, gate, self.path)
+            except _RetiredError:  # compacted by vacuum meanwhile: reopen
+                self._env = None
+                return self.vector(
+                    store, entity, features, full_feature_names=full_feature_names, now=now
+                )
         try:
             snapshot = txn.id()
             for part in plan:
@@ -849,8 +665,11 @@ class OnlineStore:
                 if part.snapshot != snapshot or part.env is not env:
                     part.check_layout(txn, env, snapshot)
                 part.fetch(txn, entity, now_us, out)
+        except _DAMAGE as e:
+            raise _damaged(self.path, e) from e
         finally:
             txn.abort()
+            gate.dec()
         return out
 
     def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
@@ -879,59 +698,11 @@ class OnlineStore:
             groups: dict[str, list[Requested]] = {}
             for r in requested:
                 groups.setdefault(r.view.name, []).append(r)
+            _refuse_offline_only([rs[0].view for rs in groups.values()], "get_feature_vector")
             plan = [_VectorView(rs[0].view, rs) for rs in groups.values()]
             if cache_key is not None:
                 self._plans[cache_key] = plan
         return plan
-
-
-_HEAD = struct.Struct("<q")
-
-
-def _next_id(txn: _Txn) -> int:
-    raw = txn.get(_NEXT_ID)
-    view_id = 1 if raw is None else int(raw)
-    txn.put(_NEXT_ID, str(view_id + 1).encode())
-    return view_id
-
-
-def _delete_prefix(txn: _Txn, prefix: bytes) -> None:
-    with txn.cursor() as cursor:
-        if not cursor.set_range(prefix):
-            return
-        while cursor.key().startswith(prefix):
-            if not cursor.delete():
-                break
-
-
-def _latest(
-    offline: OfflineStore, view: FeatureView, version: int, pending: _Pending
-) -> tuple[pl.DataFrame, int]:
-    """The last pending row of each entity by the tie-breaking order, and the rows read."""
-    order = [view.timestamp_field]
-    if view.created_timestamp_field:
-        order.append(view.created_timestamp_field)
-    columns = [*view.join_keys, *order, SEQ_COLUMN, *view.feature_names]
-    scan = offline.scan(
-        view,
-        version=version,
-        columns=columns,
-        ordered=True,
-        since=pending.since,
-        min_seq=pending.min_seq,
-    )
-    assert scan is not None
-    # Rows come in (event time, created time, write order), so the last one of each key is
-    # the one the point-in-time join would pick. Finding the positions of those rows first
-    # (keys only) and then reading just them is about twice as fast as aggregating every column.
-    rows = scan.filter(pending.rows).with_row_index("__row")
-    last = rows.group_by(list(view.join_keys)).agg(pl.col("__row").last(), pl.len()).collect()
-    if last.is_empty():
-        return pl.DataFrame(), 0
-    latest = rows.filter(pl.col("__row").is_in(last["__row"].implode())).drop("__row").collect()
-    # In key order, LMDB reads and writes walk the B-tree forwards instead of jumping around.
-    latest = latest.sort(list(view.join_keys))
-    return latest, int(last["len"].sum())
 
 
 def _hashable(features: Any) -> Any:
@@ -946,37 +717,25 @@ def _hashable(features: Any) -> Any:
     return features
 
 
-def _stored_layout(raw: bytes, view: FeatureView, where: str) -> Layout:
-    """The layout the online values of ``view`` were encoded with, if it still fits its keys."""
-    layout = Layout.from_json(raw)
-    if list(layout.key_names) != list(view.join_keys):
+def _refuse_offline_only(views: Sequence[FeatureView], where: str) -> None:
+    offline_only = [v.name for v in views if not v.online]
+    if offline_only:
         msg = (
-            f"{where}: the online data of {view.name!r} was materialized with join keys "
-            f"{list(layout.key_names)}, but the registry now says {list(view.join_keys)}; "
-            "run materialize() to rebuild it."
+            f"{where}: feature view(s) {offline_only} are not online (online=False): they have "
+            "no online values. Use get_historical_features, or apply the view with online=True "
+            "and run materialize()."
         )
-        raise SchemaError(msg)
-    return layout
+        raise ValidationError(msg)
 
 
-def _key_check(view: FeatureView, entity: Mapping[str, Any]) -> None:
-    for key in view.join_keys:
-        _key_value(entity, key, "get_feature_vector")
-
-
-def _cast_keys(frame: pl.DataFrame, layout: Layout, where: str) -> pl.DataFrame:
-    casts = []
-    for name, kind in layout.keys:
-        got = key_dtype(frame.schema[name], where=where, column=name)
-        if got != pl.Null and dtype_to_str(got) != kind:
-            msg = f"{where}: join key {name!r} holds {kind} values, got {frame.schema[name]}."
-            raise ValidationError(msg)
-        casts.append(pl.col(name).cast(dtype_from_str(kind)))
-    try:
-        return frame.select(casts)
-    except pl.exceptions.InvalidOperationError as e:  # e.g. a UInt64 key beyond Int64's range
-        msg = f"{where}: join key values do not fit the stored key dtypes {dict(layout.keys)}: {e}"
-        raise ValidationError(msg) from e
+def _no_entities(join_keys: Sequence[str], layouts: Mapping[str, bytes | None]) -> pl.DataFrame:
+    """The entity frame of an empty list: key columns in the dtypes they were synced with."""
+    dtypes: dict[str, pl.DataType] = {}
+    for raw in layouts.values():
+        if raw is not None:
+            for name, kind in Layout.from_json(raw).keys:
+                dtypes.setdefault(name, dtype_from_str(kind))
+    return pl.DataFrame([pl.Series(k, [], dtype=dtypes.get(k, pl.Null())) for k in join_keys])
 
 
 def _lookup_view(
@@ -988,7 +747,7 @@ def _lookup_view(
     where: str,
 ) -> dict[str, pl.Series]:
     """One view's features for every row of ``frame``: each distinct key is read once."""
-    keys = _cast_keys(frame, layout, where)
+    keys = cast_keys(frame, layout, where)
     names = list(layout.key_names)
     distinct = keys.drop_nulls().unique().sort(names)
     codes = keys.join(
@@ -1007,10 +766,11 @@ def _lookup_view(
     if not values:
         return {r.output: pl.Series(r.output, [None] * frame.height) for r in wanted}
     records, payloads = layout.decode_values(values)
-    live = np.ones(len(values), dtype=bool)
+    # Online holds only the latest row: one from the future of ``now`` cannot answer for it.
+    live = records["ts"] <= now_us
     ttl = wanted[0].view.ttl
     if ttl is not None:
-        live = records["ts"] >= now_us - ttl // _US
+        live &= records["ts"] >= now_us - ttl // _US
     out: dict[str, pl.Series] = {}
     for r in wanted:
         i = layout.index.get(r.feature)
@@ -1022,66 +782,3 @@ def _lookup_view(
         column = pl.select(pl.when(valid).then(column)).to_series()
         out[r.output] = column.gather(positions).alias(r.output)
     return out
-
-
-class _Progress:
-    """Progress lines on stderr for long syncs (rich, imported only when shown)."""
-
-    def __init__(self, show: bool) -> None:
-        self.show = show
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Callable[[str], None]:
-        if self.show:
-            from rich.console import Console
-            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                SpinnerColumn(),
-                TextColumn("materialize {task.description}"),
-                TimeElapsedColumn(),
-                console=Console(stderr=True),
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("", total=None)
-        return self.report
-
-    def report(self, text: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, description=text)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
-def _newer_only(
-    txn: _Txn, layout: Layout, keys: list[bytes], values: list[bytes], max_event: int | None
-) -> tuple[list[bytes], list[bytes]]:
-    """Drop the incoming values that are not newer than the one online (by ts, created, seq)."""
-    if max_event is None:
-        return keys, values
-    # Only values no later than the latest event online can lose to what is online.
-    headers = layout.decode_headers(values)
-    late = headers[:, 0] <= max_event
-    if not late.any():  # the usual incremental sync: everything is newer than what is online
-        return keys, values
-    doubtful = list(compress(keys, late.tolist()))
-    with txn.cursor() as cursor:
-        existing = dict(cursor.getmulti(doubtful))
-    if not existing:
-        return keys, values
-    present = np.fromiter((k in existing for k in keys), dtype=bool, count=len(keys))
-    old = layout.decode_headers([existing[k] for k in compress(keys, present.tolist())])
-    new = headers[present]
-    newer = (new[:, 0] > old[:, 0]) | (
-        (new[:, 0] == old[:, 0])
-        & ((new[:, 1] > old[:, 1]) | ((new[:, 1] == old[:, 1]) & (new[:, 2] > old[:, 2])))
-    )
-    keep = np.ones(len(keys), dtype=bool)
-    keep[np.flatnonzero(present)] = newer
-    return (
-        list(compress(keys, keep.tolist())),
-        list(compress(values, keep.tolist())),
-    )

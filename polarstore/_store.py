@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 import uuid
@@ -576,7 +575,7 @@ class FeatureStore:
             "delete",
         )
         if v.online:
-            self._online().delete(v, frame)
+            self._online().delete(v, frame, version)
         return version
 
     def vacuum(
@@ -586,7 +585,18 @@ class FeatureStore:
 
         Files that a saved dataset's pinned version still needs are kept unless ``force``
         (those datasets can then no longer be loaded). ``retention`` is rounded up to whole
-        hours, Delta Lake's unit.
+        hours, Delta Lake's unit. Returns the files this call deleted, relative to the
+        repository. A view that cannot be vacuumed does not stop the others: the failures are
+        raised together once every view was tried.
+
+        ``vacuum(retention=timedelta(0), force=True)`` also *purges*, for the right to be
+        forgotten after ``delete_entities``: each view's Delta log is reduced to a checkpoint
+        of the current version (older versions can no longer be read, by ``as_of``, time
+        travel or saved datasets, whose entries and spine files are removed), and the online
+        store's file is rewritten without its free pages. Deleted values are then in no file
+        of the repository. The online store can be compacted only while no other process has
+        it open (a PolarstoreError says so; run it again once they are stopped); local
+        repositories only.
 
         Examples
         --------
@@ -602,23 +612,9 @@ class FeatureStore:
         >>> store.vacuum()  # nothing is older than the 7-day default retention
         {'stats': []}
         """
-        pinned: dict[str, set[int]] = {}
-        if not force:
-            for entry in self._state().datasets.values():
-                for name, version in entry["versions"].items():
-                    if version != EMPTY_VERSION:
-                        pinned.setdefault(name, set()).add(version)
-        if not isinstance(retention, timedelta) or retention < timedelta(0):
-            msg = f"vacuum: retention must be a timedelta of 0 or more, got {retention!r}."
-            raise ValidationError(msg)
-        # delta-rs counts whole hours: round up, so vacuum never removes more than asked.
-        hours = math.ceil(retention / timedelta(hours=1))
-        return {
-            name: self._offline.vacuum(
-                name, retention_hours=hours, keep_versions=sorted(pinned.get(name, ()))
-            )
-            for name in self._state().views
-        }
+        from polarstore._vacuum import vacuum_repository
+
+        return vacuum_repository(self, retention=retention, force=force)
 
     # --- retrieval ------------------------------------------------------------------------
 
@@ -734,8 +730,10 @@ class FeatureStore:
         )
         requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
         pins = self._pin(as_of, [r.view.name for r in requested])
-        current = self.versions()
-        versions = {r.view.name: pins.get(r.view.name, current[r.view.name]) for r in requested}
+        versions: dict[str, int | None] = {}
+        for r in requested:  # only the views it uses: another's damaged table must not block
+            current = pins.get(r.view.name, self._offline.current_version(r.view.name))
+            versions[r.view.name] = EMPTY_VERSION if current is None else current
         result = self.get_historical_features(
             spine,
             refs,
@@ -899,14 +897,24 @@ class FeatureStore:
         if views is None:
             targets = [v for v in state.views.values() if v.online]
         else:
-            items = [views] if isinstance(views, (str, FeatureView)) else list(views)
+            items = [views] if isinstance(views, (str, FeatureView)) else views
+            if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
+                msg = (
+                    "materialize: views must be a view name, a FeatureView or a list of them, "
+                    f"got {views!r}."
+                )
+                raise ValidationError(msg)
             targets = [self._view(v) for v in items]
             offline_only = [v.name for v in targets if not v.online]
             if offline_only:
                 msg = f"views {offline_only} are not online (online=False); nothing to sync."
                 raise ValidationError(msg)
         until = None if end is None else to_utc(end, what="end")
-        return self._online().materialize(self._offline, targets, end=until, progress=progress)  # type: ignore[no-any-return]
+        # Views applied since with online=False stop being served: their online data goes.
+        drop = [v.name for v in state.views.values() if not v.online]
+        return self._online().materialize(  # type: ignore[no-any-return]
+            self._offline, targets, end=until, progress=progress, drop=drop
+        )
 
     def get_online_features(
         self,

@@ -116,3 +116,28 @@ def lockstep_reader(repo: str, log_path: str, stop_file: str) -> None:
                 log.write("seen", gen)
             n += 1
         log.write("calls", n)
+
+
+def grow_map(repo: str, log_path: str, batch: int) -> None:
+    """Write and sync ~1.5 MB of rows (batch ``batch``, users 1000 and up): past the map of a
+    process that opened the store with a tiny map, which must adopt the size LMDB records."""
+    log = Log(log_path)
+    with reporting(log):
+        store = FeatureStore(repo)
+        log.write("begin", batch)
+        n = 5_000
+        store.write(
+            "events",
+            pl.DataFrame(
+                {
+                    "user_id": range(1_000, 1_000 + n),
+                    "event_timestamp": [T0 + timedelta(minutes=batch)] * n,
+                    "batch": [batch] * n,
+                    "row": range(n),
+                    "x": [float(batch)] * n,
+                    "s": ["s" * 250] * n,
+                }
+            ),
+        )
+        store.materialize()
+        log.write("done", batch, "ok")

@@ -221,10 +221,13 @@ def commit_versions(store: FeatureStore) -> dict[int, int]:
     return out
 
 
-def assert_online_matches_offline(store: FeatureStore, view: str = "events") -> None:
-    """SPEC's train/serve parity at ``now`` = the latest event time, for every entity."""
+def assert_online_matches_offline(
+    store: FeatureStore, view: str = "events", keys: list[int] | None = None
+) -> None:
+    """SPEC's train/serve parity at ``now`` = the latest event time, for every entity (and
+    for ``keys``: e.g. deleted entities, which must read as null)."""
     rows = store.read(view).collect()
-    keys = [*sorted(set(rows["user_id"].to_list())), 10_000]  # and one missing entity
+    keys = sorted({*rows["user_id"].to_list(), *(keys or []), 10_000})  # and a missing entity
     now = rows["event_timestamp"].max() if rows.height else T0
     online = store.get_online_features({"user_id": keys}, [f"{view}:*"], now=now)  # type: ignore[arg-type]
     spine = pl.DataFrame({"user_id": keys, "event_timestamp": [now] * len(keys)})
@@ -322,11 +325,39 @@ def crash_during(repo: str, log_path: str, what: str) -> None:
             # The Delta commit is done; the job dies before it can record success.
             die_in(OfflineStore, "_committed_version")
             store.write("events", batch_rows(1), idempotency_key=batch_key(1))
+        elif what == "delete-before-online":
+            # The delete is committed offline; the job dies before the online delete.
+            from polarstore._online import OnlineStore
+
+            store.materialize()
+            die_in(OnlineStore, "delete")
+            store.delete_entities("events", {"user_id": [3, 4]})
         elif what == "save-before-registry":
             # The new spine file is written; the registry entry is not yet updated.
             die_in(Registry, "update")
             store.save_dataset("train", spine_of(2), FEATURES, overwrite=True)
         log.write("error", "the injected crash did not happen")
+
+
+def deleted_users(batch: int) -> list[int]:
+    """The users ``delete_loop`` deletes after writing batch ``batch``."""
+    return [batch % USERS, (batch * 3 + 1) % USERS]
+
+
+def delete_loop(repo: str, log_path: str, first: int) -> None:
+    """Write batch n, materialize, delete two of its users; n = first, first + 1, ..."""
+    log = Log(log_path)
+    with reporting(log):
+        store = FeatureStore(repo)
+        log.write("ready")
+        batch = first
+        while True:
+            log.write("begin", batch)
+            store.write("events", batch_rows(batch))
+            store.materialize()
+            store.delete_entities("events", {"user_id": deleted_users(batch)})
+            log.write("done", batch, "ok")
+            batch += 1
 
 
 def concurrent_writer(repo: str, log_path: str, batches: list[int], barrier: Any) -> None:

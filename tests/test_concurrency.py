@@ -285,3 +285,57 @@ def _first_lookups_at_once(repo: Path, *, threads: int) -> list[BaseException]:
         for t in running:
             t.join()
     return errors
+
+
+def test_lookups_in_threads_while_materialize_grows_the_map(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync that outgrows the LMDB map resizes it, which invalidates every open transaction
+    of the process: lookups in other threads must wait for the resize, never fail."""
+    import polarstore._online
+
+    monkeypatch.setattr(polarstore._online, "_INITIAL_MAP_SIZE", 64 << 10)  # grows often
+    users = 4_000
+    with FeatureStore(tmp_path / "repo") as store:
+        store.apply([USER, EVENTS])
+        errors: list[BaseException] = []
+        syncing = threading.Event()
+        syncing.set()
+
+        def rows(batch: int) -> pl.DataFrame:
+            return pl.DataFrame(
+                {
+                    "user_id": range(batch * users, (batch + 1) * users),
+                    "event_timestamp": [T0] * users,
+                    "batch": [batch] * users,
+                    "row": range(users),
+                    "x": [float(batch)] * users,
+                    "s": ["s" * 200] * users,  # ~1 MB a batch: several doublings
+                }
+            )
+
+        def reader() -> None:
+            try:
+                while syncing.is_set():
+                    store.get_online_features({"user_id": [0, 1, users]}, ["events:batch"])
+                    store.get_feature_vector({"user_id": 1}, FEATURES)
+            except BaseException as e:  # reported by the main thread
+                errors.append(e)
+
+        store.write("events", rows(0))
+        store.materialize()
+        readers = [threading.Thread(target=reader) for _ in range(3)]
+        for t in readers:
+            t.start()
+        try:
+            for batch in range(1, 6):
+                store.write("events", rows(batch))
+                store.materialize()
+        finally:
+            syncing.clear()
+            for t in readers:
+                t.join()
+        if errors:
+            raise errors[0]
+        got = store.get_online_features({"user_id": [0, 5 * users]}, ["events:batch"])
+        assert got["batch"].to_list() == [0, 5]

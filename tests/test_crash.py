@@ -13,8 +13,9 @@ repository is reopened and checked against the child's log:
 - a retried keyed write whose first attempt may have committed does not duplicate rows;
 - finally a ``materialize`` brings the online store to parity with the offline store.
 
-Two tests inject the kill at an exact point instead (after the Delta commit of a write; after
-a new dataset spine is written but before the registry names it).
+Some tests inject the kill at an exact point instead (after the Delta commit of a write; after
+a new dataset spine is written but before the registry names it; after the offline commit of
+``delete_entities`` and before its online delete).
 """
 
 from __future__ import annotations
@@ -228,6 +229,40 @@ def test_kill_between_spine_and_registry_keeps_the_old_dataset(repo: Path, tmp_p
         new = store.save_dataset("train", spine_of(2), FEATURES, overwrite=True).collect()
         assert_frame_equal(store.load_dataset("train").collect(), new)
         assert new.height == spine_of(2).height != saved.height
+
+
+def test_a_kill_between_the_offline_and_online_delete_is_repaired_by_materialize(
+    repo: Path, tmp_path: Path
+) -> None:
+    with FeatureStore(repo) as store:
+        store.write("events", batch_rows(0))
+    log = Log(tmp_path / "crash.log")
+    proc = _procs.start(_procs.crash_during, str(repo), str(log.path), "delete-before-online")
+    proc.join()
+    assert proc.exitcode == -9, Progress.of(log).errors
+    with FeatureStore(repo) as store:
+        assert store.read("events").filter(pl.col("user_id").is_in([3, 4])).collect().is_empty()
+        store.materialize()
+        got = store.get_online_features({"user_id": [3, 4]}, ["events:x"], now=_procs.T0)
+        assert got["x"].to_list() == [None, None]
+        assert_online_matches_offline(store, keys=[3, 4])
+        # Repaired once: the next sync has nothing to do.
+        assert store.materialize()["events"]["rows_read"] == 0
+
+
+def test_delete_entities_killed_at_random_moments(repo: Path, tmp_path: Path) -> None:
+    rng = random.Random(SEED + 4)
+    batch = 0
+    for kill in range(6):
+        log = Log(tmp_path / f"delete-{kill}.log")
+        progress = kill_after(
+            _procs.delete_loop, (str(repo), str(log.path), batch), log, _delay(rng)
+        )
+        with FeatureStore(repo) as store:
+            store.materialize()
+            deleted = {u for b in progress.done for u in _procs.deleted_users(b)}
+            assert_online_matches_offline(store, keys=sorted(deleted))
+        batch = max(progress.begun, default=batch - 1) + 1
 
 
 def _delay(rng: random.Random) -> float:

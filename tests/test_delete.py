@@ -9,6 +9,7 @@ dataset pins, unless ``force=True``; such a dataset then fails to load with a cl
 
 from __future__ import annotations
 
+import errno
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,48 @@ def test_delete_online(spend: FeatureStore) -> None:
     assert_frame_equal(got, offline.drop("event_timestamp"))
 
 
+def test_a_failed_online_delete_is_repaired_by_the_next_materialize(
+    spend: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polarstore._online
+
+    spend.materialize()
+    keys = {"user_id": [1, 2, 3], "region": ["eu", "us", "eu"]}
+    now = T0 + timedelta(hours=3)
+
+    def fail(*args: Any) -> int:
+        raise OSError(errno.EIO, "injected: the online delete failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(polarstore._online, "delete_synced", fail)
+        with pytest.raises(PolarstoreError, match=r"deleted offline .* next materialize\(\)"):
+            spend.delete_entities("spend", {"user_id": 1, "region": "eu"})
+    # The rows are gone offline; online still has them until the next sync repairs it.
+    assert spend.get_online_features(keys, FEATURES, now=now)["amount"][0] == 100.0
+    summary = spend.materialize()
+    got = spend.get_online_features(keys, FEATURES, now=now)
+    assert got["amount"].to_list() == [None, 21.0, 300.0]
+    assert_frame_equal(got, answers_at(spend, keys, now))
+    assert spend.get_feature_vector({"user_id": 1, "region": "eu"}, FEATURES, now=now) == {
+        "amount": None,
+        "note": None,
+    }
+    assert summary["spend"]["rows_read"] == spend.read("spend").collect().height  # rebuilt
+    # A delete that reached the online store costs the next sync nothing.
+    spend.delete_entities("spend", {"user_id": 3, "region": "eu"})
+    assert spend.materialize()["spend"]["rows_read"] == 0
+    assert spend.get_online_features(keys, FEATURES, now=now)["amount"].to_list() == [
+        None,
+        21.0,
+        None,
+    ]
+
+
+def answers_at(store: FeatureStore, keys: dict[str, list[Any]], now: Any) -> pl.DataFrame:
+    spine = pl.DataFrame({**keys, "event_timestamp": [now] * len(keys["user_id"])})
+    return store.get_historical_features(spine, FEATURES).collect().drop("event_timestamp")
+
+
 def test_delete_rows_not_yet_materialized_never_reach_the_online_store(
     spend: FeatureStore,
 ) -> None:
@@ -201,15 +244,26 @@ def test_vacuum_keeps_what_datasets_pin_until_forced(spend: FeatureStore) -> Non
 
     removed = spend.vacuum(retention=timedelta(0), force=True)["spend"]
     assert len(removed) == 3  # the three files written before the delete rewrote them
-    # Forgotten for good: no file left in the table holds the entity.
+    # Forgotten for good: no file left in the table holds the entity (the purge that comes
+    # with retention 0 + force: tests/test_forget.py).
     assert parquet_rows(table).filter(gone).is_empty()
-    with pytest.raises(PolarstoreError, match=r"'spend'.*version 2.*vacuum") as info:
+    # The purge removed the older versions, and the dataset pinned to one of them.
+    assert "before_delete" not in spend.list_datasets()
+    with pytest.raises(NotFoundError, match="before_delete"):
         spend.load_dataset("before_delete")
-    assert isinstance(info.value, NotFoundError)
-    with pytest.raises(PolarstoreError, match="vacuum"):
+    with pytest.raises(NotFoundError):
         spend.read("spend", as_of={"spend": 0})
-    with pytest.raises(PolarstoreError, match="vacuum"):
+    with pytest.raises(NotFoundError):
         answers(spend, as_of={"spend": 1})
-    # The current version and datasets pinned to it are whole.
+    # The current version and datasets pinned to its data are whole.
     assert_frame_equal(spend.load_dataset("after_delete").collect(), after)
     assert spend.read("spend").collect().height == 7
+
+
+def test_a_forced_vacuum_with_retention_keeps_the_log(spend: FeatureStore) -> None:
+    """Forced, but with a retention: files young enough stay, and so do all versions."""
+    saved = spend.save_dataset("before_delete", SPINE, FEATURES).collect()
+    spend.delete_entities("spend", {"user_id": 1, "region": "eu"})
+    assert spend.vacuum(retention=timedelta(hours=1), force=True) == {"spend": []}
+    assert_frame_equal(spend.load_dataset("before_delete").collect(), saved)
+    assert spend.read("spend", as_of={"spend": 0}).collect().height == 4

@@ -310,6 +310,23 @@ def test_ttl_is_measured_from_now_and_inclusive(store: FeatureStore, ttl: timede
     assert store.get_feature_vector({"user_id": 2}, ["v:x"]) == {"x": None}
 
 
+def test_online_never_returns_a_value_from_the_future_of_now(store: FeatureStore) -> None:
+    # The audit's case: rows on Jan 1 (3) and Jan 3 (5); at Jan 2 online holds only the Jan 3
+    # row, which did not exist yet then: null (get_historical_features can answer, online not).
+    store.apply([view(), view("ttl", ttl=timedelta(days=30))])
+    for name in ("v", "ttl"):
+        store.write(name, rows([1, 1], [0, 48], [3, 5]))
+    store.materialize()
+    features = ["v:x", "ttl:x"]
+    for now, want in {at(24): None, at(48) - US: None, at(48): 5, at(49): 5}.items():
+        got = store.get_online_features(
+            {"user_id": [1]}, features, full_feature_names=True, now=now
+        )
+        assert got.row(0) == (1, want, want), now
+        assert store.get_feature_vector({"user_id": 1}, ["v:x"], now=now) == {"x": want}
+        assert store.get_feature_vector({"user_id": 1}, ["ttl:x"], now=now) == {"x": want}
+
+
 def test_missing_entities_and_null_keys_give_nulls(store: FeatureStore) -> None:
     store.apply([view(), view("w", PAIR, schema={"y": pl.String})])
     store.write("v", rows([1], [0], [10]))

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 from polars.testing import assert_frame_equal
 
 from polarstore import FeatureStore
 
 from . import _online_procs as procs
-from ._procs import USER, Log, Progress, finish, kill_after, start, wait_for
+from ._procs import T0, USER, Log, Progress, finish, kill_after, start, wait_for
 
 KILLS = 5
 SEED = 20240607
@@ -113,3 +114,34 @@ def test_readers_never_see_two_syncs_in_one_lookup(tmp_path: Path) -> None:
             {"user_id": [0, 1]}, procs.GEN_FEATURES, full_feature_names=True
         )
         assert got["gen_a__gen"].to_list() == got["gen_b__gen"].to_list() == [max(done)] * 2
+
+
+def test_a_map_grown_by_another_process_is_adopted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process grew the LMDB map past this one's size: this process's next
+    transactions (delete_entities, materialize, lookups) adopt the new size."""
+    import polarstore._online
+
+    from ._procs import EVENTS, assert_online_matches_offline, batch_rows
+
+    monkeypatch.setattr(polarstore._online, "_INITIAL_MAP_SIZE", 64 << 10)  # this process only
+    with FeatureStore(tmp_path / "repo") as store:
+        store.apply([USER, EVENTS])
+        store.write("events", batch_rows(0))
+        store.materialize()  # this process opens the map, tiny
+        for batch in (1, 2, 3):
+            log = Log(tmp_path / f"grow-{batch}.log")
+            proc = start(procs.grow_map, str(tmp_path / "repo"), str(log.path), batch)
+            finish([proc], [log])
+            if batch == 1:
+                store.delete_entities("events", {"user_id": [3, 1_000]})
+            elif batch == 2:
+                store.write("events", batch_rows(3))
+                store.materialize()
+            else:
+                got = store.get_online_features({"user_id": [1_001]}, ["events:batch"], now=T0)
+                assert got["batch"].to_list() == [None]  # written at T0 + 3 min
+                vector = store.get_feature_vector({"user_id": 1_002}, ["events:batch"])
+                assert vector == {"batch": 3}
+        assert_online_matches_offline(store, keys=[3, 1_000])

@@ -17,10 +17,16 @@ the latest event time ``T`` — exactly ``T``, later grid points, and ``event + 
 rows and a microsecond either side — ``get_online_features`` must equal
 ``get_historical_features`` of the same keys at ``now``, frame for frame (columns, dtypes,
 row order, values), and ``get_feature_vector`` must equal each row.
+
+For ``now`` before ``T`` (drawn at microsecond resolution: event times ±1 µs and anywhere in
+between), the online store, which holds only the latest row of each entity, must give the
+reference's answer at ``now`` where that latest row's event time is at or before ``now``, and
+null where it is after: never a value from the future of ``now``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,7 +38,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from polarstore import FeatureStore
-from tests.reference import RefView, point_in_time, resolve_features
+from tests.reference import RefView, pick_row, point_in_time, resolve_features
 from tests.test_pit_properties import (
     GRID,
     KEY_DTYPES,
@@ -146,6 +152,33 @@ def expected_from_reference(
     return pl.DataFrame(columns)
 
 
+def expected_before_latest(
+    case: Case,
+    keys: list[str],
+    rows: list[dict[str, Any]],
+    synced: dict[str, list[dict[str, Any]]],
+    now: datetime,
+) -> pl.DataFrame:
+    """The online answer at ``now``: the reference's, but null where the entity's latest
+    synced row (the one online) has an event time after ``now``."""
+    expected = expected_from_reference(case, keys, rows, synced, now)
+    never = datetime.max.replace(tzinfo=UTC)
+    resolved = resolve_features(
+        case.views, case.features, full_feature_names=case.full_feature_names
+    )
+    for view_name, _, output in resolved:
+        view = dataclasses.replace(case.views[view_name], ttl=None)
+        future = []
+        for row in rows:
+            latest = pick_row(view, synced[view_name], [row[k] for k in view.join_keys], never)
+            future.append(latest is not None and latest[view.timestamp_field] > now)
+        column = expected[output]
+        expected = expected.with_columns(
+            pl.when(pl.Series(future)).then(None).otherwise(column).cast(column.dtype).alias(output)
+        )
+    return expected
+
+
 def synced_rows(case: Case, done: list[Sync], upto: int) -> dict[str, list[dict[str, Any]]]:
     """Rows of the first ``upto + 1`` writes that the syncs in ``done`` have brought online."""
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in case.views}
@@ -224,3 +257,14 @@ def test_online_equals_historical_at_and_after_the_latest_event(
                 spine, case.features, full_feature_names=case.full_feature_names
             ).collect()
             check_online(store, case, keys, rows, offline.drop("event_timestamp"), now)
+
+        # Before the latest event: never a value from the future of ``now``.
+        synced = synced_rows(case, [*done, Sync(len(case.writes), None, None)], len(case.writes))
+        times = sorted(r[case.views[w.view].timestamp_field] for w in case.writes for r in w.rows)
+        edges = sorted({t + d for t in times for d in (-US, 0 * US, US) if t + d < latest})
+        span = (latest - times[0]) // US + 1
+        earlier = data.draw(st.lists(st.sampled_from(edges), max_size=3)) if edges else []
+        earlier += [latest - US * data.draw(st.integers(1, span)) for _ in range(2)]
+        for now in sorted(set(earlier)):
+            expected = expected_before_latest(case, keys, rows, synced, now)
+            check_online(store, case, keys, rows, expected, now)
