@@ -861,7 +861,7 @@ def demo(path: Path | None, users: int, repo: Path | None) -> None:
       polarstore demo
       polarstore --repo demo_repo ls
     """
-    from polarstore._demo import run_demo
+    from polarstore.demo import run_demo
 
     target = path or repo
     if target is None:

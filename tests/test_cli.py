@@ -23,7 +23,7 @@ from rich.console import Console
 
 from polarstore import FeatureStore
 from polarstore._cli import EXAMPLE_DEFINITIONS, cli, parse_keys
-from polarstore._demo import DEMO_MARKER, run_demo
+from polarstore.demo import DEMO_MARKER, run_demo
 
 SCRIPT = Path(sys.executable).with_name("polarstore")
 ROWS_CSV = """\
@@ -727,6 +727,27 @@ def test_run_demo_returns_the_key_figures(tmp_path: Path) -> None:
     again = run_demo(tmp_path / "demo", quiet, n_users=400)  # seeded: the same figures
     for key in ("orders_rows", "leaky_rows", "time_travel_changed_rows", "online_vector"):
         assert again[key] == figures[key]
+
+
+def test_the_demo_is_public_and_its_steps_can_be_extended(tmp_path: Path) -> None:
+    """A later capability adds a step: a function (run, notes) and an entry after the others."""
+    from polarstore import demo
+
+    assert [d.name for d in demo.definitions()][-1] == "churn_model"
+    assert [s.key for s in demo.STEPS][:3] == ["generate", "apply", "write"]
+
+    def rows_per_view(run: demo.DemoRun, notes: list[object]) -> None:
+        run.figures["rows_per_view"] = {v: run.store.read(v).collect().height for v in ("orders",)}
+        notes.append("counted")
+
+    buf = io.StringIO()
+    steps = (*demo.STEPS, demo.Step("count", "Count the rows", rows_per_view))
+    figures = demo.run_demo(tmp_path / "d", Console(file=buf), n_users=50, steps=steps)
+    assert (
+        figures["rows_per_view"]["orders"] == figures["orders_rows"] + figures["corrections_rows"]
+    )
+    assert "11/11 Count the rows" in buf.getvalue()
+    assert list(figures["seconds"])[-1] == "count"
 
 
 def test_demo_rebuilds_a_previous_demo_but_refuses_other_folders(tmp_path: Path) -> None:
