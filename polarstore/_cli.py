@@ -14,6 +14,7 @@ import re
 import shlex
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -104,6 +105,10 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {_one_line(str(message))}", err=True)
+
+
 class _Group(click.Group):
     """A group whose errors are one line on stderr: usage errors, library errors, OS errors."""
 
@@ -118,7 +123,9 @@ class _Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            result = super().main(args, prog_name, complete_var, False, **extra)
+            with warnings.catch_warnings():  # e.g. nanoseconds truncated: one line, no source
+                warnings.showwarning = _warning_line
+                result = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
                 click.echo(e.ctx.get_help())  # bare `polarstore`: the help, not an error
@@ -205,7 +212,8 @@ def _cell(value: Any) -> Text:
     if value is None:
         return Text("∅", style="dim")
     if isinstance(value, datetime):
-        text = value.isoformat(sep=" ", timespec="milliseconds" if value.microsecond else "seconds")
+        # Whole seconds stay short; otherwise every microsecond is shown (never rounded away).
+        text = value.isoformat(sep=" ", timespec="microseconds" if value.microsecond else "seconds")
     elif isinstance(value, float):
         text = f"{value:.6g}"
     elif isinstance(value, (list, tuple)):
@@ -702,19 +710,28 @@ def _parse_column(column: pl.Series, path: Path, *, want_date: bool) -> pl.Serie
         except pl.exceptions.PolarsError:
             pass  # mixed ISO forms (offsets, date-only): value by value below
     values: list[Any] = []
-    for text in column:
-        try:
-            parsed = None if text is None else _utc(text)
-        except ValidationError:
-            msg = (
-                f"{str(path)!r}: column {column.name!r} has {text!r}, which is not an ISO-8601 "
-                "date or time (e.g. 2024-05-01T12:00:00Z; day-first and month-first dates are "
-                "ambiguous); nothing was written."
-            )
-            raise click.ClickException(msg) from None
-        values.append(parsed.date() if parsed is not None and want_date else parsed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for text in column:
+            values.append(_parse_value(text, column.name, path, want_date=want_date))
+    if caught:  # one warning per column, not one per value
+        msg = f"{str(path)!r}: column {column.name!r}: {len(caught)} value(s): {caught[0].message}"
+        warnings.warn(msg, caught[0].category, stacklevel=2)
     dtype = pl.Date() if want_date else pl.Datetime("us", "UTC")
     return pl.Series(column.name, values, dtype=dtype)
+
+
+def _parse_value(text: str | None, name: str, path: Path, *, want_date: bool) -> Any:
+    try:
+        parsed = None if text is None else _utc(text)
+    except ValidationError:
+        msg = (
+            f"{str(path)!r}: column {name!r} has {text!r}, which is not an ISO-8601 date or "
+            "time (e.g. 2024-05-01T12:00:00Z; day-first and month-first dates are ambiguous); "
+            "nothing was written."
+        )
+        raise click.ClickException(msg) from None
+    return parsed.date() if parsed is not None and want_date else parsed
 
 
 @cli.command(short_help="Append a parquet or CSV file to a view.")
