@@ -68,7 +68,9 @@ import polars as pl
 from polarstore import Entity, FeatureService, FeatureView
 
 # An entity is the thing features describe; join_keys names its key column(s)
-# (a list makes a compound key, e.g. ["user_id", "item_id"]).
+# (a list makes a compound key, e.g. ["user_id", "item_id"]). A dict declares the key
+# dtypes, e.g. join_keys={"account_code": pl.String} keeps "0042" a string; undeclared,
+# the first write decides.
 user = Entity("user", join_keys="user_id", description="a shopper")
 
 # A feature view is one Delta table: the join keys, an event-time column and typed

@@ -270,6 +270,15 @@ def test_describe_shows_schema_rows_and_online_state(loaded: Path) -> None:
     assert "2024-05-03 08:00:00+00:00" in out  # the latest event time, in UTC
 
 
+def test_tables_show_every_microsecond(repo: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "us.csv"
+    csv.write_text(
+        "user_id,event_timestamp,orders_7d,spend_7d\n1,2024-05-03T08:00:00.000700Z,1,1\n"
+    )
+    ok(run("--repo", repo, "write", "user_stats", csv))
+    assert "2024-05-03 08:00:00.000700+00:00" in ok(run("--repo", repo, "describe", "user_stats"))
+
+
 def test_history_lists_versions(loaded: Path, tmp_path: Path) -> None:
     csv = tmp_path / "more.csv"
     csv.write_text(ROWS_CSV)
@@ -791,6 +800,21 @@ def script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def test_python_m_polarstore_demo_runs_the_demo_command(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "polarstore.demo", "d", "--users", "50"],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "POLARSTORE_REPO"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "0 mismatching rows" in done.stdout
+    assert (tmp_path / "d" / DEMO_MARKER).is_file()
 
 
 def test_console_script_full_demo_and_lookups(tmp_path: Path) -> None:
