@@ -13,16 +13,19 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
-from polarstore import FeatureStore
-from polarstore._cli import EXAMPLE_DEFINITIONS, cli, parse_keys
+from polarstore import Entity, FeatureStore, FeatureView
+from polarstore._cli import EXAMPLE_DEFINITIONS, _read_csv, cli, parse_keys
 from polarstore.demo import DEMO_MARKER, run_demo
 
 SCRIPT = Path(sys.executable).with_name("polarstore")
@@ -560,6 +563,47 @@ def test_write_csv_iso_forms_parse_like_python(repo: Path, tmp_path: Path) -> No
     with FeatureStore(repo) as store:
         got = store.read("user_stats").collect()["event_timestamp"].to_list()
     assert sorted(got) == sorted(expected)
+
+
+@st.composite
+def iso_texts(draw: st.DrawFn) -> str:
+    """An ISO-8601 text as people write them: µs times, offsets, Z, date-only, T or space."""
+    moment = draw(st.datetimes(datetime(1970, 1, 1), datetime(2100, 1, 1)))
+    if draw(st.booleans()):
+        return moment.date().isoformat()
+    sep = draw(st.sampled_from(["T", " "]))
+    spec = draw(st.sampled_from(["minutes", "seconds", "microseconds", "auto"]))
+    text = moment.isoformat(sep=sep, timespec=spec)
+    zone = draw(st.sampled_from(["", "Z", "offset"]))
+    if zone == "offset":
+        minutes = draw(st.integers(-14 * 60, 14 * 60))
+        sign = "-" if minutes < 0 else "+"
+        text += f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return text + ("Z" if zone == "Z" else "")
+
+
+def reference_utc(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return aware.astimezone(timezone.utc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(iso_texts(), min_size=1, max_size=6), uniform=st.booleans())
+def test_csv_times_parse_like_fromisoformat(texts: list[str], uniform: bool) -> None:
+    """The CSV reader (vectorised where it can) agrees with datetime.fromisoformat to the µs."""
+    if uniform:
+        texts = [texts[0]] * len(texts)  # one form: the vectorised path
+    view = FeatureView("v", entities=[Entity("e", join_keys="k")], schema={"x": pl.Int64})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "t.csv"
+        rows = "".join(f"{i},{t},1\n" for i, t in enumerate(texts))
+        path.write_text("k,event_timestamp,x\n" + rows)
+        frame = _read_csv(path, view, {})
+    got = frame["event_timestamp"]
+    if got.dtype.time_zone is None:  # type: ignore[attr-defined]
+        got = got.dt.replace_time_zone("UTC")
+    assert got.dt.convert_time_zone("UTC").to_list() == [reference_utc(t) for t in texts]
 
 
 @pytest.mark.parametrize(
