@@ -2,7 +2,8 @@
 
 Every command takes ``--repo PATH`` (default: ``$POLARSTORE_REPO``, else the current folder).
 Bad input ends the command with a one-line ``Error: ...`` on stderr and a non-zero exit
-code (2 for usage errors, 1 otherwise), never a traceback.
+code (2 for usage errors, 1 otherwise), never a traceback. What each command promises is in
+docs/contract.md#the-command-line.
 """
 
 from __future__ import annotations
@@ -679,8 +680,12 @@ def _check_columns(path: Path, view: FeatureView, columns: Sequence[str]) -> Non
 
 
 def _read_csv(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
-    """A CSV with the view's dtypes: declared or stored key dtypes, the schema's feature
-    dtypes, and timestamp (and date/time feature) columns parsed from ISO 8601 only."""
+    """A CSV read in the view's dtypes, its time columns parsed from ISO 8601 only.
+
+    Keys take ``key_dtypes`` (declared, else stored; inferred when absent), features the
+    schema's dtypes; timestamp and date/time feature columns are read as text and parsed here,
+    never by Polars' format guessing.
+    """
     header = pl.read_csv(path, n_rows=0).columns
     _check_columns(path, view, header)
     temporal = [view.timestamp_field]
