@@ -18,7 +18,7 @@ Everything is synthetic and seeded, so the figures are the same on every run:
 
 Each step is a function in :data:`STEPS` sharing a :class:`DemoRun`; ``run_demo`` returns
 the key figures as a dict so tests (and curious users) can check them. Run it with
-``polarstore demo`` or ``python -m polarstore.demo [PATH] [--users N]``.
+``polarstore demo`` (or ``python -m polarstore._cli demo``).
 """
 
 from __future__ import annotations
@@ -711,11 +711,3 @@ def _summary_table(summary: dict[str, dict[str, Any]]) -> Table:
     for view, info in summary.items():
         table.add_row(view, *(_short(info.get(c, "")) for c in columns))
     return table
-
-
-if __name__ == "__main__":  # pragma: no cover - python -m polarstore.demo: the CLI's command
-    import sys
-
-    from polarstore._cli import main
-
-    main(["demo", *sys.argv[1:]])

@@ -846,21 +846,6 @@ def script(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_python_m_polarstore_demo_runs_the_demo_command(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "polarstore.demo", "d", "--users", "50"],
-        cwd=tmp_path,
-        env={k: v for k, v in os.environ.items() if k != "POLARSTORE_REPO"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "0 mismatching rows" in done.stdout
-    assert (tmp_path / "d" / DEMO_MARKER).is_file()
-
-
 def test_console_script_full_demo_and_lookups(tmp_path: Path) -> None:
     """The real ``polarstore`` script: the full-size demo, then commands on its repository."""
     done = script("demo", cwd=tmp_path)
