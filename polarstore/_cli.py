@@ -2,7 +2,8 @@
 
 Every command takes ``--repo PATH`` (default: ``$POLARSTORE_REPO``, else the current folder).
 Bad input ends the command with a one-line ``Error: ...`` on stderr and a non-zero exit
-code (2 for usage errors, 1 otherwise), never a traceback.
+code (2 for usage errors, 1 otherwise), never a traceback. What each command promises is in
+docs/contract.md#the-command-line.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import sys
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -34,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from polarstore._definitions import Entity, FeatureService, FeatureView
-from polarstore._errors import PolarstoreError, ValidationError
+from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._registry import REGISTRY_FILE
 from polarstore._store import FeatureStore
 from polarstore._time import to_utc
@@ -49,9 +52,11 @@ Definition = Entity | FeatureView | FeatureService
 EXAMPLE_DEFINITIONS = '''\
 """Feature definitions of this repository.
 
-Register them (again after every edit; applying is idempotent) with:
+Register them (again after every edit; applying is idempotent) from this folder with:
 
-    polarstore --repo REPO apply REPO/features.py
+    polarstore apply features.py
+
+(from elsewhere, name the folder: polarstore --repo FOLDER apply FOLDER/features.py).
 
 Every Entity, FeatureView and FeatureService defined at module level is applied. Adding
 features to a view later is fine; changing a stored feature's dtype is refused.
@@ -64,7 +69,9 @@ import polars as pl
 from polarstore import Entity, FeatureService, FeatureView
 
 # An entity is the thing features describe; join_keys names its key column(s)
-# (a list makes a compound key, e.g. ["user_id", "item_id"]).
+# (a list makes a compound key, e.g. ["user_id", "item_id"]). A dict declares the key
+# dtypes, e.g. join_keys={"account_code": pl.String} keeps "0042" a string; undeclared,
+# the first write decides.
 user = Entity("user", join_keys="user_id", description="a shopper")
 
 # A feature view is one Delta table: the join keys, an event-time column and typed
@@ -101,6 +108,10 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _warning_line(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {_one_line(str(message))}", err=True)
+
+
 class _Group(click.Group):
     """A group whose errors are one line on stderr: usage errors, library errors, OS errors."""
 
@@ -115,7 +126,9 @@ class _Group(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            result = super().main(args, prog_name, complete_var, False, **extra)
+            with warnings.catch_warnings():  # e.g. nanoseconds truncated: one line, no source
+                warnings.showwarning = _warning_line
+                result = super().main(args, prog_name, complete_var, False, **extra)
         except click.UsageError as e:
             if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
                 click.echo(e.ctx.get_help())  # bare `polarstore`: the help, not an error
@@ -136,10 +149,32 @@ class _Group(click.Group):
 # --- shared helpers ---------------------------------------------------------------------
 
 
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+class _Folder(click.Path):
+    """A local folder; a URI (``s3://b/r``) is refused before ``Path`` folds it into ``s3:/b/r``."""
+
+    def __init__(self, *, file_okay: bool = False) -> None:
+        super().__init__(file_okay=file_okay, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and value.startswith("file://"):
+            value = value.removeprefix("file://")  # a local folder, as FeatureStore reads it
+        if isinstance(value, str) and _URI.match(value):
+            self.fail(
+                f"{value!r} is a URI; repositories are local folders for now (object storage "
+                "is not supported yet). Pass a folder path.",
+                param,
+                ctx,
+            )
+        return super().convert(value, param, ctx)
+
+
 def _repo_option(func: F) -> F:
     return click.option(
         "--repo",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=_Folder(),
         default=None,
         help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
     )(func)
@@ -164,8 +199,15 @@ def _open(repo: Path | None, *, must_exist: bool = True) -> FeatureStore:
     return FeatureStore(path)
 
 
+# Piped or captured output is never wrapped: a table row or a copy-paste hint stays one line.
+_UNWRAPPED = 10_000
+
+
 def _console() -> Console:
-    return Console(highlight=False)
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        console = Console(highlight=False, width=_UNWRAPPED, soft_wrap=True)
+    return console
 
 
 def _cell(value: Any) -> Text:
@@ -173,7 +215,8 @@ def _cell(value: Any) -> Text:
     if value is None:
         return Text("∅", style="dim")
     if isinstance(value, datetime):
-        text = value.isoformat(sep=" ", timespec="milliseconds" if value.microsecond else "seconds")
+        # Whole seconds stay short; otherwise every microsecond is shown (never rounded away).
+        text = value.isoformat(sep=" ", timespec="microseconds" if value.microsecond else "seconds")
     elif isinstance(value, float):
         text = f"{value:.6g}"
     elif isinstance(value, (list, tuple)):
@@ -199,11 +242,27 @@ def _frame_table(title: str, frame: pl.DataFrame) -> Table:
 
 
 def _utc(text: str) -> datetime:
-    """An ISO-8601 text (a trailing ``Z`` allowed; naive means UTC) as a UTC datetime."""
+    """An ISO-8601 text (a trailing ``Z`` allowed; naive means UTC) as a UTC datetime.
+
+    Raises ``ValidationError`` for a text that is not ISO 8601 or a time that leaves the
+    years 1 to 9999 once converted to UTC.
+    """
     text = text.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    return to_utc(text)
+    try:
+        return to_utc(text)
+    except OverflowError as e:  # e.g. 0001-01-01T00:00:00+05:00 is before year 1 in UTC
+        msg = f"{text!r} is outside the years 1 to 9999 once converted to UTC."
+        raise ValidationError(msg) from e
+
+
+def _is_iso(text: str) -> bool:
+    try:
+        datetime.fromisoformat(text.strip().removesuffix("Z").removesuffix("z"))
+    except ValueError:
+        return False
+    return True
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
@@ -211,11 +270,13 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
         return None
     try:
         return _utc(value)
-    except ValidationError:
-        msg = (
-            f"{value!r} is not a date or time; use ISO 8601, e.g. 2024-05-01 or "
-            "2024-05-01T12:00:00Z (naive times are UTC)."
-        )
+    except ValidationError as e:
+        msg = str(e)
+        if not _is_iso(value):
+            msg = (
+                f"{value!r} is not a date or time; use ISO 8601, e.g. 2024-05-01 or "
+                "2024-05-01T12:00:00Z (naive times are UTC)."
+            )
         raise click.BadParameter(msg, param_hint=option) from None
 
 
@@ -223,44 +284,97 @@ _KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)=(.*)\Z", re.DOTALL)
 _INT = re.compile(r"[+-]?(0|[1-9][0-9]*)\Z")
 
 
-def _key_value(text: str) -> int | str:
+def _unquote(text: str) -> tuple[str, bool]:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]  # quoted: always a string
-    return int(text) if _INT.match(text) else text
+        return text[1:-1], True
+    return text, False
 
 
-def parse_keys(pairs: Sequence[str]) -> list[dict[str, Any]]:
+def _key_column(name: str, texts: list[str], dtype: pl.DataType | None) -> list[int | str]:
+    """The values of key ``name`` in its declared or stored dtype (a guess when unknown)."""
+    values = [_unquote(t) for t in texts]
+    if dtype == pl.String:
+        return [v for v, _ in values]  # "0042" stays "0042", 42 is the string "42"
+    if dtype is not None and dtype.is_integer():
+        bad = [v for v, _ in values if not re.fullmatch(r"[+-]?[0-9]+", v)]
+        if bad:
+            msg = f"key {name!r} is an integer key ({dtype}), got {bad[0]!r}."
+            raise click.BadParameter(msg, param_hint="--key")
+        return [int(v) for v, _ in values]
+    if any(quoted or not _INT.match(v) for v, quoted in values):
+        return [v for v, _ in values]  # one string among them: all strings
+    return [int(v) for v, _ in values]
+
+
+def parse_keys(
+    pairs: Sequence[str], dtypes: dict[str, pl.DataType] | None = None
+) -> list[dict[str, Any]]:
     """Turn ``--key NAME=VALUE`` options into entity rows.
 
-    Repeating a name gives several entities; different names form one compound key.
-    Values that look like integers become ints (quote them to keep a string).
+    Repeating a name gives several entities; different names form one compound key. A key
+    whose dtype is known (``dtypes``: declared or stored) gets values of that dtype; otherwise
+    values that look like integers become ints (quote them to keep a string).
 
     Examples
     --------
     >>> parse_keys(["user_id=42"])
     [{'user_id': 42}]
-    >>> parse_keys(["user_id=1", "user_id=2", "item=ab"][:2])
+    >>> parse_keys(["user_id=1", "user_id=2"])
     [{'user_id': 1}, {'user_id': 2}]
     >>> parse_keys(["user_id=7", "item_id='0012'"])
     [{'user_id': 7, 'item_id': '0012'}]
+    >>> import polars as pl
+    >>> parse_keys(["account_code=0042", "account_code=42"], {"account_code": pl.String()})
+    [{'account_code': '0042'}, {'account_code': '42'}]
     """
-    columns: dict[str, list[int | str]] = {}
+    texts: dict[str, list[str]] = {}
     for pair in pairs:
         match = _KEY.match(pair.strip())
         if not match or not match.group(2):
             msg = f"{pair!r} is not NAME=VALUE, e.g. --key user_id=42."
             raise click.BadParameter(msg, param_hint="--key")
         name, raw = match.groups()
-        columns.setdefault(name, []).append(_key_value(raw))
-    counts = {name: len(values) for name, values in columns.items()}
+        texts.setdefault(name, []).append(raw)
+    counts = {name: len(values) for name, values in texts.items()}
     if len(set(counts.values())) > 1:
         msg = f"every key name needs the same number of values, got {counts}."
         raise click.BadParameter(msg, param_hint="--key")
-    for name, values in columns.items():
-        if any(isinstance(v, str) for v in values):
-            columns[name] = [str(v) for v in values]
+    columns = {n: _key_column(n, v, (dtypes or {}).get(n)) for n, v in texts.items()}
     height = next(iter(counts.values()), 0)
     return [{name: values[i] for name, values in columns.items()} for i in range(height)]
+
+
+def _key_dtypes(store: FeatureStore, views: Sequence[FeatureView]) -> dict[str, pl.DataType]:
+    """Each join key's dtype: declared on the entity, else the stored table's, else absent."""
+    versions = store.versions()
+    dtypes: dict[str, pl.DataType] = {}
+    for view in views:
+        # The entity's declared key dtypes ({} when undeclared); the first CSV must not decide.
+        known: dict[str, pl.DataType] = dict(getattr(view, "key_dtypes", None) or {})
+        undeclared = [k for k in view.join_keys if k not in known and k not in dtypes]
+        if undeclared and versions.get(view.name, -1) >= 0:
+            stored = store.read(view.name).collect_schema()
+            known.update({k: stored[k] for k in undeclared if k in stored})
+        for key, dtype in known.items():
+            dtypes.setdefault(key, dtype)
+    return dtypes
+
+
+def _views_of(store: FeatureStore, features: Sequence[str]) -> list[FeatureView]:
+    """The views a ``get`` reads; a bare name must be a feature service."""
+    refs: list[Any] = list(features)
+    views = {v.name: v for v in store.list_feature_views()}
+    if len(features) == 1 and ":" not in features[0]:
+        name = features[0]
+        if name in views and name not in {s.name for s in store.list_feature_services()}:
+            msg = (
+                f"{name!r} is a feature view, not a feature service: ask for {name + ':*'!r} "
+                f"(all its features) or {name + ':FEATURE'!r}."
+            )
+            raise ValidationError(msg)
+        refs = list(store.get_feature_service(name).features)  # NotFoundError with a hint
+    names = {r.split(":", 1)[0] if isinstance(r, str) else r.name for r in refs}
+    return [views[n] for n in sorted(names) if n in views]
 
 
 def _json_default(value: Any) -> Any:
@@ -291,7 +405,7 @@ def _ttl(value: timedelta | None) -> str:
 )
 @click.option(
     "--repo",
-    type=click.Path(file_okay=False),
+    type=_Folder(),
     envvar=REPO_ENV,
     default=None,
     help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
@@ -312,7 +426,7 @@ def cli(repo: str | None) -> None:
 
 
 @cli.command(short_help="Create a repository with an example features.py.")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, type=_Folder())
 @_repo_option
 def init(path: Path | None, repo: Path | None) -> None:
     """Create a repository with a commented example definitions file, features.py.
@@ -334,10 +448,12 @@ def init(path: Path | None, repo: Path | None) -> None:
     if defs.exists():
         console.print(Text(f"kept the existing {defs}"))
     else:
-        defs.write_text(EXAMPLE_DEFINITIONS.replace("REPO", str(target)), encoding="utf-8")
+        # Written verbatim: the file never contains the path, so no folder name can become code.
+        defs.write_text(EXAMPLE_DEFINITIONS, encoding="utf-8")
     state = "already a repository" if existed else "initialised a repository"
     console.print(Text(f"{state} at {store.path}", style="green"))
-    console.print(Text(f"next: edit {defs}, then: polarstore --repo {target} apply {defs}"))
+    repo_arg, defs_arg = shlex.quote(str(target)), shlex.quote(str(defs))
+    console.print(Text(f"next: edit {defs}, then: polarstore --repo {repo_arg} apply {defs_arg}"))
 
 
 def _load_definitions(path: Path) -> list[Definition]:
@@ -512,6 +628,10 @@ def history(view: str, repo: Path | None) -> None:
 
 
 _READERS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+# Extended ISO 8601, the only text the fast (vectorised) parse may see: Polars' own format
+# inference would also read 02/04/2024 as a date, day or month first by guess.
+_ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
+_ISO_TIME = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?)?([Zz]|[+-]\d{2}:?\d{2})?$"
 
 
 def _read_file(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -521,7 +641,9 @@ def _read_file(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]
         raise click.ClickException(msg)
     try:
         if kind == "parquet":
-            return pl.read_parquet(path)
+            frame = pl.read_parquet(path)
+            _check_columns(path, view, frame.columns)
+            return frame
         return _read_csv(path, view, key_dtypes)
     except pl.exceptions.PolarsError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -529,9 +651,43 @@ def _read_file(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]
         raise click.ClickException(msg) from e
 
 
+def _check_columns(path: Path, view: FeatureView, columns: Sequence[str]) -> None:
+    """Name the unknown and the missing columns together, with a hint for a wrong delimiter."""
+    created = [view.created_timestamp_field] if view.created_timestamp_field else []
+    expected = [*view.join_keys, view.timestamp_field, *created, *view.feature_names]
+    unknown = [c for c in columns if c not in expected]
+    missing = [c for c in expected if c not in columns]
+    if not (unknown or missing):
+        return
+    problems = []
+    if unknown:
+        hints = "".join(did_you_mean(c, expected) for c in unknown[:3])
+        problems.append(f"unknown column(s) {unknown}.{hints}")
+    if missing:
+        problems.append(f"missing column(s) {missing}.")
+    delimiter = next((d for d in (";", "\t", "|") if any(d in c for c in columns)), None)
+    hint = ""
+    if delimiter is not None and len(columns) < len(expected):
+        hint = (
+            f" The header holds {delimiter!r}: the file looks {delimiter!r}-separated, and "
+            "polarstore reads comma-separated CSV; convert it (or write it as parquet)."
+        )
+    msg = (
+        f"{str(path)!r} does not match view {view.name!r}: {' '.join(problems)} Expected the "
+        f"columns {expected}; nothing was written.{hint}"
+    )
+    raise click.ClickException(msg)
+
+
 def _read_csv(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType]) -> pl.DataFrame:
-    """A CSV with the view's dtypes; timestamp (and date/time feature) strings parsed."""
+    """A CSV read in the view's dtypes, its time columns parsed from ISO 8601 only.
+
+    Keys take ``key_dtypes`` (declared, else stored; inferred when absent), features the
+    schema's dtypes; timestamp and date/time feature columns are read as text and parsed here,
+    never by Polars' format guessing.
+    """
     header = pl.read_csv(path, n_rows=0).columns
+    _check_columns(path, view, header)
     temporal = [view.timestamp_field]
     if view.created_timestamp_field:
         temporal.append(view.created_timestamp_field)
@@ -542,38 +698,47 @@ def _read_csv(path: Path, view: FeatureView, key_dtypes: dict[str, pl.DataType])
         elif not isinstance(dtype, (pl.List, pl.Binary)):
             overrides[name] = dtype
     overrides.update(key_dtypes)
-    frame = pl.read_csv(
-        path,
-        schema_overrides={k: v for k, v in overrides.items() if k in header},
-        try_parse_dates=True,
-    )
+    overrides.update({name: pl.String() for name in temporal})  # parsed below, never guessed
+    frame = pl.read_csv(path, schema_overrides={k: v for k, v in overrides.items() if k in header})
     for name in temporal:
-        if name in frame.columns and frame.schema[name] == pl.String:
+        if name in frame.columns:
             want_date = view.schema.get(name) == pl.Date
             frame = frame.with_columns(_parse_column(frame[name], path, want_date=want_date))
     return frame
 
 
 def _parse_column(column: pl.Series, path: Path, *, want_date: bool) -> pl.Series:
-    try:
-        if want_date:
-            return column.str.to_date(strict=True)
-        return column.str.to_datetime(time_unit="us", strict=True)
-    except pl.exceptions.PolarsError:
-        pass  # mixed formats: parse value by value below
-    values: list[Any] = []
-    for text in column:
+    iso = column.str.contains(_ISO_DATE if want_date else _ISO_TIME)
+    if iso.all(ignore_nulls=True):
         try:
-            parsed = None if text is None else _utc(text)
-        except ValidationError:
-            msg = (
-                f"{str(path)!r}: column {column.name!r} has {text!r}, which is not an ISO-8601 "
-                "date or time (e.g. 2024-05-01T12:00:00Z)."
-            )
-            raise click.ClickException(msg) from None
-        values.append(parsed.date() if parsed is not None and want_date else parsed)
+            if want_date:
+                return column.str.to_date("%Y-%m-%d", strict=True)
+            return column.str.to_datetime(time_unit="us", strict=True)
+        except pl.exceptions.PolarsError:
+            pass  # mixed ISO forms (offsets, date-only): value by value below
+    values: list[Any] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for text in column:
+            values.append(_parse_value(text, column.name, path, want_date=want_date))
+    if caught:  # one warning per column, not one per value
+        msg = f"{str(path)!r}: column {column.name!r}: {len(caught)} value(s): {caught[0].message}"
+        warnings.warn(msg, caught[0].category, stacklevel=2)
     dtype = pl.Date() if want_date else pl.Datetime("us", "UTC")
     return pl.Series(column.name, values, dtype=dtype)
+
+
+def _parse_value(text: str | None, name: str, path: Path, *, want_date: bool) -> Any:
+    try:
+        parsed = None if text is None else _utc(text)
+    except ValidationError:
+        msg = (
+            f"{str(path)!r}: column {name!r} has {text!r}, which is not an ISO-8601 date or "
+            "time (e.g. 2024-05-01T12:00:00Z; day-first and month-first dates are ambiguous); "
+            "nothing was written."
+        )
+        raise click.ClickException(msg) from None
+    return parsed.date() if parsed is not None and want_date else parsed
 
 
 @cli.command(short_help="Append a parquet or CSV file to a view.")
@@ -584,7 +749,8 @@ def write(view: str, file: Path, repo: Path | None) -> None:
     """Append the rows of FILE (.parquet or .csv) to VIEW as one new table version.
 
     The file holds the join keys, the timestamp column(s) and every declared feature. CSV
-    timestamps are parsed (ISO 8601; naive times are UTC).
+    columns are read in the view's dtypes (keys: declared, else as already stored);
+    timestamps must be ISO 8601 (naive times are UTC), anything else is refused.
 
     \b
     Example:
@@ -592,11 +758,7 @@ def write(view: str, file: Path, repo: Path | None) -> None:
     """
     store = _open(repo)
     definition = store.get_feature_view(view)
-    key_dtypes: dict[str, pl.DataType] = {}
-    if store.versions().get(view, -1) >= 0:
-        stored = store.read(view).collect_schema()
-        key_dtypes = {k: stored[k] for k in definition.join_keys if k in stored}
-    frame = _read_file(file, definition, key_dtypes)
+    frame = _read_file(file, definition, _key_dtypes(store, [definition]))
     version = store.write(view, frame)
     _console().print(
         Text(f"wrote {frame.height:,} rows to {view}: version {version}", style="green")
@@ -673,16 +835,19 @@ def get(
     """Look up the latest feature values of entities in the online store.
 
     FEATURES are view:feature references, view:* for all features of a view, or the name
-    of a feature service. Key values that look like integers are sent as integers.
+    of a feature service. Key values take the key's declared (or stored) dtype, so
+    account_code=0042 looks up the string "0042" when the key is a String; a key of
+    unknown dtype is an integer when it looks like one (quote it to keep a string).
 
     \b
     Examples:
       polarstore --repo my_repo get user_stats:spend_7d --key user_id=42
       polarstore --repo my_repo get churn_model --key user_id=1 --key user_id=2 --json
     """
-    rows = parse_keys(keys)
+    parse_keys(keys)  # malformed keys are usage errors, reported before opening anything
     moment = _parse_time(now, "--now")
     store = _open(repo)
+    rows = parse_keys(keys, _key_dtypes(store, _views_of(store, features)))
     requested: str | list[str] = features[0] if len(features) == 1 else list(features)
     frame = store.get_online_features(rows, requested, full_feature_names=full_names, now=moment)
     if as_json:
@@ -706,7 +871,7 @@ def get(
 
 
 @cli.command(short_help="Build a demo repository: a churn story.")
-@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.argument("path", required=False, type=_Folder(file_okay=True))
 @click.option("--users", default=20_000, show_default=True, help="How many users to simulate.")
 @_repo_option
 def demo(path: Path | None, users: int, repo: Path | None) -> None:
@@ -720,7 +885,7 @@ def demo(path: Path | None, users: int, repo: Path | None) -> None:
       polarstore demo
       polarstore --repo demo_repo ls
     """
-    from polarstore._demo import run_demo
+    from polarstore.demo import run_demo
 
     target = path or repo
     if target is None:

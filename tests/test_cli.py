@@ -10,19 +10,23 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rich.console import Console
 
-from polarstore import FeatureStore
-from polarstore._cli import EXAMPLE_DEFINITIONS, cli, parse_keys
-from polarstore._demo import DEMO_MARKER, run_demo
+from polarstore import Entity, FeatureStore, FeatureView
+from polarstore._cli import EXAMPLE_DEFINITIONS, _read_csv, cli, parse_keys
+from polarstore.demo import DEMO_MARKER, run_demo
 
 SCRIPT = Path(sys.executable).with_name("polarstore")
 ROWS_CSV = """\
@@ -122,6 +126,51 @@ def test_init_creates_a_repository_with_example_definitions(tmp_path: Path) -> N
     assert "already a repository" in out
     assert "kept the existing" in out
     assert (path / "features.py").read_text() == "# mine\n"
+
+
+HOSTILE_NAMES = [
+    'x"""+__import__("pathlib").Path("PWNED").touch()+"""',
+    "x'''+__import__('pathlib').Path('PWNED').touch()+'''",
+    "quote\"s and 'apostrophes'",
+    "back\\slash\\n",
+    "new\nline",
+    "$(touch PWNED) `touch PWNED`",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_init_never_writes_the_folder_name_into_features_py(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """A folder name is data: it must not become code in features.py, nor break the hint."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    out = ok(run("init", path))
+    assert (path / "features.py").read_text(encoding="utf-8") == EXAMPLE_DEFINITIONS
+    hint = out.split("then: ", 1)[1]
+    # The printed command is shell-quoted: pasted into a shell it names the folder exactly.
+    assert shlex.split(hint) == [
+        "polarstore",
+        "--repo",
+        str(path),
+        "apply",
+        str(path / "features.py"),
+    ]
+    ok(run("--repo", path, "apply", path / "features.py"))
+    assert not (tmp_path / "PWNED").exists()
+    assert not (path / "PWNED").exists()
+    with FeatureStore(path) as store:
+        assert [v.name for v in store.list_feature_views()] == ["user_stats"]
+
+
+def test_the_command_in_features_py_works_from_the_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok(run("init", tmp_path / "r"))
+    command = "polarstore apply features.py"
+    assert command in EXAMPLE_DEFINITIONS
+    monkeypatch.chdir(tmp_path / "r")
+    assert "created" in ok(run(*shlex.split(command)[1:]))
 
 
 def test_init_defaults_to_repo_option_and_env(tmp_path: Path) -> None:
@@ -224,6 +273,15 @@ def test_describe_shows_schema_rows_and_online_state(loaded: Path) -> None:
     assert "2024-05-03 08:00:00+00:00" in out  # the latest event time, in UTC
 
 
+def test_tables_show_every_microsecond(repo: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "us.csv"
+    csv.write_text(
+        "user_id,event_timestamp,orders_7d,spend_7d\n1,2024-05-03T08:00:00.000700Z,1,1\n"
+    )
+    ok(run("--repo", repo, "write", "user_stats", csv))
+    assert "2024-05-03 08:00:00.000700+00:00" in ok(run("--repo", repo, "describe", "user_stats"))
+
+
 def test_history_lists_versions(loaded: Path, tmp_path: Path) -> None:
     csv = tmp_path / "more.csv"
     csv.write_text(ROWS_CSV)
@@ -296,7 +354,25 @@ def test_write_parquet_appends_a_version(loaded: Path, tmp_path: Path) -> None:
             "extra.csv",
             "user_id,event_timestamp,orders_7d,spend\n1,2024-01-01,1,1.0\n",
             1,
-            ["['spend']", "Did you mean 'spend_7d'"],
+            ["unknown column(s) ['spend']", "Did you mean 'spend_7d'", "missing column(s) "],
+        ),
+        (
+            "both.csv",
+            "user_id,event_timestamp,spend,extra\n1,2024-01-01,1.0,2\n",
+            1,
+            ["unknown column(s) ['spend', 'extra']", "missing column(s) ['orders_7d', 'spend_7d']"],
+        ),
+        (
+            "semicolons.csv",
+            "user_id;event_timestamp;orders_7d;spend_7d\n42;2024-05-01;3;12.5\n",
+            1,
+            ["missing column(s)", "';'-separated", "comma-separated"],
+        ),
+        (
+            "tabs.csv",
+            "user_id\tevent_timestamp\torders_7d\tspend_7d\n42\t2024-05-01\t3\t12.5\n",
+            1,
+            ["'\\t'-separated"],
         ),
     ],
 )
@@ -390,7 +466,16 @@ def test_materialize_errors(loaded: Path) -> None:
         (["--key", "user_id=1"], 2, ["Missing argument 'FEATURES...'"]),
         (["users:orders_7d", "--key", "user_id=1"], 1, ["no feature view 'users'"]),
         (["user_stats:orders", "--key", "user_id=1"], 1, ["has no feature 'orders'"]),
-        (["user_stats", "--key", "user_id=1"], 1, ["must look like 'view:feature'"]),
+        (
+            ["user_stats", "--key", "user_id=1"],
+            1,
+            ["'user_stats' is a feature view, not a feature service", "'user_stats:*'"],
+        ),
+        (
+            ["churn_modle", "--key", "user_id=1"],
+            1,
+            ["no feature service 'churn_modle'", "Did you mean 'churn_model'"],
+        ),
         (["user_stats:*", "--key", "user_id=1", "--now", "nope"], 2, ["--now", "'nope'"]),
         (
             ["user_stats:*", "--key", "user_id=1", "--key", "user_id=2", "--key", "x=1"],
@@ -402,6 +487,250 @@ def test_materialize_errors(loaded: Path) -> None:
 def test_get_errors(loaded: Path, args: list[str], code: int, fragments: list[str]) -> None:
     ok(run("--repo", loaded, "materialize"))
     error(run("--repo", loaded, "get", *args), code, *fragments)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["get", "user_stats:*", "--key", "user_id=42", "--now", "0001-01-01T00:00:00+05:00"],
+        ["materialize", "--end", "9999-12-31T23:00:00-05:00"],
+    ],
+)
+def test_times_outside_years_1_to_9999_are_one_error_line(loaded: Path, args: list[str]) -> None:
+    """Valid ISO 8601 that leaves the datetime range once converted to UTC: no traceback."""
+    option = args[-2]
+    error(run("--repo", loaded, *args), 2, f"Invalid value for {option}")
+
+
+def test_get_now_never_returns_a_value_from_the_future_of_now(repo: Path, tmp_path: Path) -> None:
+    # Passes once the "online" branch (online never serves a row after `now`) is merged.
+    csv = tmp_path / "two.csv"
+    csv.write_text(
+        "user_id,event_timestamp,orders_7d,spend_7d\n"
+        "1,2024-01-01T00:00:00Z,3,1.0\n"
+        "1,2024-01-03T00:00:00Z,5,2.0\n"
+    )
+    ok(run("--repo", repo, "write", "user_stats", csv))
+    ok(run("--repo", repo, "materialize"))
+    args = ["--repo", repo, "get", "user_stats:orders_7d", "--key", "user_id=1", "--json"]
+    assert json.loads(ok(run(*args, "--now", "2024-01-04"))) == [{"user_id": 1, "orders_7d": 5}]
+    assert json.loads(ok(run(*args, "--now", "2024-01-02"))) == [{"user_id": 1, "orders_7d": None}]
+
+
+@pytest.mark.parametrize(
+    "value", ["02/04/2024 10:00", "04/02/2024", "2024/05/01", "1714521600", "May 1, 2024"]
+)
+def test_write_csv_accepts_only_iso_8601_times(loaded: Path, tmp_path: Path, value: str) -> None:
+    """Day-first, month-first, slashed or epoch times are refused, never guessed."""
+    csv = tmp_path / "dates.csv"
+    csv.write_text(
+        f'user_id,event_timestamp,orders_7d,spend_7d\n1,2024-05-01,1,1.0\n2,"{value}",1,1.0\n'
+    )
+    error(
+        run("--repo", loaded, "write", "user_stats", csv),
+        1,
+        "column 'event_timestamp'",
+        repr(value),
+        "ISO-8601",
+        "nothing was written",
+    )
+    with FeatureStore(loaded) as store:
+        assert store.versions() == {"user_stats": 0}
+
+
+def test_write_csv_iso_forms_parse_like_python(repo: Path, tmp_path: Path) -> None:
+    """The vectorised parse agrees with datetime.fromisoformat (naive = UTC) on ISO forms."""
+    forms = [
+        "2024-05-01",
+        "2024-05-01T10:00",
+        "2024-05-01 10:00:00",
+        "2024-05-01T10:00:00.000001",
+        "2024-05-01T10:00:00.5+02:00",
+        "2024-05-01T10:00:00Z",
+        "2024-05-01T10:00:00-0130",
+    ]
+    expected: list[datetime] = []
+    chunks = [[f, f] for f in forms] + [forms]  # one form per file (vectorised), then mixed
+    for chunk in chunks:
+        csv = tmp_path / "iso.csv"
+        rows = "".join(f"{i},{t},1,1.0\n" for i, t in enumerate(chunk))
+        csv.write_text("user_id,event_timestamp,orders_7d,spend_7d\n" + rows)
+        ok(run("--repo", repo, "write", "user_stats", csv))
+        for text in chunk:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+            expected.append(aware.astimezone(timezone.utc))
+    with FeatureStore(repo) as store:
+        got = store.read("user_stats").collect()["event_timestamp"].to_list()
+    assert sorted(got) == sorted(expected)
+
+
+@st.composite
+def iso_texts(draw: st.DrawFn) -> str:
+    """An ISO-8601 text as people write them: µs times, offsets, Z, date-only, T or space."""
+    moment = draw(st.datetimes(datetime(1970, 1, 1), datetime(2100, 1, 1)))
+    if draw(st.booleans()):
+        return moment.date().isoformat()
+    sep = draw(st.sampled_from(["T", " "]))
+    spec = draw(st.sampled_from(["minutes", "seconds", "microseconds", "auto"]))
+    text = moment.isoformat(sep=sep, timespec=spec)
+    zone = draw(st.sampled_from(["", "Z", "offset"]))
+    if zone == "offset":
+        minutes = draw(st.integers(-14 * 60, 14 * 60))
+        sign = "-" if minutes < 0 else "+"
+        text += f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return text + ("Z" if zone == "Z" else "")
+
+
+def reference_utc(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    aware = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return aware.astimezone(timezone.utc)
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(iso_texts(), min_size=1, max_size=6), uniform=st.booleans())
+def test_csv_times_parse_like_fromisoformat(texts: list[str], uniform: bool) -> None:
+    """The CSV reader (vectorised where it can) agrees with datetime.fromisoformat to the µs."""
+    if uniform:
+        texts = [texts[0]] * len(texts)  # one form: the vectorised path
+    view = FeatureView("v", entities=[Entity("e", join_keys="k")], schema={"x": pl.Int64})
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "t.csv"
+        rows = "".join(f"{i},{t},1\n" for i, t in enumerate(texts))
+        path.write_text("k,event_timestamp,x\n" + rows)
+        frame = _read_csv(path, view, {})
+    got = frame["event_timestamp"]
+    if got.dtype.time_zone is None:  # type: ignore[attr-defined]
+        got = got.dt.replace_time_zone("UTC")
+    assert got.dt.convert_time_zone("UTC").to_list() == [reference_utc(t) for t in texts]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--repo", "s3://bucket/repo", "ls"],
+        ["--repo", "s3://bucket/repo", "init"],
+        ["init", "s3://bucket/repo"],
+        ["ls", "--repo", "gs://bucket/repo"],
+        ["demo", "az://container/repo"],
+        ["--repo", "http://example.com/repo", "ls"],
+    ],
+)
+def test_uri_repositories_are_refused_and_create_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    error(run(*args), 2, "is a URI", "local folders")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_uri_is_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    ok(run("init", f"file://{tmp_path / 'r'}"))
+    assert (tmp_path / "r" / "registry.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_uri_in_the_env_var_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    error(run("init", env={"POLARSTORE_REPO": "s3://bucket/repo"}), 2, "is a URI")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_piped_output_is_not_wrapped(tmp_path: Path) -> None:
+    """Without a terminal (and no COLUMNS), tables and copy-paste hints stay whole lines."""
+    path = tmp_path / ("deep_" * 12) / "repo"
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, ["init", str(path)])
+    out = ok(result)
+    hint = next(line for line in out.splitlines() if "then: " in line)
+    assert hint.endswith(f"apply {path / 'features.py'}"), out
+    defs = path / "features.py"
+    defs.write_text(
+        EXAMPLE_DEFINITIONS.replace("rolling 7-day order activity", "a long description " * 8)
+    )
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, ["--repo", str(path), "apply", str(defs)])
+    ok(result)
+    result = CliRunner(env={"COLUMNS": None}).invoke(cli, ["--repo", str(path), "ls"])
+    row = next(line for line in ok(result).splitlines() if "user_stats" in line and "│" in line)
+    assert "orders_7d, spend_7d" in row
+    assert "you@example.com" in row
+
+
+ACCOUNTS = """\
+from polarstore import Entity, FeatureView
+import polars as pl
+
+account = Entity("account", join_keys={KEYS})
+balances = FeatureView(
+    "balances", entities=[account], schema={"balance": pl.Float64, "branch": pl.String}
+)
+"""
+
+
+def accounts_repo(tmp_path: Path, keys: str) -> Path:
+    path = tmp_path / "accounts"
+    ok(run("init", path))
+    (path / "features.py").write_text(ACCOUNTS.replace("{KEYS}", keys))
+    ok(run("--repo", path, "apply", path / "features.py"))
+    return path
+
+
+def test_csv_keys_take_the_stored_dtype_and_get_looks_them_up(tmp_path: Path) -> None:
+    path = accounts_repo(tmp_path, '"account_code"')
+    with FeatureStore(path) as store:  # the first write (from Python) stores String keys
+        store.write(
+            "balances",
+            pl.DataFrame(
+                {
+                    "account_code": ["A1"],
+                    "event_timestamp": [datetime(2024, 1, 1)],
+                    "balance": [1.0],
+                    "branch": ["x"],
+                }
+            ),
+        )
+    csv = tmp_path / "more.csv"
+    csv.write_text(
+        "account_code,event_timestamp,balance,branch\n0042,2024-01-02,5,007\n42,2024-01-02,6,8\n"
+    )
+    ok(run("--repo", path, "write", "balances", csv))
+    with FeatureStore(path) as store:
+        rows = store.read("balances").collect()
+    assert rows["account_code"].to_list() == ["A1", "0042", "42"]
+    assert rows["branch"].to_list() == ["x", "007", "8"]  # a String feature keeps its digits
+    assert rows["balance"].dtype == pl.Float64
+    ok(run("--repo", path, "materialize"))
+    args = ["--repo", path, "get", "balances:balance", "--now", "2024-01-03", "--json"]
+    assert json.loads(ok(run(*args, "--key", "account_code=42"))) == [
+        {"account_code": "42", "balance": 6.0}
+    ]
+    assert json.loads(ok(run(*args, "--key", "account_code=0042"))) == [
+        {"account_code": "0042", "balance": 5.0}
+    ]
+
+
+def test_csv_keys_take_the_declared_dtype(tmp_path: Path) -> None:
+    # Needs Entity(join_keys={name: dtype}) and FeatureView.key_dtypes from the "types"
+    # branch: this test FAILS on the audit-cli branch alone and passes after the merge.
+    path = accounts_repo(tmp_path, '{"account_code": pl.String}')
+    csv = tmp_path / "first.csv"
+    csv.write_text("account_code,event_timestamp,balance,branch\n0042,2024-01-02,5,007\n")
+    ok(run("--repo", path, "write", "balances", csv))  # the first write: nothing stored yet
+    with FeatureStore(path) as store:
+        rows = store.read("balances").collect()
+    assert rows["account_code"].to_list() == ["0042"]
+    assert rows["branch"].to_list() == ["007"]
+    ok(run("--repo", path, "materialize"))
+    args = ["--repo", path, "get", "balances:balance", "--now", "2024-01-03", "--json"]
+    out = ok(run(*args, "--key", "account_code=0042"))
+    assert json.loads(out) == [{"account_code": "0042", "balance": 5.0}]
+
+
+def test_get_refuses_a_non_integer_value_for_an_integer_key(loaded: Path) -> None:
+    ok(run("--repo", loaded, "materialize"))
+    args = ["--repo", loaded, "get", "user_stats:*", "--key", "user_id=abc"]
+    error(run(*args), 2, "key 'user_id' is an integer key (Int64)", "'abc'")
 
 
 def test_parse_keys_types_and_compound_keys() -> None:
@@ -451,6 +780,27 @@ def test_run_demo_returns_the_key_figures(tmp_path: Path) -> None:
     again = run_demo(tmp_path / "demo", quiet, n_users=400)  # seeded: the same figures
     for key in ("orders_rows", "leaky_rows", "time_travel_changed_rows", "online_vector"):
         assert again[key] == figures[key]
+
+
+def test_the_demo_is_public_and_its_steps_can_be_extended(tmp_path: Path) -> None:
+    """A later capability adds a step: a function (run, notes) and an entry after the others."""
+    from polarstore import demo
+
+    assert [d.name for d in demo.definitions()][-1] == "churn_model"
+    assert [s.key for s in demo.STEPS][:3] == ["generate", "apply", "write"]
+
+    def rows_per_view(run: demo.DemoRun, notes: list[object]) -> None:
+        run.figures["rows_per_view"] = {v: run.store.read(v).collect().height for v in ("orders",)}
+        notes.append("counted")
+
+    buf = io.StringIO()
+    steps = (*demo.STEPS, demo.Step("count", "Count the rows", rows_per_view))
+    figures = demo.run_demo(tmp_path / "d", Console(file=buf), n_users=50, steps=steps)
+    assert (
+        figures["rows_per_view"]["orders"] == figures["orders_rows"] + figures["corrections_rows"]
+    )
+    assert "11/11 Count the rows" in buf.getvalue()
+    assert list(figures["seconds"])[-1] == "count"
 
 
 def test_demo_rebuilds_a_previous_demo_but_refuses_other_folders(tmp_path: Path) -> None:

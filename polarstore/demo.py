@@ -1,5 +1,9 @@
 """The ``polarstore demo`` story: e-commerce churn, from raw events to online serving.
 
+A public module, for notebooks and tests as much as for the CLI::
+
+    from polarstore.demo import definitions, make_data, run_demo
+
 Everything is synthetic and seeded, so the figures are the same on every run:
 
 1. ~20k users with a profile view (plan, country, age; plan changes over time), an orders
@@ -12,7 +16,9 @@ Everything is synthetic and seeded, so the figures are the same on every run:
 5. time travel (the training set as it was before the corrections);
 6. materialize, online lookups, and a train/serve parity check.
 
-``run_demo`` returns the key figures as a dict so tests (and curious users) can check them.
+Each step is a function in :data:`STEPS` sharing a :class:`DemoRun`; ``run_demo`` returns
+the key figures as a dict so tests (and curious users) can check them. Run it with
+``polarstore demo`` (or ``python -m polarstore._cli demo``).
 """
 
 from __future__ import annotations
@@ -21,8 +27,8 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ import numpy as np
 import polars as pl
 from rich.console import Console, RenderableType
 from rich.padding import Padding
+from rich.rule import Rule
 from rich.table import Table
 
 from polarstore._definitions import Entity, FeatureService, FeatureView
@@ -40,8 +47,11 @@ from polarstore._store import FeatureStore
 __all__ = [
     "DEMO_MARKER",
     "NOW",
+    "STEPS",
     "T0",
     "DemoData",
+    "DemoRun",
+    "Step",
     "definitions",
     "make_data",
     "prepare_demo_path",
@@ -360,18 +370,214 @@ def _short(value: Any) -> str:
     return str(value)
 
 
+@dataclass
+class DemoRun:
+    """What the demo's steps share: the console, the store, the data and the figures so far.
+
+    A step reads what earlier steps left here and adds its own results; fields without a
+    default are set by the step that makes them (``data`` by ``generate``, …).
+    """
+
+    console: Console
+    store: FeatureStore
+    n_users: int
+    seed: int
+    figures: dict[str, Any]
+    data: DemoData = field(init=False)
+    service: FeatureService = field(init=False)
+    features: list[str] = field(init=False)
+    before: dict[str, int] = field(init=False)
+    training: pl.DataFrame = field(init=False)
+
+    @property
+    def user_id(self) -> int:
+        """The user the online steps look up: the spine's first."""
+        return int(self.data.spine["user_id"][0])
+
+
+#: A step adds notes (text or tables) to print under its title.
+Notes = list[RenderableType]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One numbered step of the story: a key for its timing, a title and what it does."""
+
+    key: str
+    title: str | Callable[[DemoRun], str]
+    run: Callable[[DemoRun, Notes], None]
+
+
+def _generate(run: DemoRun, notes: Notes) -> None:
+    run.data = data = make_data(run.n_users, seed=run.seed)
+    churn_rate = float(data.spine["churned"].mean())  # type: ignore[arg-type]
+    run.figures.update(
+        profile_rows=data.profile.height,
+        orders_rows=data.orders.height,
+        corrections_rows=data.corrections.height,
+        sessions_rows=data.sessions.height,
+        spine_rows=data.spine.height,
+        churn_rate=round(churn_rate, 4),
+    )
+    notes.append(
+        f"{run.n_users:,} users · {data.profile.height:,} profile rows · "
+        f"{data.orders.height:,} orders · {data.sessions.height:,} sessions · "
+        f"spine of {data.spine.height:,} labelled rows (churn rate {churn_rate:.1%})"
+    )
+
+
+def _apply(run: DemoRun, notes: Notes) -> None:
+    defs = definitions()
+    run.store.apply(defs)
+    notes.append(", ".join(f"{type(d).__name__} [green]{d.name}[/]" for d in defs))
+    run.service = run.store.get_feature_service("churn_model")
+    run.features = service_features(run.store, run.service)
+
+
+def _write(run: DemoRun, notes: Notes) -> None:
+    data = run.data
+    for view, frame in (
+        ("user_profile", data.profile),
+        ("orders", data.orders),
+        ("sessions", data.sessions),
+    ):
+        version = run.store.write(view, frame)
+        notes.append(f"{view}: {frame.height:,} rows → version {version}")
+    run.before = run.store.versions()
+    run.store.save_dataset("churn_training", data.spine, run.service)
+    run.figures["versions_before_corrections"] = dict(run.before)
+    notes.append(f"saved dataset [green]churn_training[/] pinned at {run.before}")
+
+
+def _corrections(run: DemoRun, notes: Notes) -> None:
+    version = run.store.write("orders", run.data.corrections)
+    run.figures["versions_after_corrections"] = run.store.versions()
+    notes.append(
+        f"orders: {run.data.corrections.height:,} amounts restated (same event times, "
+        f"later created_at) → version {version}"
+    )
+
+
+def _training(run: DemoRun, notes: Notes) -> None:
+    run.training = training = run.store.get_historical_features(
+        run.data.spine, run.service
+    ).collect()
+    run.figures.update(training_rows=training.height, training_columns=training.columns)
+    notes.append(f"{training.height:,} rows × {len(run.features)} features; the first rows:")
+    sample = training.head(5).select(
+        "user_id",
+        pl.col("event_timestamp").alias("cutoff"),
+        "churned",
+        "plan",
+        "order_count",
+        "order_amount",
+        "session_minutes",
+        "device",
+    )
+    notes.append(_frame_table(sample))
+
+
+def _leakage_step(run: DemoRun, notes: Notes) -> None:
+    leaks = _leakage(run.store, run.data.spine)
+    run.figures.update(leaks)
+    by_view = ", ".join(f"{v} {n:,}" for v, n in leaks["leaky_rows_by_view"].items())
+    notes.append(
+        f"a naive join of each user's latest values uses data from after the cutoff in "
+        f"[bold red]{leaks['leaky_rows']:,}[/] of {run.data.spine.height:,} spine rows "
+        f"({leaks['leaky_fraction']:.1%}; by view: {by_view})"
+    )
+    notes.append(
+        f"e.g. the plan differs in {leaks['plan_differs']:,} rows (downgrades that "
+        "precede churn); the point-in-time join uses no future data"
+    )
+
+
+def _time_travel(run: DemoRun, notes: Notes) -> None:
+    store, spine = run.store, run.data.spine
+    old = store.get_historical_features(spine, run.service, as_of=run.before).collect()
+    changed = _changed_rows(run.training, old, run.features)
+    reproduced = store.load_dataset("churn_training").collect().equals(old)
+    run.figures.update(time_travel_changed_rows=changed, saved_dataset_reproduced=reproduced)
+    notes.append(
+        f"as_of={run.before}: [bold]{changed:,}[/] rows differ from today's training set "
+        "(the corrected order amounts)"
+    )
+    notes.append(f"load_dataset('churn_training') returns exactly that old set: {reproduced}")
+
+
+def _materialize(run: DemoRun, notes: Notes) -> None:
+    summary = run.store.materialize()
+    run.figures["materialize"] = summary
+    notes.append(_summary_table(summary))
+
+
+def _online(run: DemoRun, notes: Notes) -> None:
+    store, service, key = run.store, run.service, {"user_id": run.user_id}
+    row = store.get_online_features(key, service, now=NOW)
+    vector = store.get_feature_vector(key, service, now=NOW)
+    per_call = _time_per_call(lambda: store.get_feature_vector(key, service, now=NOW))
+    run.figures.update(
+        online_user=run.user_id,
+        online_vector=vector,
+        vector_matches_online=_vector_matches(vector, row),
+        feature_vector_us=round(per_call * 1e6, 1),
+    )
+    notes.append(_vector_table(vector))
+    notes.append(
+        f"get_feature_vector: {per_call * 1e6:,.0f} µs per call; the same values as "
+        f"get_online_features: {run.figures['vector_matches_online']}"
+    )
+
+
+def _parity_step(run: DemoRun, notes: Notes) -> None:
+    checked = min(1_000, run.n_users)
+    keys = np.random.default_rng(run.seed + 1).choice(
+        np.arange(1, run.n_users + 1), checked, replace=False
+    )
+    mismatches = _parity(run.store, run.service, keys, run.features)
+    run.figures.update(parity_checked=checked, parity_mismatches=mismatches)
+    status = "[bold green]OK[/]" if mismatches == 0 else "[bold red]MISMATCH[/]"
+    notes.append(f"{checked:,} users checked, {mismatches} mismatching rows {status}")
+
+
+#: The story, in order. A new step (a bitemporal leakage check, aggregations, …) is a
+#: function ``(run, notes)`` and one entry here.
+STEPS: tuple[Step, ...] = (
+    Step("generate", "Generate users, orders and sessions (seeded)", _generate),
+    Step("apply", "Register the definitions", _apply),
+    Step("write", "Write the offline history (one Delta table per view)", _write),
+    Step("corrections", "Late-arriving corrections (a second write)", _corrections),
+    Step("training", "Point-in-time training set", _training),
+    Step("leakage", "Leakage check: naive latest-value join vs point-in-time", _leakage_step),
+    Step("time_travel", "Time travel: the training set before the corrections", _time_travel),
+    Step("materialize", "Materialize the latest values into LMDB", _materialize),
+    Step(
+        "online", lambda run: f"Online lookup for user {run.user_id} (now={NOW:%Y-%m-%d})", _online
+    ),
+    Step("parity", "Train/serve parity: online at now == offline at now", _parity_step),
+)
+
+
+def _rule(console: Console, title: str) -> None:
+    # A rule spans the console, and the CLI's piped console never wraps (10,000 columns):
+    # there a rule gets the width of the help text.
+    console.print(Rule(title), width=console.width if console.width < 1_000 else 100)
+
+
 def run_demo(
     path: str | os.PathLike[str] = "demo_repo",
     console: Console | None = None,
     *,
     n_users: int = 20_000,
     seed: int = 7,
+    steps: Sequence[Step] = STEPS,
 ) -> dict[str, Any]:
     """Build the demo repository at ``path`` and walk through the churn story.
 
-    ``path`` must be new, empty, or a previous demo (which is wiped). Returns the key
-    figures: sizes, the leakage count, time-travel differences, the materialize summary,
-    the online vector of one user, the parity mismatches and per-step timings.
+    ``path`` must be new, empty, or a previous demo (which is wiped). ``steps`` are run in
+    order (default: :data:`STEPS`). Returns the key figures: sizes, the leakage count,
+    time-travel differences, the materialize summary, the online vector of one user, the
+    parity mismatches and per-step timings.
 
     Examples
     --------
@@ -384,146 +590,23 @@ def run_demo(
     console = console or Console()
     began = time.perf_counter()
     root = prepare_demo_path(path)
-    steps = _Steps(console, total=10)
+    printer = _Steps(console, total=len(steps))
     figures: dict[str, Any] = {"path": str(root), "n_users": n_users, "seed": seed}
-    console.rule("[bold]polarstore demo: e-commerce churn[/]")
+    _rule(console, "[bold]polarstore demo: e-commerce churn[/]")
     console.print(f"repository: [green]{root}[/]\n")
-
-    with steps.step("generate", "Generate users, orders and sessions (seeded)") as notes:
-        data = make_data(n_users, seed=seed)
-        churn_rate = float(data.spine["churned"].mean())  # type: ignore[arg-type]
-        figures.update(
-            profile_rows=data.profile.height,
-            orders_rows=data.orders.height,
-            corrections_rows=data.corrections.height,
-            sessions_rows=data.sessions.height,
-            spine_rows=data.spine.height,
-            churn_rate=round(churn_rate, 4),
-        )
-        notes.append(
-            f"{n_users:,} users · {data.profile.height:,} profile rows · "
-            f"{data.orders.height:,} orders · {data.sessions.height:,} sessions · "
-            f"spine of {data.spine.height:,} labelled rows (churn rate {churn_rate:.1%})"
-        )
-
     with FeatureStore(root) as store:
-        with steps.step("apply", "Register the definitions") as notes:
-            defs = definitions()
-            store.apply(defs)
-            notes.append(", ".join(f"{type(d).__name__} [green]{d.name}[/]" for d in defs))
-        service = store.get_feature_service("churn_model")
-
-        with steps.step("write", "Write the offline history (one Delta table per view)") as notes:
-            for view, frame in (
-                ("user_profile", data.profile),
-                ("orders", data.orders),
-                ("sessions", data.sessions),
-            ):
-                version = store.write(view, frame)
-                notes.append(f"{view}: {frame.height:,} rows → version {version}")
-            before = store.versions()
-            store.save_dataset("churn_training", data.spine, service)
-            figures["versions_before_corrections"] = dict(before)
-            notes.append(f"saved dataset [green]churn_training[/] pinned at {before}")
-
-        with steps.step("corrections", "Late-arriving corrections (a second write)") as notes:
-            version = store.write("orders", data.corrections)
-            figures["versions_after_corrections"] = store.versions()
-            notes.append(
-                f"orders: {data.corrections.height:,} amounts restated (same event times, "
-                f"later created_at) → version {version}"
-            )
-
-        with steps.step("training", "Point-in-time training set") as notes:
-            training = store.get_historical_features(data.spine, service).collect()
-            features = service_features(store, service)
-            figures.update(training_rows=training.height, training_columns=training.columns)
-            notes.append(f"{training.height:,} rows × {len(features)} features; the first rows:")
-            sample = training.head(5).select(
-                "user_id",
-                pl.col("event_timestamp").alias("cutoff"),
-                "churned",
-                "plan",
-                "order_count",
-                "order_amount",
-                "session_minutes",
-                "device",
-            )
-            notes.append(_frame_table(sample))
-
-        with steps.step(
-            "leakage", "Leakage check: naive latest-value join vs point-in-time"
-        ) as notes:
-            leaks = _leakage(store, data.spine)
-            figures.update(leaks)
-            by_view = ", ".join(f"{v} {n:,}" for v, n in leaks["leaky_rows_by_view"].items())
-            notes.append(
-                f"a naive join of each user's latest values uses data from after the cutoff in "
-                f"[bold red]{leaks['leaky_rows']:,}[/] of {data.spine.height:,} spine rows "
-                f"({leaks['leaky_fraction']:.1%}; by view: {by_view})"
-            )
-            notes.append(
-                f"e.g. the plan differs in {leaks['plan_differs']:,} rows (downgrades that "
-                "precede churn); the point-in-time join uses no future data"
-            )
-
-        with steps.step(
-            "time_travel", "Time travel: the training set before the corrections"
-        ) as notes:
-            old = store.get_historical_features(data.spine, service, as_of=before).collect()
-            changed = _changed_rows(training, old, features)
-            reproduced = store.load_dataset("churn_training").collect().equals(old)
-            figures.update(time_travel_changed_rows=changed, saved_dataset_reproduced=reproduced)
-            notes.append(
-                f"as_of={before}: [bold]{changed:,}[/] rows differ from today's training set "
-                "(the corrected order amounts)"
-            )
-            notes.append(
-                f"load_dataset('churn_training') returns exactly that old set: {reproduced}"
-            )
-
-        with steps.step("materialize", "Materialize the latest values into LMDB") as notes:
-            summary = store.materialize()
-            figures["materialize"] = summary
-            notes.append(_summary_table(summary))
-
-        user_id = int(data.spine["user_id"][0])
-        with steps.step(
-            "online", f"Online lookup for user {user_id} (now={NOW:%Y-%m-%d})"
-        ) as notes:
-            row = store.get_online_features({"user_id": user_id}, service, now=NOW)
-            vector = store.get_feature_vector({"user_id": user_id}, service, now=NOW)
-            per_call = _time_per_call(
-                lambda: store.get_feature_vector({"user_id": user_id}, service, now=NOW)
-            )
-            figures.update(
-                online_user=user_id,
-                online_vector=vector,
-                vector_matches_online=_vector_matches(vector, row),
-                feature_vector_us=round(per_call * 1e6, 1),
-            )
-            notes.append(_vector_table(vector))
-            notes.append(
-                f"get_feature_vector: {per_call * 1e6:,.0f} µs per call; the same values as "
-                f"get_online_features: {figures['vector_matches_online']}"
-            )
-
-        with steps.step("parity", "Train/serve parity: online at now == offline at now") as notes:
-            checked = min(1_000, n_users)
-            keys = np.random.default_rng(seed + 1).choice(
-                np.arange(1, n_users + 1), checked, replace=False
-            )
-            mismatches = _parity(store, service, keys, features)
-            figures.update(parity_checked=checked, parity_mismatches=mismatches)
-            status = "[bold green]OK[/]" if mismatches == 0 else "[bold red]MISMATCH[/]"
-            notes.append(f"{checked:,} users checked, {mismatches} mismatching rows {status}")
-
-    figures["seconds"] = steps.seconds
+        run = DemoRun(console, store, n_users, seed, figures)
+        for step in steps:
+            title = step.title(run) if callable(step.title) else step.title
+            with printer.step(step.key, title) as notes:
+                step.run(run, notes)
+    figures["seconds"] = printer.seconds
     figures["total_seconds"] = round(time.perf_counter() - began, 3)
-    console.rule(f"[bold]done in {figures['total_seconds']:.1f} s[/]")
+    _rule(console, f"[bold]done in {figures['total_seconds']:.1f} s[/]")
+    user = figures.get("online_user", 1)
     console.print(
         f"try: [cyan]polarstore --repo {root} ls[/]\n"
-        f"     [cyan]polarstore --repo {root} get churn_model --key user_id={user_id} "
+        f"     [cyan]polarstore --repo {root} get churn_model --key user_id={user} "
         f"--now {NOW:%Y-%m-%d}[/]"
     )
     return figures
