@@ -250,11 +250,7 @@ def _utc(text: str) -> datetime:
     text = text.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
-    try:
-        return to_utc(text)
-    except OverflowError as e:  # e.g. 0001-01-01T00:00:00+05:00 is before year 1 in UTC
-        msg = f"{text!r} is outside the years 1 to 9999 once converted to UTC."
-        raise ValidationError(msg) from e
+    return to_utc(text)
 
 
 def _is_iso(text: str) -> bool:
@@ -349,8 +345,8 @@ def _key_dtypes(store: FeatureStore, views: Sequence[FeatureView]) -> dict[str, 
     versions = store.versions()
     dtypes: dict[str, pl.DataType] = {}
     for view in views:
-        # The entity's declared key dtypes ({} when undeclared); the first CSV must not decide.
-        known: dict[str, pl.DataType] = dict(getattr(view, "key_dtypes", None) or {})
+        # Declared key dtypes win: the first CSV must not decide them.
+        known: dict[str, pl.DataType] = dict(view.key_dtypes)
         undeclared = [k for k in view.join_keys if k not in known and k not in dtypes]
         if undeclared and versions.get(view.name, -1) >= 0:
             stored = store.read(view.name).collect_schema()

@@ -31,7 +31,7 @@ import polars as pl
 
 from polarstore._definitions import FeatureService, FeatureView, dtype_from_str
 from polarstore._errors import PolarstoreError, ValidationError
-from polarstore._frames import entity_frame
+from polarstore._frames import check_declared_keys, entity_frame
 from polarstore._offline import OfflineStore
 from polarstore._records import Layout, cast_keys, key_check, stored_layout
 from polarstore._retrieval import Requested, resolve_features, service_named
@@ -606,6 +606,8 @@ class OnlineStore:
             if isinstance(entity_rows, list) and not entity_rows:
                 entity_rows = _no_entities(join_keys, layouts)
             frame = entity_frame(entity_rows, join_keys, where=where)
+            declared = {k: t for w in by_view.values() for k, t in w[0].view.key_dtypes.items()}
+            check_declared_keys(frame, declared, where=where)
             for name, wanted in by_view.items():
                 view = wanted[0].view
                 raw = layouts[name]

@@ -99,7 +99,14 @@ class FeatureStore:
         except OSError as e:
             msg = f"repository {text!r}: cannot create the folder {self.path}: {e.strerror}."
             raise StorageError(e.errno, msg) from e
-        self.online_path = Path(online_path) if online_path else self.path / "online"
+        online = os.fspath(online_path) if online_path else None
+        if online is not None and "://" in online and not online.startswith("file://"):
+            msg = (
+                f"online_path {online!r}: the online store is an LMDB file on a local disk; "
+                "give a local folder."
+            )
+            raise ValidationError(msg)
+        self.online_path = Path(online.removeprefix("file://")) if online else self.path / "online"
         self._registry = Registry(self.path)
         self._offline = OfflineStore(str(self.path), storage_options)
         self._online_store: Any = None

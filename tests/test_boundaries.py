@@ -102,3 +102,12 @@ def test_moments_outside_years_1_to_9999_in_utc_are_a_validation_error(
     aware = datetime.fromisoformat(moment)
     with pytest.raises(ValidationError, match=r"outside the years 1 to 9999"):
         store.read("v", as_of=aware)
+
+
+def test_an_online_path_uri_is_refused_and_creates_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValidationError, match="online_path 's3://b/online'.*local folder"):
+        FeatureStore(tmp_path / "repo", online_path="s3://b/online")
+    assert not (tmp_path / "s3:").exists()
