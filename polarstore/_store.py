@@ -661,8 +661,9 @@ class FeatureStore:
     ) -> pl.LazyFrame:
         """Point-in-time join: for each spine row, each feature's latest value at that time.
 
-        See the specification's point-in-time rules. One row per ``entity_df`` row, in input
-        order, input columns unchanged, then the features in the requested order.
+        The rules are in ``docs/contract.md``, "Point-in-time semantics". One row per
+        ``entity_df`` row, in input order, input columns unchanged, then the features in the
+        requested order.
         ``features`` holds ``"view:feature"`` / ``"view:*"`` references or a
         ``FeatureService``; ``as_of`` is a datetime, or a dict of view name to table version.
 
