@@ -14,7 +14,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -39,6 +39,7 @@ __all__ = ["OfflineStore", "seq_floor"]
 _SEQ_SHIFT = 32
 _OPERATION_KEY = "polarstore.operation"
 _ONE_FILE = 1 << 50
+_LAST_US = timedelta(microseconds=999)
 
 
 def seq_floor(version: int) -> int:
@@ -48,6 +49,13 @@ def seq_floor(version: int) -> int:
 
 @dataclass(frozen=True)
 class _File:
+    """A data file and bounds of its event time and write sequence, from the Delta log.
+
+    ``min_ts``/``max_ts`` bound the file's event times, but are not its exact extremes: the
+    Delta statistics they come from are truncated to milliseconds, so they span whole
+    milliseconds (see ``_files_of``).
+    """
+
     path: str
     rows: int
     min_ts: datetime | None
@@ -333,7 +341,7 @@ class OfflineStore:
             frame = frame.filter(pl.col(SEQ_COLUMN) >= min_seq)
         if columns is not None:
             frame = frame.select(columns)
-        if ordered and not _in_order(keep, has_created=view.created_timestamp_field is not None):
+        if ordered and not _in_order(keep):
             # Files overlap in time: sort now, in memory. Polars' streaming sort is several
             # times slower than the in-memory one at 10M rows; compact() avoids both.
             by = [ts, *([view.created_timestamp_field] if view.created_timestamp_field else [])]
@@ -346,17 +354,15 @@ def _file_order(f: _File) -> tuple[datetime, datetime, int]:
     return (f.min_ts or lowest, f.max_ts or lowest, f.min_seq or 0)
 
 
-def _in_order(files: Sequence[_File], *, has_created: bool) -> bool:
-    """Whether concatenating ``files`` (each sorted) gives rows in tie-breaking order."""
+def _in_order(files: Sequence[_File]) -> bool:
+    """Whether concatenating ``files`` (each sorted) gives rows in tie-breaking order.
+
+    Files that share a millisecond overlap: the statistics cannot tell which rows inside it
+    come first.
+    """
     for a, b in itertools.pairwise(files):
-        if a.max_ts is None or b.min_ts is None or a.max_seq is None or b.min_seq is None:
+        if a.max_ts is None or b.min_ts is None or not a.max_ts < b.min_ts:
             return False
-        if a.max_ts < b.min_ts:
-            continue
-        # Equal boundary times are in order only if write order decides those ties.
-        if a.max_ts == b.min_ts and not has_created and a.max_seq < b.min_seq:
-            continue
-        return False
     return True
 
 
@@ -432,13 +438,27 @@ def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
         _File(
             path=row["path"],
             rows=int(row.get("num_records") or 0),
-            min_ts=row.get(f"min.{ts}"),
-            max_ts=row.get(f"max.{ts}"),
+            min_ts=_whole_ms(row.get(f"min.{ts}"), end=False),
+            max_ts=_whole_ms(row.get(f"max.{ts}"), end=True),
             min_seq=row.get(f"min.{SEQ_COLUMN}"),
             max_seq=row.get(f"max.{SEQ_COLUMN}"),
         )
         for row in actions.iter_rows(named=True)
     ]
+
+
+def _whole_ms(stat: datetime | None, *, end: bool) -> datetime | None:
+    """The first (or, with ``end``, the last) microsecond of the millisecond of ``stat``.
+
+    Delta statistics hold times truncated to milliseconds (delta-rs, as the Delta protocol
+    allows): a recorded max of 12:00:00.000 stands for a value up to 12:00:00.000999. Taking
+    it as exact skipped files holding rows in range and put files out of order. Flooring
+    first also covers a writer that kept the microseconds.
+    """
+    if stat is None:
+        return None
+    floor = stat.replace(microsecond=stat.microsecond - stat.microsecond % 1000)
+    return floor + _LAST_US if end else floor
 
 
 def _no_version(view: str, version: int, current: int | None) -> NotFoundError:
