@@ -58,6 +58,7 @@ class _File:
 
     path: str
     rows: int
+    size: int | None
     min_ts: datetime | None
     max_ts: datetime | None
     min_seq: int | None
@@ -202,7 +203,7 @@ class OfflineStore:
     def rewrite(
         self,
         view: FeatureView,
-        change: Callable[[pl.LazyFrame], pl.DataFrame],
+        change: Callable[[pl.LazyFrame], pl.LazyFrame | pl.DataFrame],
         operation: str,
     ) -> int:
         """Replace the table's rows with ``change(rows)``, read and written under the lock.
@@ -218,6 +219,8 @@ class OfflineStore:
                 raise NotFoundError(msg)
             version = table.version() + 1
             rows = change(frame)
+            if isinstance(rows, pl.LazyFrame):
+                rows = collect(rows, view.name)
             self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
             return self._committed_version(view.name, expected=version)
 
@@ -308,18 +311,8 @@ class OfflineStore:
         ]
         keep.sort(key=_file_order)
         base = self.table_uri(view.name)
-        if version is not None and self._local:
-            # An old version's files may be gone (vacuum): say so now, not at collect().
-            missing = [
-                f.path for f in keep if not Path(base.removeprefix("file://"), f.path).exists()
-            ]
-            if missing:
-                msg = (
-                    f"view {view.name!r} version {version} can no longer be read: "
-                    f"{len(missing)} of its data files were removed by vacuum(). Pin a newer "
-                    "version (datasets pinned to this one must be saved again)."
-                )
-                raise NotFoundError(msg)
+        if self._local:
+            _check_files(view.name, base.removeprefix("file://"), keep, version, table.version())
         if keep:
             frame = pl.scan_parquet(
                 [f"{base}/{f.path}" for f in keep],
@@ -345,8 +338,73 @@ class OfflineStore:
             # Files overlap in time: sort now, in memory. Polars' streaming sort is several
             # times slower than the in-memory one at 10M rows; compact() avoids both.
             by = [ts, *([view.created_timestamp_field] if view.created_timestamp_field else [])]
-            frame = frame.sort([*by, SEQ_COLUMN]).collect(engine="in-memory").lazy()
+            frame = collect(frame.sort([*by, SEQ_COLUMN]), view.name).lazy()
         return frame
+
+
+def collect(frame: pl.LazyFrame, view: str) -> pl.DataFrame:
+    """``frame.collect()`` in memory, a failure to read a data file as a PolarstoreError."""
+    try:
+        return frame.collect(engine="in-memory")
+    except (pl.exceptions.ComputeError, OSError) as e:
+        msg = (
+            f"reading the data files of view {view!r} failed: {e}. A data file may be "
+            "damaged: restore the view's folder from a backup."
+        )
+        raise PolarstoreError(msg) from e
+
+
+def _check_files(
+    view: str, folder: str, files: Sequence[_File], pinned: int | None, current: int
+) -> None:
+    """Raise if a data file the Delta log lists is missing or visibly damaged.
+
+    Polars would fail only at ``collect()``, with a message naming neither the view nor the
+    file. A stat and an 8-byte read per file (tens of microseconds) catch a missing file, a
+    truncated one and a broken footer; damage inside a file still surfaces at ``collect()``.
+    """
+    version = current if pinned is None else pinned
+    gone: list[str] = []
+    for f in files:
+        path = Path(folder, f.path)
+        try:
+            with path.open("rb") as data:
+                size = data.seek(0, 2)
+                tail = b""
+                if size >= 8:
+                    data.seek(-4, 2)
+                    tail = data.read(4)
+        except FileNotFoundError:
+            gone.append(f.path)
+            continue
+        except OSError as e:
+            msg = f"view {view!r}: cannot read data file {str(path)!r}: {e}"
+            raise PolarstoreError(msg) from e
+        if (f.size is not None and size != f.size) or tail != b"PAR1":
+            recorded = "" if f.size is None else f", the Delta log recorded {f.size}"
+            msg = (
+                f"view {view!r}: data file {str(path)!r} of version {version} is damaged "
+                f"({size} bytes{recorded}; not a complete Parquet file). Restore it from a "
+                "backup; reading the view fails until then."
+            )
+            raise PolarstoreError(msg)
+    if not gone:
+        return
+    if version < current:
+        msg = (
+            f"view {view!r} version {version} can no longer be read: {len(gone)} of its data "
+            "files were removed by vacuum(). Pin a newer version (datasets pinned to this one "
+            "must be saved again)."
+        )
+    else:
+        msg = (
+            f"view {view!r}: the current version {version} needs {len(gone)} data file(s) "
+            f"missing from {folder!r} (first: {gone[0]!r}); vacuum() never removes those, so "
+            "they were deleted or moved by something else. Restore them from a backup; or, to "
+            f"give up their rows, run deltalake.DeltaTable({folder!r}).repair(), which "
+            "removes missing files from the table."
+        )
+    raise NotFoundError(msg)
 
 
 def _file_order(f: _File) -> tuple[datetime, datetime, int]:
@@ -438,6 +496,7 @@ def _files_of(table: DeltaTable, view: FeatureView) -> list[_File]:
         _File(
             path=row["path"],
             rows=int(row.get("num_records") or 0),
+            size=row.get("size_bytes"),
             min_ts=_whole_ms(row.get(f"min.{ts}"), end=False),
             max_ts=_whole_ms(row.get(f"max.{ts}"), end=True),
             min_seq=row.get(f"min.{SEQ_COLUMN}"),
