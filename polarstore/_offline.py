@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import os
+import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from uuid import uuid4
 
 import polars as pl
 import pyarrow as pa
@@ -28,6 +33,7 @@ from deltalake import (
     write_deltalake,
 )
 from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.transaction import AddAction, RemoveAction
 
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._errors import ConflictError, NotFoundError, PolarstoreError, SchemaError
@@ -223,6 +229,69 @@ class OfflineStore:
                 rows = collect(rows, view.name)
             self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
             return self._committed_version(view.name, expected=version)
+
+    def compact(self, view: FeatureView) -> int:
+        """Rewrite the table into one sorted file, committed as a rearrangement of its data.
+
+        The commit adds the new file and removes the old ones with ``dataChange=false`` (what
+        Delta's OPTIMIZE commits), so a streaming reader of the table skips it instead of
+        reading every row again. The rows and columns are the table's own; only their files
+        change. Returns the new version.
+        """
+        if not self._local:  # no rename on object stores: an overwrite, marked as data change
+            return self.rewrite(view, lambda rows: rows, "compact")
+        with self._write_lock(view.name):
+            table = self._open(view.name)
+            frame = self.scan(view, ordered=True)
+            if table is None or frame is None:
+                msg = f"view {view.name!r} has no data to compact."
+                raise NotFoundError(msg)
+            rows = collect(frame.select(list(_polars_schema(table))), view.name)
+            version = table.version() + 1
+            staging = Path(self.root, ".polarstore", "staging")
+            for stale in staging.glob(f"{view.name}-*"):  # left by a crash: never committed
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                self._commit_compacted(view, table, rows, staging / f"{view.name}-{uuid4()}")
+            except (DeltaError, pa.ArrowException, OSError) as e:
+                msg = f"compacting view {view.name!r} failed; nothing was committed: {e}"
+                raise PolarstoreError(msg) from e
+            return self._committed_version(view.name, expected=version)
+
+    def _commit_compacted(
+        self, view: FeatureView, table: DeltaTable, rows: pl.DataFrame, staging: Path
+    ) -> None:
+        # delta-rs writes the file and its statistics into a scratch table; the file is then
+        # moved into the view's table and committed there with add and remove actions.
+        folder = Path(self.table_uri(view.name).removeprefix("file://"))
+        try:
+            write_deltalake(
+                str(staging),
+                rows.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest()),
+                target_file_size=_ONE_FILE,
+                writer_properties=_writer_properties(rows.schema),
+            )
+            log = (staging / "_delta_log" / f"{0:020}.json").read_text()
+            adds = [a["add"] for a in map(json.loads, log.splitlines()) if "add" in a]
+            for add in adds:
+                os.replace(staging / add["path"], folder / add["path"])
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        now = int(time.time() * 1000)
+        actions: list[AddAction | RemoveAction] = [
+            AddAction(a["path"], a["size"], {}, a["modificationTime"], False, a["stats"])
+            for a in adds
+        ]
+        actions += [
+            RemoveAction(f.path, data_change=False, deletion_timestamp=now, size=f.size)
+            for f in _files_of(table, view)
+        ]
+        table.create_write_transaction(
+            actions,
+            mode="append",
+            schema=table.schema(),
+            commit_properties=CommitProperties(custom_metadata={_OPERATION_KEY: "compact"}),
+        )
 
     def _commit(
         self,

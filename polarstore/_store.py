@@ -513,7 +513,7 @@ class FeatureStore:
         [3, 2, 1, 5]
         """
         v = self._view(view)
-        return self._offline.rewrite(v, lambda rows: rows, "compact")
+        return self._offline.compact(v)
 
     def delete_entities(self, view: str | FeatureView, keys: Any) -> int:
         """Remove every row of the given entities, offline (a new version) and online.
