@@ -272,7 +272,9 @@ class OfflineStore:
                 writer_properties=_writer_properties(rows.schema),
             )
             log = (staging / "_delta_log" / f"{0:020}.json").read_text()
-            adds = [a["add"] for a in map(json.loads, log.splitlines()) if "add" in a]
+            # Split on newlines only: str.splitlines() also splits on characters such as
+            # U+0085 that a string value in the statistics may hold.
+            adds = [a["add"] for a in map(json.loads, filter(None, log.split("\n"))) if "add" in a]
             for add in adds:
                 os.replace(staging / add["path"], folder / add["path"])
         finally:
@@ -362,7 +364,7 @@ class OfflineStore:
         at or after a write sequence. Files whose statistics rule them out are not opened.
         With ``ordered``, rows come in tie-breaking order — (event time, created time, write
         sequence) — without a sort when files don't overlap in time (every file is written
-        sorted). ``columns`` must then include the ordering columns.
+        sorted), else sorted in memory before this returns.
         Returns None when the view has no table (nothing was ever written) at ``version``.
         """
         table = self._open(view.name, version)
@@ -379,6 +381,18 @@ class OfflineStore:
             and not (min_seq is not None and f.max_seq is not None and f.max_seq < min_seq)
         ]
         keep.sort(key=_file_order)
+        sort: list[str] = []
+        stable = False
+        if ordered and not _in_order(keep):
+            # Files overlap in time: sort the rows now (below). In write order, the files'
+            # rows need only a stable sort on the times, about 3x faster than one that also
+            # compares the write sequence.
+            sort = [ts, *([view.created_timestamp_field] if view.created_timestamp_field else [])]
+            stable = _in_write_order(keep)
+            if stable:
+                keep.sort(key=lambda f: f.min_seq or 0)
+            else:
+                sort.append(SEQ_COLUMN)
         base = self.table_uri(view.name)
         if self._local:
             _check_files(view.name, base.removeprefix("file://"), keep, version, table.version())
@@ -401,13 +415,14 @@ class OfflineStore:
             frame = frame.filter(pl.col(ts) <= until)
         if min_seq is not None:
             frame = frame.filter(pl.col(SEQ_COLUMN) >= min_seq)
+        if sort:
+            frame = frame.sort(sort, maintain_order=stable)
         if columns is not None:
             frame = frame.select(columns)
-        if ordered and not _in_order(keep):
-            # Files overlap in time: sort now, in memory. Polars' streaming sort is several
-            # times slower than the in-memory one at 10M rows; compact() avoids both.
-            by = [ts, *([view.created_timestamp_field] if view.created_timestamp_field else [])]
-            frame = collect(frame.sort([*by, SEQ_COLUMN]), view.name).lazy()
+        if sort:
+            # In memory, now: Polars' streaming sort is several times slower than the
+            # in-memory one at 10M rows; compact() avoids both.
+            frame = collect(frame, view.name).lazy()
         return frame
 
 
@@ -491,6 +506,19 @@ def _in_order(files: Sequence[_File]) -> bool:
         if a.max_ts is None or b.min_ts is None or not a.max_ts < b.min_ts:
             return False
     return True
+
+
+def _in_write_order(files: Sequence[_File]) -> bool:
+    """Whether ``files``, ordered by write sequence, hold disjoint ranges of it.
+
+    Every file polarstore writes is sorted by (event time, created time, write sequence), so
+    concatenating such files in write order and sorting stably on the times alone gives the
+    tie-breaking order. A rewrite replaces every file, so the ranges are always disjoint.
+    """
+    ranges = sorted((f.min_seq, f.max_seq) for f in files if f.min_seq is not None)
+    if len(ranges) < len(files) or any(hi is None for _, hi in ranges):
+        return False
+    return all(a[1] < b[0] for a, b in itertools.pairwise(ranges))  # type: ignore[operator]
 
 
 def _check_schema(view: FeatureView, schema: dict[str, pl.DataType]) -> dict[str, pl.DataType]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,9 @@ import deltalake
 import polars as pl
 from polars.testing import assert_frame_equal
 
-from polarstore import FeatureStore
+from polarstore import FeatureStore, FeatureView
 
-from .conftest import STATS, USER, stats_rows
+from .conftest import STATS, T0, USER, stats_rows
 
 
 def last_commit(store: FeatureStore, view: str) -> list[dict[str, Any]]:
@@ -74,3 +75,18 @@ def test_delete_entities_is_a_data_change(store: FeatureStore) -> None:
     store.delete_entities("user_stats", {"user_id": 1})
     commit = last_commit(store, "user_stats")
     assert all(a["dataChange"] for a in actions(commit, "add") + actions(commit, "remove"))
+
+
+def test_compact_with_line_separators_in_string_statistics(store: FeatureStore) -> None:
+    # Delta statistics hold min/max strings verbatim in the JSON log: U+0085 and U+2028 are
+    # line boundaries to str.splitlines(), not to the log's newline-delimited JSON.
+    notes = FeatureView("notes", entities=[USER], schema={"note": pl.String})
+    store.apply([USER, notes])
+    times = [T0, T0 + timedelta(hours=1)]
+    store.write(
+        "notes",
+        pl.DataFrame({"user_id": [1, 2], "event_timestamp": times, "note": ["\x85", "b\u2028"]}),
+    )
+    store.write("notes", pl.DataFrame({"user_id": [1], "event_timestamp": [T0], "note": ["c"]}))
+    store.compact("notes")
+    assert store.read("notes").collect()["note"].to_list() == ["\x85", "c", "b\u2028"]
