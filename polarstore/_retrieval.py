@@ -9,7 +9,7 @@ from typing import Any
 
 import polars as pl
 
-from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
+from polarstore._definitions import FeatureService, FeatureView, as_references
 from polarstore._errors import NotFoundError, ValidationError, did_you_mean
 from polarstore._frames import declared_key, lossless_cast, to_polars
 from polarstore._offline import OfflineStore
@@ -188,14 +188,13 @@ def _view_rows(
     hi: datetime | None,
 ) -> pl.LazyFrame:
     """The view's candidate rows, renamed for the join and in tie-breaking order."""
-    ts, created = view.timestamp_field, view.created_timestamp_field
-    order = [ts, *([created] if created else []), SEQ_COLUMN]
+    ts = view.timestamp_field
     frame = None
     if version != EMPTY_VERSION and lo is not None:
         frame = offline.scan(
             view,
             version=version,
-            columns=[*view.join_keys, *order, *dict.fromkeys(r.feature for r in reqs)],
+            columns=[*view.join_keys, ts, *dict.fromkeys(r.feature for r in reqs)],
             since=_minus(lo, view.ttl),
             until=hi,
             ordered=True,

@@ -546,7 +546,7 @@ class FeatureStore:
         [3, 2, 1, 5]
         """
         v = self._view(view)
-        return self._offline.rewrite(v, lambda rows: rows.collect(engine="in-memory"), "compact")
+        return self._offline.compact(v)
 
     def delete_entities(self, view: str | FeatureView, keys: Any) -> int:
         """Remove every row of the given entities, offline (a new version) and online.

@@ -6,11 +6,18 @@ writes 1-4 batches to each (as a DataFrame, a many-chunk DataFrame, a LazyFrame 
 Table; timestamps naive, UTC or zoned; sometimes compacting the view after a write), then
 compares the point-in-time join of a random spine with ``reference.point_in_time`` row for row.
 
-Timestamps sit on a 15-minute grid over four hours, so ties on event and created time happen
-often; spine times are drawn on the grid, one microsecond either side of it, and exactly at
-``event + ttl`` (and one microsecond either side) of written rows, so TTL and "same instant"
-edges are hit on purpose. The grid starts just before New York's spring-forward (2024-03-10
-07:00Z), and the tests run with a local time zone that is not UTC.
+Times are microsecond instants near a 15-minute grid over four hours: a grid point plus an
+offset of 0-3 ms, drawn from offsets at millisecond edges (0, 1, 999, 1000, 1001 µs, ...) or at
+random. Most writes of a view cluster within a millisecond or two of one "hot" grid point, so
+many rows written in different batches fall inside one millisecond — the precision of Delta's
+file statistics, which must never be taken as exact — the later write often holding earlier
+times; ties on event and created time happen often. Spine times are drawn near the grid the
+same way (or 1 µs before), one microsecond either side of a written row's event time, at the
+first and last microsecond of its millisecond, and exactly at ``event + ttl`` (and one
+microsecond either side), so TTL and "same instant" edges are hit on purpose; TTLs range from
+1 µs to an hour. Some spine times are null. Besides the join, ``read`` must return every
+row in tie-breaking order. The grid starts just before New York's spring-forward
+(2024-03-10 07:00Z), and the tests run with a local time zone that is not UTC.
 """
 
 from __future__ import annotations
@@ -32,16 +39,23 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from polarstore import Entity, FeatureStore, FeatureView, PolarstoreError
-from tests.reference import RefView, point_in_time, resolve_features
+from tests.reference import RefView, point_in_time, resolve_features, to_utc
 
 UTC = timezone.utc
 BASE = datetime(2024, 3, 10, 5, 0, tzinfo=UTC)
 STEP = timedelta(minutes=15)
 GRID = 17  # event and created times are BASE + k * STEP, k in [0, GRID)
 US = timedelta(microseconds=1)
+MS = timedelta(milliseconds=1)
+HOT = [0, 4, 8]  # grid points half the rows go to (4 steps: the 1-hour TTL apart)
+# Offsets from a grid point, in µs: millisecond edges, so that rows written in different
+# batches share a millisecond (and its first and last microsecond), or anything up to 3 ms.
+EDGE_US = [0, 1, 2, 499, 500, 998, 999, 1000, 1001, 1999, 2000]
 TTLS: list[timedelta | None] = [
     None,
-    timedelta(0),
+    US,
+    timedelta(microseconds=999),
+    MS,
     STEP,
     2 * STEP,
     timedelta(hours=1),
@@ -115,6 +129,18 @@ def grid(k: int) -> datetime:
     return BASE + k * STEP
 
 
+def sub_ms(up_to_us: int = 2999) -> st.SearchStrategy[timedelta]:
+    """An offset of 0 to ``up_to_us`` µs, often at a millisecond edge."""
+    return (st.sampled_from(EDGE_US) | st.integers(0, up_to_us)).map(lambda us: us * US)
+
+
+@st.composite
+def instants(draw: st.DrawFn, lo: int = 0, hi: int = GRID - 1) -> datetime:
+    """A microsecond instant near grid point ``lo``..``hi``, half the time a hot one."""
+    k = draw(st.integers(lo, hi) | st.sampled_from([h for h in HOT if lo <= h <= hi] or [lo]))
+    return grid(k) + draw(sub_ms())
+
+
 def feature_values(dtype: pl.DataType) -> st.SearchStrategy[Any]:
     if dtype == pl.Float64():
         return st.none() | st.integers(-400, 400).map(lambda i: i / 4)
@@ -141,12 +167,18 @@ def view_defs(draw: st.DrawFn, name: str, entity: str) -> tuple[RefView, dict[st
 
 
 @st.composite
-def feature_rows(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -> dict[str, Any]:
+def feature_rows(
+    draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType], near: int | None = None
+) -> dict[str, Any]:
+    """A row; with ``near``, its event time is within 2 ms (mostly 1 ms) of grid point ``near``."""
     row: dict[str, Any] = {key: draw(st.sampled_from(KEY_VALUES[key])) for key in view.join_keys}
-    row[view.timestamp_field] = grid(draw(st.integers(0, GRID - 1)))
+    row[view.timestamp_field] = draw(
+        instants() if near is None else sub_ms().map(grid(near).__add__)
+    )
     if view.created_timestamp_field is not None:
         # A narrow range of created times, so ties on (event, created) are common.
-        row[view.created_timestamp_field] = grid(draw(st.integers(0, 3)))
+        offset = draw(st.sampled_from([0, 1, 999, 1000])) * US
+        row[view.created_timestamp_field] = grid(draw(st.integers(0, 3))) + offset
     for feature, dtype in dtypes.items():
         row[feature] = draw(feature_values(dtype))
     return row
@@ -160,8 +192,14 @@ def writes_for(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -
     columns += list(dtypes)
     tied = [*view.join_keys, view.timestamp_field]
     writes: list[Write] = []
+    hot = draw(st.sampled_from(HOT))
     for _ in range(draw(st.integers(1, 4))):
-        rows = draw(st.lists(feature_rows(view, dtypes), min_size=1, max_size=6))
+        # Most writes fall within a few milliseconds of one point: files then share a
+        # millisecond, the later write often holding earlier times (Delta's statistics
+        # cannot tell the order of those).
+        near = draw(st.sampled_from([None, hot, hot]))
+        size = 6 if near is None else 3
+        rows = draw(st.lists(feature_rows(view, dtypes, near), min_size=1, max_size=size))
         # Rows with the keys and event time of an earlier row (in this write or an earlier
         # one), with the same created time (a full tie) or another one, and new values.
         for _ in range(draw(st.integers(0, 3))):
@@ -178,13 +216,19 @@ def writes_for(draw: st.DrawFn, view: RefView, dtypes: dict[str, pl.DataType]) -
 
 
 @st.composite
-def spine_times(draw: st.DrawFn, view: RefView, row: dict[str, Any]) -> datetime:
-    """A time on the grid (or 1 µs off it), or at an edge of ``row``'s validity."""
-    if draw(st.integers(0, 2)) == 0:
-        return grid(draw(st.integers(-1, GRID + 4))) + draw(st.sampled_from([-US, 0 * US, US]))
+def spine_times(draw: st.DrawFn, view: RefView, row: dict[str, Any]) -> datetime | None:
+    """A time near the grid (or 1 µs before it), at an edge of ``row``'s validity, or null."""
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return None
+    if kind <= 3:
+        return draw(instants(-1, GRID + 4)) - draw(st.sampled_from([0 * US, US]))
     event: datetime = row[view.timestamp_field]
     ttl = view.ttl if view.ttl is not None else timedelta(hours=2)
-    return event + draw(st.sampled_from([0 * US, -US, ttl, ttl + US, ttl - US]))
+    edge = draw(st.sampled_from([0 * US, ttl]))
+    # The first and last microsecond of the millisecond, as Delta's statistics round it.
+    in_ms = event.microsecond % 1000 * US
+    return event + edge + draw(st.sampled_from([0 * US, -US, US, -in_ms, MS - US - in_ms]))
 
 
 @st.composite
@@ -408,6 +452,30 @@ def check(
             raise AssertionError(msg)
 
 
+def check_read(
+    store: FeatureStore,
+    case: Case,
+    rows: dict[str, list[dict[str, Any]]],
+    *,
+    as_of: dict[str, int] | None = None,
+) -> None:
+    """``read`` returns every row written, in tie-breaking order (event, created, write)."""
+    for name, view in case.views.items():
+        created = view.created_timestamp_field
+        columns = [*view.join_keys, view.timestamp_field, *([created] if created else [])]
+        columns += list(view.features)
+
+        def order(item: tuple[int, dict[str, Any]], view: RefView = view) -> tuple[Any, ...]:
+            i, row = item
+            stamp = row[view.created_timestamp_field] if view.created_timestamp_field else None
+            return (to_utc(row[view.timestamp_field]), to_utc(stamp) if stamp else None, i)
+
+        ranked = sorted(enumerate(rows[name]), key=order)
+        want = [tuple(row[c] for c in columns) for _, row in ranked]
+        got = store.read(name, as_of=as_of).select(columns).collect().rows()
+        assert got == want, name
+
+
 def all_rows(case: Case, upto: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Rows written to each view in write order; with ``upto``, only its first n writes."""
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in case.views}
@@ -428,6 +496,7 @@ def test_one_view_matches_reference(case: Case) -> None:
     with tempfile.TemporaryDirectory() as path:
         store = build_store(path, case)
         check(store, case, all_rows(case))
+        check_read(store, case, all_rows(case))
 
 
 @settings(SETTINGS, max_examples=150)
@@ -449,6 +518,7 @@ def test_as_of_version_matches_reference_on_earlier_writes(case: Case, data: st.
         }
         as_of = {name: case.versions[name][n - 1] for name, n in upto.items()}
         check(store, case, all_rows(case, upto), as_of=as_of)
+        check_read(store, case, all_rows(case, upto), as_of=as_of)
 
 
 # --- a few fixed edges the properties leave out ----------------------------------------------

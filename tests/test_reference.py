@@ -103,6 +103,11 @@ def test_ttl_lower_bound_is_inclusive() -> None:
     ]
     assert values(view, rows, spine) == [7, None, 7, None]
 
+    # At microsecond scale: a 1 µs TTL reaches back exactly one microsecond.
+    tiny = RefView("v", ("k",), ("x",), ttl=US)
+    close = [{"k": 1, "event_timestamp": at(10) + d * US} for d in (-1, 0, 1, 2)]
+    assert values(tiny, rows, close) == [None, 7, 7, None]
+
     # A zero TTL keeps only rows observed exactly at the spine time.
     zero = RefView("v", ("k",), ("x",), ttl=timedelta(0))
     assert values(zero, rows, spine) == [None, None, 7, None]
