@@ -108,6 +108,6 @@ def test_an_online_path_uri_is_refused_and_creates_no_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValidationError, match="online_path 's3://b/online'.*local folder"):
+    with pytest.raises(ValidationError, match=r"online_path 's3://b/online'.*local folder"):
         FeatureStore(tmp_path / "repo", online_path="s3://b/online")
     assert not (tmp_path / "s3:").exists()

@@ -313,9 +313,6 @@ def ns_writes(draw: st.DrawFn) -> tuple[list[list[tuple[int, int, int]]], list[t
     rows = draw(
         st.lists(st.tuples(st.integers(1, 2), offset, st.integers(0, 99)), min_size=1, max_size=9)
     )
-    # Later writes hold later or equal times: a later write holding an earlier time in the
-    # same millisecond is issue 10 item 1 (Delta's millisecond statistics), not this test's.
-    rows.sort(key=lambda r: r[1] // 1000)
     cuts = sorted(draw(st.lists(st.integers(1, len(rows)), max_size=2, unique=True)))
     bounds = [0, *cuts, len(rows)]
     batches = [rows[a:b] for a, b in itertools.pairwise(bounds) if a < b]
