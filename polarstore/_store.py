@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
-import uuid
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from polarstore._datasets import read_spine, store_dataset
 from polarstore._definitions import (
     Entity,
     FeatureService,
@@ -749,22 +748,6 @@ class FeatureStore:
             full_feature_names=full_feature_names,
             as_of=versions,  # type: ignore[arg-type]
         )
-        if name in state.datasets and not overwrite:
-            msg = f"dataset {name!r} already exists; pass overwrite=True to replace it."
-            raise ValidationError(msg)
-        # Each save writes a spine file of its own, named by the registry entry: a crash
-        # between the two writes leaves the previous dataset whole (its spine untouched).
-        relative = f"datasets/{name}-{uuid.uuid4().hex[:16]}.parquet"
-        spine_path = self.path / relative
-        spine_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = spine_path.with_suffix(".tmp")
-        try:
-            spine.write_parquet(tmp)
-        except (pl.exceptions.PolarsError, OSError) as e:
-            tmp.unlink(missing_ok=True)
-            msg = f"save_dataset {name!r}: the entity_df cannot be stored as Parquet: {e}"
-            raise ValidationError(msg) from e
-        os.replace(tmp, spine_path)
         entry = {
             "features": refs,
             "versions": versions,
@@ -772,25 +755,8 @@ class FeatureStore:
             "full_feature_names": full_feature_names,
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
-            "spine": relative,
         }
-
-        def register(state: RegistryState) -> dict[str, Any] | None:
-            old = state.datasets.get(name)
-            if old is not None and not overwrite:  # saved by someone else meanwhile
-                msg = f"dataset {name!r} already exists; pass overwrite=True to replace it."
-                raise ValidationError(msg)
-            state.datasets[name] = entry
-            return old
-
-        try:
-            replaced = self._registry.update(register)
-        except BaseException:
-            spine_path.unlink(missing_ok=True)
-            raise
-        if replaced is not None and replaced["spine"] != relative:
-            with contextlib.suppress(OSError):
-                (self.path / replaced["spine"]).unlink()
+        store_dataset(self.path, self._registry, name, spine, entry, overwrite=overwrite)
         return result
 
     def load_dataset(self, name: str) -> pl.LazyFrame:
@@ -816,18 +782,8 @@ class FeatureStore:
         [3]
         """
         datasets = self._state().datasets
-        if name not in datasets:
-            msg = f"there is no dataset {name!r}." + did_you_mean(name, datasets)
-            raise NotFoundError(msg)
+        spine = read_spine(self.path, name, datasets)
         entry = datasets[name]
-        try:
-            spine = pl.read_parquet(self.path / entry["spine"])
-        except (pl.exceptions.PolarsError, OSError) as e:
-            msg = (
-                f"dataset {name!r}: its spine file {entry['spine']!r} cannot be read ({e}); "
-                "save the dataset again."
-            )
-            raise NotFoundError(msg) from e
         return self.get_historical_features(
             spine,
             entry["features"],
