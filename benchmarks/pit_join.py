@@ -2,6 +2,7 @@
 
     python -m benchmarks.pit_join --size 2M              # tiny | 2M | 10M | a row count
     python -m benchmarks.pit_join --size 10M --no-pandas --layout compacted
+    python -m benchmarks.pit_join --size 2M --tie-free --no-pandas   # + duckdb_plain
 
 The workload (``benchmarks/_data.py``): two views of 100k users, ``n`` rows each, a spine of
 ``n // 10`` rows; 8 features requested (``user_stats:f0..f4``, ``user_profile:score, segment,
@@ -23,6 +24,10 @@ Contenders, each run ``--repeat`` times in a fresh process, round-robin (best ti
   the write-order frames, which equal the stored rows: checked against ``store.read(view)``)
   and converting them to the peer's own format (pandas frames); timed: the join itself
   including its tie deduplication and restoring the spine order.
+
+With ``--tie-free`` the workload has no two rows of a view with the same key and event time,
+and ``duckdb_plain`` joins too: the plainest query a user would write on such data (``ASOF LEFT
+JOIN`` + TTL ``CASE``, no tie dedupe), with polarstore's ratios to it printed at the end.
 
 Every answer must equal polarstore's exactly (names, dtypes, row order, float bits); without
 polarstore, naive_polars' answer is the reference. Time travel: polarstore with
