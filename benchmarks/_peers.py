@@ -36,10 +36,12 @@ from benchmarks._data import ViewData, Workload, generate, plan_writes
 
 __all__ = [
     "PEERS",
+    "TIE_FREE_PEERS",
     "Peer",
     "bruteforce",
     "compare_frames",
     "duckdb_asof",
+    "duckdb_plain",
     "naive_polars",
     "pandas_merge_asof",
 ]
@@ -130,7 +132,7 @@ def _duckdb_prepare(spine: pl.DataFrame, views: Sequence[ViewData]) -> Any:
     return con, spine, tuple(views)
 
 
-def _duckdb_sql(spine_cols: Sequence[str], views: Sequence[ViewData]) -> str:
+def _duckdb_sql(spine_cols: Sequence[str], views: Sequence[ViewData], *, dedupe: bool) -> str:
     ts = _spine_ts(views)
     ctes, selects, joins = [], [f"s.{_q(c)}" for c in spine_cols], []
     for i, v in enumerate(views):
@@ -138,11 +140,14 @@ def _duckdb_sql(spine_cols: Sequence[str], views: Sequence[ViewData]) -> str:
         order = [f"{_q(v.created_field)} DESC"] if v.created_field else []
         order.append(f"{_q(WRITE_ORDER)} DESC")
         cols = ", ".join(_q(c) for c in (v.join_key, v.timestamp_field, *v.features))
-        ctes.append(
-            f"{alias} AS (SELECT {cols} FROM {alias}_raw QUALIFY row_number() OVER ("
-            f"PARTITION BY {_q(v.join_key)}, {_q(v.timestamp_field)} "
-            f"ORDER BY {', '.join(order)}) = 1)"
-        )
+        if dedupe:
+            ctes.append(
+                f"{alias} AS (SELECT {cols} FROM {alias}_raw QUALIFY row_number() OVER ("
+                f"PARTITION BY {_q(v.join_key)}, {_q(v.timestamp_field)} "
+                f"ORDER BY {', '.join(order)}) = 1)"
+            )
+        else:
+            ctes.append(f"{alias} AS (SELECT {cols} FROM {alias}_raw)")
         vts = f"{alias}.{_q(v.timestamp_field)}"
         for f in v.features:
             if v.ttl is None:
@@ -173,7 +178,18 @@ def _duckdb_run(native: Any) -> pl.DataFrame:
     con.register("spine_raw", spine.with_row_index(SPINE_ROW))
     for i, v in enumerate(views):
         con.register(f"v{i}_raw", v.frame.with_row_index(WRITE_ORDER))
-    return con.sql(_duckdb_sql(spine.columns, views)).pl()
+    return con.sql(_duckdb_sql(spine.columns, views, dedupe=True)).pl()
+
+
+def _duckdb_plain_run(native: Any) -> pl.DataFrame:
+    """The plainest query a user would write on data without ties: ``ASOF LEFT JOIN`` per
+    view and TTL as CASE nulling, no tie dedupe (which row of a tie it takes is unspecified,
+    so it is correct only on tie-free data: ``--tie-free``)."""
+    con, spine, views = native
+    con.register("spine_raw", spine.with_row_index(SPINE_ROW))
+    for i, v in enumerate(views):
+        con.register(f"v{i}_raw", v.frame)
+    return con.sql(_duckdb_sql(spine.columns, views, dedupe=False)).pl()
 
 
 def _duckdb_finish(df: pl.DataFrame) -> pl.DataFrame:
@@ -181,6 +197,7 @@ def _duckdb_finish(df: pl.DataFrame) -> pl.DataFrame:
 
 
 duckdb_asof = Peer("duckdb_asof", _duckdb_prepare, _duckdb_run, _duckdb_finish)
+duckdb_plain = Peer("duckdb_plain", _duckdb_prepare, _duckdb_plain_run, _duckdb_finish)
 
 
 # --- pandas merge_asof ----------------------------------------------------------------------
@@ -243,6 +260,8 @@ def _pandas_finish(result: Any) -> pl.DataFrame:
 pandas_merge_asof = Peer("pandas_merge_asof", _pandas_prepare, _pandas_run, _pandas_finish)
 
 PEERS: dict[str, Peer] = {p.name: p for p in (naive_polars, duckdb_asof, pandas_merge_asof)}
+# Peers that are correct only when no two rows of a view share (key, event time).
+TIE_FREE_PEERS: dict[str, Peer] = {duckdb_plain.name: duckdb_plain}
 
 
 # --- brute-force reference (small data only) ------------------------------------------------
@@ -305,14 +324,17 @@ def compare_frames(got: pl.DataFrame, want: pl.DataFrame) -> str | None:
 # --- self-check -----------------------------------------------------------------------------
 
 
-def _check(workload: Workload, layouts: Sequence[str] = ("bulk", "appends")) -> list[str]:
+def _check(
+    workload: Workload, layouts: Sequence[str] = ("bulk", "appends"), *, tie_free: bool = False
+) -> list[str]:
     errors = []
     for layout in layouts:
         plan = plan_writes(workload, layout)  # type: ignore[arg-type]
         views = plan.workload_views(workload)
         want = bruteforce(workload.spine, views)
         matched = want.select(pl.col("f0").is_not_null().sum(), pl.col("score").is_not_null().sum())
-        for name, peer in PEERS.items():
+        peers = PEERS | (TIE_FREE_PEERS if tie_free else {})
+        for name, peer in peers.items():
             problem = compare_frames(peer(workload.spine, views), want)
             tag = f"n={workload.n} seed={workload.seed} layout={layout} {name}"
             if problem:
@@ -330,6 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Dense: few entities, so most spine rows match and ties/TTL edges are frequent.
         errors += _check(generate(20_000, seed=seed, n_entities=500, dup_frac=0.05))
         errors += _check(generate(5_000, seed=seed, n_entities=50, dup_frac=0.2, edge_frac=0.2))
+        # Without ties, for the peers that ignore them (still dense: TTL edges are frequent).
+        errors += _check(generate(20_000, seed=seed, n_entities=500, dup_frac=0.0), tie_free=True)
     # The benchmark's own tiny workload (sparse: 100k entities).
     errors += _check(generate(20_000))
     print("\n".join(errors) or "all peers agree with the brute-force reference")

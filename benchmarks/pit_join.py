@@ -2,6 +2,7 @@
 
     python -m benchmarks.pit_join --size 2M              # tiny | 2M | 10M | a row count
     python -m benchmarks.pit_join --size 10M --no-pandas --layout compacted
+    python -m benchmarks.pit_join --size 2M --tie-free --no-pandas   # + duckdb_plain
 
 The workload (``benchmarks/_data.py``): two views of 100k users, ``n`` rows each, a spine of
 ``n // 10`` rows; 8 features requested (``user_stats:f0..f4``, ``user_profile:score, segment,
@@ -23,6 +24,10 @@ Contenders, each run ``--repeat`` times in a fresh process, round-robin (best ti
   the write-order frames, which equal the stored rows: checked against ``store.read(view)``)
   and converting them to the peer's own format (pandas frames); timed: the join itself
   including its tie deduplication and restoring the spine order.
+
+With ``--tie-free`` the workload has no two rows of a view with the same key and event time,
+and ``duckdb_plain`` joins too: the plainest query a user would write on such data (``ASOF LEFT
+JOIN`` + TTL ``CASE``, no tie dedupe), with polarstore's ratios to it printed at the end.
 
 Every answer must equal polarstore's exactly (names, dtypes, row order, float bits); without
 polarstore, naive_polars' answer is the reference. Time travel: polarstore with
@@ -56,7 +61,7 @@ from benchmarks._data import (
     write_plan,
 )
 from benchmarks._harness import Measurement, run_task, summarize
-from benchmarks._peers import PEERS, compare_frames, naive_polars
+from benchmarks._peers import PEERS, TIE_FREE_PEERS, compare_frames, naive_polars
 
 LAYOUTS = ("bulk", "appends", "compacted")
 TIME_TRAVEL_PREFIX = 10  # appends layout: as_of the version after 10 of the 20 appends
@@ -86,7 +91,7 @@ def polarstore_task(
 def peer_task(
     peer: str, spine_path: str, view_paths: dict[str, str], result_path: str | None = None
 ) -> tuple[Any, Any]:
-    impl = PEERS[peer]
+    impl = (PEERS | TIE_FREE_PEERS)[peer]
     spine = pl.read_parquet(spine_path)  # not timed: loading
     views = [v.with_frame(pl.read_parquet(view_paths[v.name])) for v in view_definitions()]
     native = impl.prepare(spine, views)  # not timed: the peer's own input format
@@ -175,6 +180,8 @@ class Bench:
             "skipped (--peers-only)" if args.peers_only else _polarstore_available()
         )
         self.peers = [p for p in PEERS if not (args.no_pandas and p == "pandas_merge_asof")]
+        if args.tie_free:
+            self.peers += list(TIE_FREE_PEERS)
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -428,12 +435,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--tie-free",
+        action="store_true",
+        help="no two rows of a view share (key, event time); adds duckdb_plain, the ASOF JOIN "
+        "without tie dedupe that is correct only then",
+    )
     args = parser.parse_args(argv)
 
     n = parse_size(args.size)
     layouts = list(LAYOUTS) if args.layout == "all" else [args.layout]
     t0 = time.perf_counter()
-    wl = generate(n)
+    wl = generate(n, dup_frac=0.0) if args.tie_free else generate(n)
+    if args.tie_free:
+        for v in wl.views:
+            keys = [v.join_key, v.timestamp_field]
+            if v.frame.select(pl.struct(keys).is_duplicated().any()).item():
+                parser.error(f"--tie-free: {v.name} has rows sharing {keys}; try another size")
     print(
         f"generated {n:,} rows x {len(wl.views)} views, spine {wl.spine.height:,} rows "
         f"in {time.perf_counter() - t0:.2f} s",
@@ -473,7 +491,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         header += " — other work was running: wall times are pessimistic, see CPU s"
     if bench.no_polarstore:
         header += f"\n(polarstore unavailable: {bench.no_polarstore}; reference: naive_polars)"
+    if args.tie_free:
+        header += "\ntie-free data (no two rows of a view share key and event time)"
     print(render(bench.rows, header))
+    plain = {r.layout: r.ratio for r in bench.rows if r.contender == "duckdb_plain"}
+    if plain:
+        print(
+            "\npolarstore / duckdb_plain: "
+            + ", ".join(f"{layout} {_fmt_ratio(ratio)}" for layout, ratio in plain.items())
+        )
     if args.json:
         Path(args.json).write_text(
             json.dumps(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Final
 from uuid import uuid4
 
 import polars as pl
@@ -46,6 +47,10 @@ _SEQ_SHIFT = 32
 _OPERATION_KEY = "polarstore.operation"
 _ONE_FILE = 1 << 50
 _LAST_US = timedelta(microseconds=999)
+# Snappy: 25% smaller files than none on typical features (rounded amounts, counts, a few
+# categories) at no measurable read or write cost; ZSTD (level 1) gains another 15% there but
+# costs ~15% more CPU per join (benchmarks/README.md); every Parquet reader knows Snappy.
+_COMPRESSION: Final = "SNAPPY"
 
 
 def seq_floor(version: int) -> int:
@@ -650,7 +655,7 @@ def _writer_properties(schema: pl.Schema) -> WriterProperties:
             properties[name] = packed
         elif dtype.is_float():
             properties[name] = plain
-    return WriterProperties(column_properties=properties)
+    return WriterProperties(compression=_COMPRESSION, column_properties=properties)
 
 
 def _polars_schema(table: DeltaTable) -> dict[str, pl.DataType]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import deltalake
 import polars as pl
+import pyarrow.parquet as pq
 from polars.testing import assert_frame_equal
 
 from polarstore import FeatureStore, FeatureView
@@ -90,3 +91,14 @@ def test_compact_with_line_separators_in_string_statistics(store: FeatureStore) 
     store.write("notes", pl.DataFrame({"user_id": [1], "event_timestamp": [T0], "note": ["c"]}))
     store.compact("notes")
     assert store.read("notes").collect()["note"].to_list() == ["\x85", "c", "b\u2028"]
+
+
+def test_written_and_compacted_files_are_compressed(store: FeatureStore) -> None:
+    store.apply([USER, STATS])
+    store.write("user_stats", stats_rows([1, 2], [0, 1]))
+    store.compact("user_stats")
+    folder = Path(store.path) / "views" / "user_stats"
+    for path in folder.glob("*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        codecs = {meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
+        assert codecs == {"SNAPPY"}, path.name
