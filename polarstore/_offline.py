@@ -105,11 +105,11 @@ class OfflineStore:
             )
         except TableNotFoundError:
             if version is not None and self._open(view) is not None:
-                raise _no_version(view, version, self.current_version(view)) from None
+                raise self._no_version(view, version) from None
             return None
         except DeltaError as e:
             if version is not None:
-                raise _no_version(view, version, self.current_version(view)) from e
+                raise self._no_version(view, version) from e
             msg = f"cannot open the Delta table of view {view!r}: {e}"
             raise PolarstoreError(msg) from e
 
@@ -149,12 +149,37 @@ class OfflineStore:
         history = self.history(view)
         moment = to_utc(moment)
         before = history.filter(pl.col("timestamp") <= moment)
+        if before.is_empty() and not history.is_empty() and history["version"][0] > 0:
+            # The log before the oldest commit was purged: "no data then" would be a lie.
+            oldest, at = history["version"][0], history["timestamp"][0]
+            msg = (
+                f"view {view!r} cannot be read as of {moment.isoformat()}: its history before "
+                f"version {oldest} ({at.isoformat()}) was purged by "
+                "vacuum(retention=timedelta(0), force=True). Use a later moment."
+            )
+            raise NotFoundError(msg)
         return None if before.is_empty() else int(before["version"].max())  # type: ignore[arg-type]
 
     def check_version(self, view: str, version: int) -> None:
         current = self.current_version(view)
         if current is None or not 0 <= version <= current:
             raise _no_version(view, version, current)
+
+    def _no_version(self, view: str, version: int) -> NotFoundError:
+        current = self.current_version(view)
+        history = self.history(view)
+        oldest = int(history["version"][0]) if not history.is_empty() else 0
+        if current is not None and oldest <= version <= current:
+            # Readable by the log, yet delta-rs could not load it: a damaged log.
+            msg = f"view {view!r} version {version} cannot be loaded: its Delta log is damaged."
+            return NotFoundError(msg)
+        if current is not None and 0 <= version < oldest:
+            msg = (
+                f"view {view!r} version {version} was purged by vacuum(retention=timedelta(0), "
+                f"force=True); versions {oldest} to {current} remain."
+            )
+            return NotFoundError(msg)
+        return _no_version(view, version, current)
 
     def table_schema(self, view: str) -> dict[str, pl.DataType] | None:
         table = self._open(view)

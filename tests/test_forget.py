@@ -175,3 +175,25 @@ def test_the_online_store_is_not_compacted_under_another_process(tmp_path: Path)
                 other.stdout.close()
         store.vacuum(retention=timedelta(0), force=True)
         assert files_holding(repo, KEY) == []
+
+
+def test_time_travel_into_purged_history_is_an_error_not_an_empty_view(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path / "repo")
+    store.apply(FeatureView("f", entities=Entity("k", "k"), schema={"x": pl.Int64}))
+    for i in range(3):
+        store.write(
+            "f", pl.DataFrame({"k": [i], "event_timestamp": [datetime(2024, 1, 1)], "x": [i]})
+        )
+    before_purge = store.history("f")["timestamp"].max()
+    store.delete_entities("f", pl.DataFrame({"k": [0]}))
+    store.vacuum(retention=timedelta(0), force=True)
+    oldest = store.history("f")["version"].min()
+    assert store.read("f").collect()["x"].sort().to_list() == [1, 2]
+    with pytest.raises(NotFoundError, match=rf"version 1 was purged.*versions {oldest} to"):
+        store.read("f", as_of={"f": 1})
+    # A moment when the view had 3 rows: an empty answer would be a silent wrong one.
+    with pytest.raises(NotFoundError, match=r"history before version .* was purged"):
+        store.read("f", as_of=before_purge)
+    spine = pl.DataFrame({"k": [1], "event_timestamp": [datetime(2024, 1, 2)]})
+    with pytest.raises(NotFoundError, match="was purged"):
+        store.get_historical_features(spine, ["f:x"], as_of=before_purge)
