@@ -222,7 +222,17 @@ def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:
 
 
 def service_named(features: Any, services: Mapping[str, FeatureService]) -> Any:
-    """The feature service a bare name (no ``:``) refers to, else ``features`` unchanged."""
-    if isinstance(features, str) and ":" not in features and features in services:
-        return services[features]
+    """The feature service a bare name (no ``:``) refers to, else ``features`` unchanged.
+
+    A bare name that is no service is a ``NotFoundError`` with the closest service names:
+    it is a misspelled service far more often than a malformed feature reference.
+    """
+    if isinstance(features, str) and ":" not in features:
+        if features in services:
+            return services[features]
+        msg = (
+            f"there is no feature service {features!r} (features are named 'view:feature')."
+            + did_you_mean(features, services)
+        )
+        raise NotFoundError(msg)
     return features

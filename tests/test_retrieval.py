@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -124,3 +125,17 @@ def test_spine_values_beyond_the_stored_dtypes_are_rejected(
     with pytest.raises(ValidationError, match=match) as info:
         stats_store.get_historical_features(spine, ["user_stats:clicks"])
     assert f"'{column}'" in str(info.value)
+
+
+def test_a_misspelled_service_name_gets_a_close_match(tmp_path: Path) -> None:
+    store = FeatureStore(tmp_path)
+    view = FeatureView("stats", entities=Entity("user", "user_id"), schema={"clicks": pl.Int64})
+    store.apply([view, FeatureService("churn_model", features=["stats:clicks"])])
+    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 1)]})
+    for call in (
+        lambda: store.get_online_features({"user_id": 1}, "churn_modle"),
+        lambda: store.get_feature_vector({"user_id": 1}, "churn_modle"),
+        lambda: store.get_historical_features(spine, "churn_modle"),
+    ):
+        with pytest.raises(NotFoundError, match=r"no feature service 'churn_modle'.*'churn_model'"):
+            call()
