@@ -360,7 +360,8 @@ class FeatureView:
             msg = f"{where}: online must be True or False, got {self.online!r}."
             raise ValidationError(msg)
         if not isinstance(self.allow_exact_match, bool):
-            msg = f"{where}: allow_exact_match must be True or False, got {self.allow_exact_match!r}."
+            got = self.allow_exact_match
+            msg = f"{where}: allow_exact_match must be True or False, got {got!r}."
             raise ValidationError(msg)
         _check_text(self.description, what=f"description of {where}")
         _check_text(self.owner, what=f"owner of {where}")

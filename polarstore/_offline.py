@@ -168,7 +168,8 @@ class OfflineStore:
     def _commit_times_path(self, view: str) -> Path | None:
         if not self._local:  # object stores: nothing purges the log there
             return None
-        return Path(self.root.removeprefix("file://"), ".polarstore", "commit_times", f"{view}.json")
+        root = self.root.removeprefix("file://")
+        return Path(root, ".polarstore", "commit_times", f"{view}.json")
 
     def version_at(self, view: str, moment: datetime) -> int | None:
         """The last version committed at or before ``moment``; None if there was none yet."""

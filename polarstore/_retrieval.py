@@ -165,9 +165,8 @@ def historical_features(
     outputs = [r.output for r in requested]
     for reqs, temp_keys in plans:
         view = reqs[0].view
-        right = _view_rows(
-            offline, view, reqs, temp_keys, versions.get(view.name), lo, hi, bitemporal=bitemporal
-        )
+        version = versions.get(view.name)
+        right = _view_rows(offline, view, reqs, temp_keys, version, lo, hi, bitemporal=bitemporal)  # type: ignore[arg-type]
         if not bitemporal:
             joined = joined.join_asof(
                 right,
@@ -236,7 +235,11 @@ def _view_rows(
         *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys, strict=True)],
         pl.col(ts).alias(_TS),
         *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],
-        *([pl.col(ts).alias(_EVENT), *created, SEQ_COLUMN] if bitemporal else []),
+        *(
+            [pl.col(ts).alias(_EVENT), *map(pl.col, created), pl.col(SEQ_COLUMN)]
+            if bitemporal
+            else []
+        ),
     )
     if not bitemporal:
         return renamed
@@ -278,8 +281,10 @@ def _known_rows(
             "bitemporal=True cannot tell when they became known."
         )
         raise PolarstoreError(msg)
-    known = known.drop("__unknown").sort(_TS).with_columns(
-        pl.col("__rank").cum_max().over(keys).alias("__best")
+    known = (
+        known.drop("__unknown")
+        .sort(_TS)
+        .with_columns(pl.col("__rank").cum_max().over(keys).alias("__best"))
     )
     features = frame.drop(*keys, _TS, *created, SEQ_COLUMN)[known["__best"]]
     return pl.concat([known.select(*keys, _TS), features], how="horizontal").lazy()
