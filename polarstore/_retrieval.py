@@ -243,7 +243,8 @@ def _view_rows(
     )
     if not bitemporal:
         return renamed
-    return _known_rows(offline, view, renamed, list(temp_keys), created)
+    assert hi is not None  # frame is None without a spine time
+    return _known_rows(offline, view, renamed, list(temp_keys), created, hi)
 
 
 def _known_rows(
@@ -252,15 +253,19 @@ def _known_rows(
     rows: pl.LazyFrame,
     keys: list[str],
     created: list[str],
+    hi: datetime,
 ) -> pl.LazyFrame:
     """``rows`` (in tie-breaking order) recast so that one backward as-of join is bitemporal.
 
-    A row is known from ``max(event time (+1 µs if strict), created time, commit time)``; the
-    commit time is that of the version that first wrote it (``seq >> 32``, kept by rewrites).
-    Each row is given the time it became known and, per key, the best row (greatest event,
-    created, write sequence: the greatest rank in tie order) among those known by then: a
-    running maximum over the rows sorted by known time. Joining on the known time then picks,
-    for a spine time t, the best of the rows known at t.
+    A row is known from ``k = max(event time (+1 µs if strict), created time, commit time)``;
+    the commit time is that of the version that first wrote it (``seq >> 32``, kept by
+    rewrites). For a spine time t the answer is the last row, in tie order, with ``k <= t``.
+    That is the last row with ``m <= t``, where ``m`` is the minimum of ``k`` over the row and
+    every later row of its key: ``m`` is non-decreasing in tie order within each key, so the
+    rows stay in tie order, are joined on ``m`` and the as-of join (which takes the last of
+    equal times) picks that row — no sort, no gather. When ``k`` is already non-decreasing
+    (one write, or appends in event order: the usual case), ``m = k`` and the per-key pass is
+    skipped. Rows known only after the last spine time cannot count and are dropped first.
     """
     times = offline.commit_times(view.name)
     versions = pl.Series(list(times), dtype=pl.Int64)
@@ -268,26 +273,20 @@ def _known_rows(
     frame = collect(rows, view.name)
     event = pl.col(_EVENT) + _US if not view.allow_exact_match else pl.col(_EVENT)
     commit = (pl.col(SEQ_COLUMN) // seq_floor(1)).replace_strict(versions, stamps, default=None)
-    known = frame.select(
-        *keys,
-        pl.max_horizontal(event, *created, commit.alias("__commit")).alias(_TS),
-        commit.is_null().alias("__unknown"),
-        pl.int_range(pl.len(), dtype=pl.Int64).alias("__rank"),
+    frame = frame.with_columns(
+        pl.max_horizontal(event, *created, commit).alias(_TS), commit.is_null().alias("__unknown")
     )
-    if known["__unknown"].any():
+    if frame["__unknown"].any():
         msg = (
             f"view {view.name!r}: some rows were written by commits whose time is no longer "
             "known (neither the Delta log nor .polarstore/commit_times holds it); "
             "bitemporal=True cannot tell when they became known."
         )
         raise PolarstoreError(msg)
-    known = (
-        known.drop("__unknown")
-        .sort(_TS)
-        .with_columns(pl.col("__rank").cum_max().over(keys).alias("__best"))
-    )
-    features = frame.drop(*keys, _TS, *created, SEQ_COLUMN)[known["__best"]]
-    return pl.concat([known.select(*keys, _TS), features], how="horizontal").lazy()
+    frame = frame.filter(pl.col(_TS) <= hi).drop("__unknown", *created, SEQ_COLUMN)
+    if not frame[_TS].is_sorted():
+        frame = frame.with_columns(pl.col(_TS).reverse().cum_min().reverse().over(keys))
+    return frame.lazy()
 
 
 def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:
