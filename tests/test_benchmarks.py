@@ -76,3 +76,8 @@ def test_scale_steps(tmp_path_factory: pytest.TempPathFactory, step: str) -> Non
         run("benchmarks.scale", "build", str(repo), "--size", TINY)
     out = run("benchmarks.scale", step, str(repo), "--size", TINY)
     assert out.strip()
+
+
+def test_bitemporal_benchmark_runs(tmp_path: Path) -> None:
+    out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1")
+    assert len(table_rows(out, "bulk")) == len(table_rows(out, "appends")) == 1
