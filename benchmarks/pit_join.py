@@ -3,6 +3,7 @@
     python -m benchmarks.pit_join --size 2M              # tiny | 2M | 10M | a row count
     python -m benchmarks.pit_join --size 10M --no-pandas --layout compacted
     python -m benchmarks.pit_join --size 2M --tie-free --no-pandas   # + duckdb_plain
+    python -m benchmarks.pit_join --size 2M --no-pandas --bitemporal  # + bitemporal=True
 
 The workload (``benchmarks/_data.py``): two views of 100k users, ``n`` rows each, a spine of
 ``n // 10`` rows; 8 features requested (``user_stats:f0..f4``, ``user_profile:score, segment,
@@ -32,6 +33,9 @@ JOIN`` + TTL ``CASE``, no tie dedupe), with polarstore's ratios to it printed at
 Every answer must equal polarstore's exactly (names, dtypes, row order, float bits); without
 polarstore, naive_polars' answer is the reference. Time travel: polarstore with
 ``as_of={view: version}`` against the current query, checked against the expected answer.
+With ``--bitemporal``, ``bitemporal=True`` against the current query in the same table: every
+row was committed after every (2024) spine time, so its answer is all null — the work is not
+less for that (every candidate row is read, given its known time and joined).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def polarstore_task(
     features: list[str],
     as_of: dict[str, int] | None = None,
     result_path: str | None = None,
+    bitemporal: bool = False,
 ) -> tuple[Any, Any]:
     import polarstore as ps
 
@@ -83,7 +88,9 @@ def polarstore_task(
 
     def run() -> pl.DataFrame:
         # Timed: planning the query, reading the Delta tables, the join, collecting.
-        return store.get_historical_features(spine, features, as_of=as_of).collect()
+        return store.get_historical_features(
+            spine, features, as_of=as_of, bitemporal=bitemporal
+        ).collect()
 
     return run, _saver(result_path)
 
@@ -256,8 +263,11 @@ class Bench:
             result=self.work / f"answer_{key}_{peer}.parquet",
         )
 
-    def _polarstore_job(self, layout: str, name: str, as_of: dict[str, int] | None) -> Job:
+    def _polarstore_job(
+        self, layout: str, name: str, as_of: dict[str, int] | None, *, bitemporal: bool = False
+    ) -> Job:
         tag = "current" if as_of is None else "asof_" + "_".join(map(str, as_of.values()))
+        tag += "_bitemporal" if bitemporal else ""
         return Job(
             name=name,
             task="benchmarks.pit_join:polarstore_task",
@@ -266,6 +276,7 @@ class Bench:
                 "spine_path": str(self.spine_path),
                 "features": self.wl.features,
                 "as_of": as_of,
+                "bitemporal": bitemporal,
             },
             result=self.work / f"answer_{layout}_polarstore_{tag}.parquet",
         )
@@ -311,6 +322,9 @@ class Bench:
             ps_jobs.append(self._polarstore_job(layout, "polarstore", None))
             cases = self._time_travel_cases(layout)
             ps_jobs += [self._polarstore_job(layout, f"as_of {c[0]}", c[1]) for c in cases]
+            if self.args.bitemporal:
+                cases.append(("bitemporal=True (current)", {}, "unknown"))
+                ps_jobs.append(self._polarstore_job(layout, "bitemporal", None, bitemporal=True))
         self._run_jobs(layout, [*peer_jobs, *ps_jobs])
         if peer_jobs:
             self.peer_results[key] = {j.name: (summarize(j.runs), j.result) for j in peer_jobs}
@@ -340,6 +354,15 @@ class Bench:
             if expect == "prefix":
                 plan = self.plan(key)
                 want = naive_polars(self.wl.spine, plan.prefix_views(self.wl, TIME_TRAVEL_PREFIX))
+            elif expect == "unknown":
+                # Every row was committed after every spine time (the spine is in 2024): none
+                # was known then, so every feature is null; the work done is the same.
+                want = None
+                if ps_m is not None and ps_m.ok:
+                    want = reference.with_columns(
+                        pl.lit(None, reference.schema[f]).alias(f)
+                        for f in _outputs(reference, self.wl.spine)
+                    )
             else:
                 want = reference if ps_m is not None and ps_m.ok else None
             answer = _check(job.result, want) if m.ok else (m.error or "failed")
@@ -372,6 +395,10 @@ class Bench:
         )
         self.rows.append(row)
         return row
+
+
+def _outputs(answer: pl.DataFrame, spine: pl.DataFrame) -> list[str]:
+    return [c for c in answer.columns if c not in spine.columns]
 
 
 def _fmt_measure(m: Measurement) -> str:
@@ -435,6 +462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="where the temporary folder goes")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--bitemporal", action="store_true", help="also time bitemporal=True (time travel table)"
+    )
     parser.add_argument(
         "--tie-free",
         action="store_true",

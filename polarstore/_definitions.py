@@ -288,6 +288,10 @@ class FeatureView:
         How long a value stays valid after its event time (positive); ``None`` means forever.
     online
         Whether ``materialize`` syncs this view to the online store.
+    allow_exact_match
+        Whether a row whose event time equals the spine time (or ``now`` online) counts.
+        ``False`` makes rule 2 strict (``event_time < t``), for features that are only
+        available after the instant they describe.
 
     Examples
     --------
@@ -313,6 +317,7 @@ class FeatureView:
     description: str = ""
     owner: str = ""
     tags: Mapping[str, str] | None = None
+    allow_exact_match: bool = True
 
     def __post_init__(self) -> None:
         check_name(self.name, what="feature view")
@@ -353,6 +358,10 @@ class FeatureView:
         object.__setattr__(self, "ttl", as_ttl(self.ttl, what=f"ttl of {where}"))
         if not isinstance(self.online, bool):
             msg = f"{where}: online must be True or False, got {self.online!r}."
+            raise ValidationError(msg)
+        if not isinstance(self.allow_exact_match, bool):
+            got = self.allow_exact_match
+            msg = f"{where}: allow_exact_match must be True or False, got {got!r}."
             raise ValidationError(msg)
         _check_text(self.description, what=f"description of {where}")
         _check_text(self.owner, what=f"owner of {where}")

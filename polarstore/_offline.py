@@ -38,7 +38,7 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._errors import ConflictError, NotFoundError, PolarstoreError, SchemaError
-from polarstore._registry import file_lock
+from polarstore._registry import atomic_write_text, file_lock
 from polarstore._time import to_utc
 
 __all__ = ["OfflineStore", "seq_floor"]
@@ -143,6 +143,33 @@ class OfflineStore:
                 }
             )
         return pl.DataFrame(rows, schema=schema).sort("version")
+
+    def commit_times(self, view: str) -> dict[int, int]:
+        """Version -> commit time (ms since the epoch) of every commit the view ever had.
+
+        The Delta log answers for the versions it still holds; a purge (``purge``) records the
+        commit times of the versions it removes first, in ``.polarstore/commit_times``, so the
+        map outlives the log. Writes pay nothing for it: the file is written only by a purge.
+        """
+        kept: dict[int, int] = {}
+        path = self._commit_times_path(view)
+        if path is not None and path.exists():
+            try:
+                kept = {int(v): int(ms) for v, ms in json.loads(path.read_text()).items()}
+            except (OSError, ValueError, AttributeError) as e:
+                msg = f"view {view!r}: the commit times in {str(path)!r} cannot be read: {e}"
+                raise PolarstoreError(msg) from e
+        table = self._open(view)
+        if table is not None:
+            for commit in table.history():
+                kept.setdefault(int(commit["version"]), int(commit["timestamp"]))
+        return kept
+
+    def _commit_times_path(self, view: str) -> Path | None:
+        if not self._local:  # object stores: nothing purges the log there
+            return None
+        root = self.root.removeprefix("file://")
+        return Path(root, ".polarstore", "commit_times", f"{view}.json")
 
     def version_at(self, view: str, moment: datetime) -> int | None:
         """The last version committed at or before ``moment``; None if there was none yet."""
@@ -423,6 +450,13 @@ class OfflineStore:
                 return []
             current = table.version()
             try:
+                # Before any log file goes: bitemporal reads need every commit time, and the
+                # file only grows (a crash after it is written and before the unlinks is fine).
+                times = self.commit_times(view)
+                path = self._commit_times_path(view)
+                assert path is not None
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({str(v): times[v] for v in sorted(times)}))
                 table.create_checkpoint()
                 for path in sorted(log.iterdir()):
                     digits = path.name.split(".", 1)[0]

@@ -291,6 +291,7 @@ class _VectorView:
         nulls = self.nulls
         # No ttl: a span no event time can be outside of, so one chained comparison serves.
         ttl = _FOREVER if self.view.ttl is None else self.view.ttl // _US
+        strict = 0 if self.view.allow_exact_match else 1  # event time < now, not <=
         n = len(layout.features)
         wanted = [(output, layout.index.get(f)) for f, output in self.wanted]
         picks = [
@@ -310,7 +311,7 @@ class _VectorView:
                 return
             fields = unpack(value)
             # Outside the ttl, or from the future of ``now`` (the latest row is all there is).
-            if not now_us - ttl <= fields[0] <= now_us:
+            if not now_us - ttl <= fields[0] <= now_us - strict:
                 out.update(nulls)
                 return
             if variable:
@@ -769,7 +770,8 @@ def _lookup_view(
         return {r.output: pl.Series(r.output, [None] * frame.height) for r in wanted}
     records, payloads = layout.decode_values(values)
     # Online holds only the latest row: one from the future of ``now`` cannot answer for it.
-    live = records["ts"] <= now_us
+    strict = not wanted[0].view.allow_exact_match  # event time < now, not <=
+    live = records["ts"] <= now_us - strict
     ttl = wanted[0].view.ttl
     if ttl is not None:
         live &= records["ts"] >= now_us - ttl // _US

@@ -266,6 +266,7 @@ def _view_to_json(view: FeatureView) -> dict[str, Any]:
         "created_timestamp_field": view.created_timestamp_field,
         "ttl_microseconds": None if view.ttl is None else view.ttl // timedelta(microseconds=1),
         "online": view.online,
+        "allow_exact_match": view.allow_exact_match,
         "description": view.description,
         "owner": view.owner,
         "tags": view.tags,
@@ -286,6 +287,8 @@ def _view_from_json(name: str, v: dict[str, Any], entities: dict[str, Entity]) -
         created_timestamp_field=v["created_timestamp_field"],
         ttl=None if ttl is None else timedelta(microseconds=ttl),
         online=v["online"],
+        # Registries written before strict matching existed have no such key.
+        allow_exact_match=v.get("allow_exact_match", True),
         description=v["description"],
         owner=v["owner"],
         tags=v["tags"],
@@ -319,6 +322,9 @@ def _dataset_from_json(name: str, entry: Any) -> dict[str, Any]:
         entry["full_feature_names"], bool
     ):
         msg = f"dataset {name!r} has a bad timestamp_field or full_feature_names"
+        raise TypeError(msg)
+    if not isinstance(entry.get("bitemporal", False), bool):
+        msg = f"dataset {name!r} has bitemporal {entry['bitemporal']!r}, not a bool"
         raise TypeError(msg)
     return entry
 

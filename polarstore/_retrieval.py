@@ -9,10 +9,10 @@ from typing import Any
 
 import polars as pl
 
-from polarstore._definitions import FeatureService, FeatureView, as_references
-from polarstore._errors import NotFoundError, ValidationError, did_you_mean
+from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
+from polarstore._errors import NotFoundError, PolarstoreError, ValidationError, did_you_mean
 from polarstore._frames import declared_key, lossless_cast, to_polars
-from polarstore._offline import OfflineStore
+from polarstore._offline import OfflineStore, collect, seq_floor
 from polarstore._time import check_range, to_utc_expr
 
 __all__ = ["EMPTY_VERSION", "Requested", "historical_features", "resolve_features"]
@@ -21,6 +21,8 @@ __all__ = ["EMPTY_VERSION", "Requested", "historical_features", "resolve_feature
 EMPTY_VERSION = -1
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"
+_EVENT = "__polarstore_event"
+_US = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ def historical_features(
     *,
     timestamp_field: str,
     versions: Mapping[str, int | None],
+    bitemporal: bool = False,
 ) -> pl.LazyFrame:
     """The point-in-time join of the spine with every requested view (SPEC rules 1–4).
 
@@ -93,7 +96,8 @@ def historical_features(
     for the needed columns and the rows in [min spine time - ttl, max spine time], sorted by
     (event time, created time, write sequence) — a near no-op on files polarstore wrote
     sorted — and joined with a backward ``join_asof``, which takes the last of equal times:
-    exactly the tie-breaking rule, with no dedupe pass.
+    exactly the tie-breaking rule, with no dedupe pass. With ``bitemporal``, see
+    ``_known_rows``: still one as-of join per view.
     """
     spine = to_polars(entity_df, what="get_historical_features entity_df")
     where = "get_historical_features"
@@ -158,18 +162,33 @@ def historical_features(
         left = left.filter(pl.col(_TS).is_not_null())
     lo, hi = left[_TS].min(), left[_TS].max()
     joined = left.lazy().sort(_TS)
+    outputs = [r.output for r in requested]
     for reqs, temp_keys in plans:
         view = reqs[0].view
-        right = _view_rows(offline, view, reqs, temp_keys, versions.get(view.name), lo, hi)  # type: ignore[arg-type]
+        version = versions.get(view.name)
+        right = _view_rows(offline, view, reqs, temp_keys, version, lo, hi, bitemporal=bitemporal)  # type: ignore[arg-type]
+        if not bitemporal:
+            joined = joined.join_asof(
+                right,
+                on=_TS,
+                by=list(temp_keys),
+                strategy="backward",
+                tolerance=view.ttl,
+                allow_exact_matches=view.allow_exact_match,
+                check_sortedness=False,
+            )
+            continue
+        # Matched on the time the row became known: TTL applies to the event time of the
+        # row picked (every other known row has an earlier one), strictness is in _KNOWN.
         joined = joined.join_asof(
-            right,
-            on=_TS,
-            by=list(temp_keys),
-            strategy="backward",
-            tolerance=view.ttl,
-            check_sortedness=False,
+            right, on=_TS, by=list(temp_keys), strategy="backward", check_sortedness=False
         )
-    outputs = [r.output for r in requested]
+        if view.ttl is not None:
+            fresh = pl.col(_TS) - pl.col(_EVENT) <= view.ttl
+            joined = joined.with_columns(
+                pl.when(fresh).then(pl.col(r.output)).alias(r.output) for r in reqs
+            )
+        joined = joined.drop(_EVENT)
     features = joined.select(_ROW, *outputs)
     if null_ts:
         rows = pl.LazyFrame({_ROW: pl.Series(_ROW, range(spine.height), dtype=left.schema[_ROW])})
@@ -186,15 +205,19 @@ def _view_rows(
     version: int | None,
     lo: datetime | None,
     hi: datetime | None,
+    *,
+    bitemporal: bool,
 ) -> pl.LazyFrame:
     """The view's candidate rows, renamed for the join and in tie-breaking order."""
     ts = view.timestamp_field
+    created = [view.created_timestamp_field] if view.created_timestamp_field else []
     frame = None
     if version != EMPTY_VERSION and lo is not None:
+        extra = [*created, SEQ_COLUMN] if bitemporal else []
         frame = offline.scan(
             view,
             version=version,
-            columns=[*view.join_keys, ts, *dict.fromkeys(r.feature for r in reqs)],
+            columns=[*view.join_keys, ts, *extra, *dict.fromkeys(r.feature for r in reqs)],
             since=_minus(lo, view.ttl),
             until=hi,
             ordered=True,
@@ -205,13 +228,67 @@ def _view_rows(
                 **temp_keys,
                 _TS: pl.Datetime("us", "UTC"),
                 **{r.output: view.schema[r.feature] for r in reqs},
+                **({_EVENT: pl.Datetime("us", "UTC")} if bitemporal else {}),
             }
         )
-    return frame.select(
+    renamed = frame.select(
         *[pl.col(k).alias(t) for k, t in zip(view.join_keys, temp_keys, strict=True)],
         pl.col(ts).alias(_TS),
         *[pl.col(r.feature).cast(view.schema[r.feature]).alias(r.output) for r in reqs],
+        *(
+            [pl.col(ts).alias(_EVENT), *map(pl.col, created), pl.col(SEQ_COLUMN)]
+            if bitemporal
+            else []
+        ),
     )
+    if not bitemporal:
+        return renamed
+    assert hi is not None  # frame is None without a spine time
+    return _known_rows(offline, view, renamed, list(temp_keys), created, hi)
+
+
+def _known_rows(
+    offline: OfflineStore,
+    view: FeatureView,
+    rows: pl.LazyFrame,
+    keys: list[str],
+    created: list[str],
+    hi: datetime,
+) -> pl.LazyFrame:
+    """``rows`` (in tie-breaking order) recast so that one backward as-of join is bitemporal.
+
+    A row is known from ``k = max(event time (+1 µs if strict), created time, commit time)``;
+    the commit time is that of the version that first wrote it (``seq >> 32``, kept by
+    rewrites). For a spine time t the answer is the last row, in tie order, with ``k <= t``.
+    That is the last row with ``m <= t``, where ``m`` is the minimum of ``k`` over the row and
+    every later row of its key: ``m`` is non-decreasing in tie order within each key, so the
+    rows stay in tie order, are joined on ``m`` and the as-of join (which takes the last of
+    equal times) picks that row — no sort, no gather. When ``k`` is already non-decreasing
+    (one write, or appends in event order: the usual case), ``m = k`` and the per-key pass is
+    skipped. Rows known only after the last spine time cannot count and are dropped first.
+    """
+    times = offline.commit_times(view.name)
+    versions = pl.Series(list(times), dtype=pl.Int64)
+    stamps = (pl.Series(list(times.values()), dtype=pl.Int64) * 1000).cast(pl.Datetime("us", "UTC"))
+    frame = collect(rows, view.name)
+    event = pl.col(_EVENT) + _US if not view.allow_exact_match else pl.col(_EVENT)
+    commit = (pl.col(SEQ_COLUMN) // seq_floor(1)).replace_strict(versions, stamps, default=None)
+    frame = frame.with_columns(
+        pl.max_horizontal(event, *created, commit).alias(_TS), commit.is_null().alias("__unknown")
+    )
+    if frame["__unknown"].any():
+        msg = (
+            f"view {view.name!r}: some rows were written by commits whose time is no longer "
+            "known (neither the Delta log nor .polarstore/commit_times holds it); "
+            "bitemporal=True cannot tell when they became known."
+        )
+        raise PolarstoreError(msg)
+    frame = frame.filter(pl.col(_TS) <= hi).drop("__unknown", *created, SEQ_COLUMN)
+    if not frame[_TS].is_sorted():
+        # On the integers: ~30% faster than the same window on the datetimes.
+        suffix_min = pl.col(_TS).to_physical().cum_min(reverse=True).over(keys)
+        frame = frame.with_columns(suffix_min.cast(pl.Datetime("us", "UTC")).alias(_TS))
+    return frame.lazy()
 
 
 def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:

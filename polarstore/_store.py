@@ -657,6 +657,7 @@ class FeatureStore:
         timestamp_field: str = "event_timestamp",
         full_feature_names: bool = False,
         as_of: AsOf = None,
+        bitemporal: bool = False,
     ) -> pl.LazyFrame:
         """Point-in-time join: for each spine row, each feature's latest value at that time.
 
@@ -665,6 +666,9 @@ class FeatureStore:
         requested order.
         ``features`` holds ``"view:feature"`` / ``"view:*"`` references or a
         ``FeatureService``; ``as_of`` is a datetime, or a dict of view name to table version.
+        With ``bitemporal=True`` a row counts only once it was known at the spine time: its
+        created time (if the view has one) and the commit that first wrote it are not later
+        (docs/contract.md, "Leakage-proof retrieval").
 
         Examples
         --------
@@ -689,12 +693,16 @@ class FeatureStore:
         if not isinstance(timestamp_field, str):
             msg = f"{where}: timestamp_field must be a column name, got {timestamp_field!r}."
             raise ValidationError(msg)
+        if not isinstance(bitemporal, bool):
+            msg = f"{where}: bitemporal must be True or False, got {bitemporal!r}."
+            raise ValidationError(msg)
         return historical_features(
             self._offline,
             entity_df,
             requested,
             timestamp_field=timestamp_field,
             versions=versions,
+            bitemporal=bitemporal,
         )
 
     def save_dataset(
@@ -707,11 +715,12 @@ class FeatureStore:
         full_feature_names: bool = False,
         as_of: AsOf = None,
         overwrite: bool = False,
+        bitemporal: bool = False,
     ) -> pl.LazyFrame:
         """Store a reproducible training set: the spine and the pinned view versions.
 
         ``load_dataset(name)`` later returns exactly the same rows, whatever was written since
-        (until old versions are vacuumed).
+        (until old versions are vacuumed); ``bitemporal`` is kept with the dataset.
 
         Examples
         --------
@@ -730,6 +739,9 @@ class FeatureStore:
         [1]
         """
         check_name(name, what="dataset")
+        if not isinstance(bitemporal, bool):
+            msg = f"save_dataset {name!r}: bitemporal must be True or False, got {bitemporal!r}."
+            raise ValidationError(msg)
         spine = to_polars(entity_df, what=f"save_dataset {name!r} entity_df")
         state = self._state()
         refs = list(
@@ -747,12 +759,14 @@ class FeatureStore:
             timestamp_field=timestamp_field,
             full_feature_names=full_feature_names,
             as_of=versions,  # type: ignore[arg-type]
+            bitemporal=bitemporal,
         )
         entry = {
             "features": refs,
             "versions": versions,
             "timestamp_field": timestamp_field,
             "full_feature_names": full_feature_names,
+            "bitemporal": bitemporal,
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
         }
@@ -790,6 +804,7 @@ class FeatureStore:
             timestamp_field=entry["timestamp_field"],
             full_feature_names=entry["full_feature_names"],
             as_of=entry["versions"],
+            bitemporal=entry.get("bitemporal", False),  # absent in datasets saved before it
         )
 
     def list_datasets(self) -> dict[str, dict[str, Any]]:

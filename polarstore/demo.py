@@ -12,7 +12,9 @@ Everything is synthetic and seeded, so the figures are the same on every run:
    times, later created timestamps);
 3. a labelled spine (~50k rows: user, cutoff time, churned) and its point-in-time training
    set;
-4. a leakage check (a naive "latest value per user" join against the point-in-time join);
+4. a leakage check (a naive "latest value per user" join against the point-in-time join), and
+   the backfill case: a training set cut between the two commits, where the event-time join
+   still uses the corrections and ``bitemporal=True`` does not;
 5. time travel (the training set as it was before the corrections);
 6. materialize, online lookups, and a train/serve parity check.
 
@@ -387,6 +389,7 @@ class DemoRun:
     service: FeatureService = field(init=False)
     features: list[str] = field(init=False)
     before: dict[str, int] = field(init=False)
+    written_at: datetime = field(init=False)  # after the first writes, before the corrections
     training: pl.DataFrame = field(init=False)
 
     @property
@@ -447,6 +450,9 @@ def _write(run: DemoRun, notes: Notes) -> None:
     run.store.save_dataset("churn_training", data.spine, run.service)
     run.figures["versions_before_corrections"] = dict(run.before)
     notes.append(f"saved dataset [green]churn_training[/] pinned at {run.before}")
+    run.written_at = datetime.now(timezone.utc)
+    # Commit times are milliseconds: the corrections must commit in a later one.
+    time.sleep(0.002)
 
 
 def _corrections(run: DemoRun, notes: Notes) -> None:
@@ -489,6 +495,15 @@ def _leakage_step(run: DemoRun, notes: Notes) -> None:
     notes.append(
         f"e.g. the plan differs in {leaks['plan_differs']:,} rows (downgrades that "
         "precede churn); the point-in-time join uses no future data"
+    )
+    backfill = _backfill(run)
+    run.figures.update(backfill)
+    notes.append(
+        f"but a training set cut at {run.written_at:%H:%M:%S.%f} (after the first writes, before "
+        f"the corrections were committed) still gets the corrected amounts in "
+        f"[bold red]{backfill['backfill_leaky_rows']:,}[/] rows with the event-time join: "
+        "they were not known then. bitemporal=True uses only rows committed (and created) by "
+        f"each cutoff; equal to the store as_of that moment: {backfill['bitemporal_equals_as_of']}"
     )
 
 
@@ -540,7 +555,7 @@ def _parity_step(run: DemoRun, notes: Notes) -> None:
     notes.append(f"{checked:,} users checked, {mismatches} mismatching rows {status}")
 
 
-#: The story, in order. A new step (a bitemporal leakage check, aggregations, …) is a
+#: The story, in order. A new step (aggregations, …) is a
 #: function ``(run, notes)`` and one entry here.
 STEPS: tuple[Step, ...] = (
     Step("generate", "Generate users, orders and sessions (seeded)", _generate),
@@ -548,7 +563,11 @@ STEPS: tuple[Step, ...] = (
     Step("write", "Write the offline history (one Delta table per view)", _write),
     Step("corrections", "Late-arriving corrections (a second write)", _corrections),
     Step("training", "Point-in-time training set", _training),
-    Step("leakage", "Leakage check: naive latest-value join vs point-in-time", _leakage_step),
+    Step(
+        "leakage",
+        "Leakage check: naive latest-value join vs point-in-time vs bitemporal",
+        _leakage_step,
+    ),
     Step("time_travel", "Time travel: the training set before the corrections", _time_travel),
     Step("materialize", "Materialize the latest values into LMDB", _materialize),
     Step(
@@ -663,6 +682,19 @@ def _leakage(store: FeatureStore, spine: pl.DataFrame) -> dict[str, Any]:
         "leaky_fraction": round(leaky / max(spine.height, 1), 4),
         "leaky_rows_by_view": by_view,
         "plan_differs": differs,
+    }
+
+
+def _backfill(run: DemoRun) -> dict[str, Any]:
+    """A spine cut at ``run.written_at``: how many rows the known-at rule changes."""
+    spine = run.data.spine.with_columns(pl.lit(run.written_at, _STAMP).alias("event_timestamp"))
+    store, service = run.store, run.service
+    plain = store.get_historical_features(spine, service).collect()
+    known = store.get_historical_features(spine, service, bitemporal=True).collect()
+    then = store.get_historical_features(spine, service, as_of=run.written_at).collect()
+    return {
+        "backfill_leaky_rows": _changed_rows(plain, known, run.features),
+        "bitemporal_equals_as_of": known.equals(then),
     }
 
 

@@ -11,6 +11,10 @@ semantics", rules 1-4, for each spine row ``r`` and each requested view ``v``:
 4. the greatest event timestamp wins; ties go to the greatest created timestamp (if the view
    has one), then to the row written last.
 
+With ``RefView.allow_exact_match=False`` rule 2 is strict (``event_timestamp < r.timestamp``).
+Bitemporal retrieval (``commit_times`` given: the commit time of every written row) first drops
+the rows not known at ``r.timestamp``: created timestamp (if any) or commit time later than it.
+
 A null spine timestamp matches nothing either. Times are compared as UTC instants: a naive
 ``datetime`` is UTC, an aware one is converted.
 
@@ -44,6 +48,7 @@ class RefView:
     timestamp_field: str = "event_timestamp"
     created_timestamp_field: str | None = None
     ttl: timedelta | None = None
+    allow_exact_match: bool = True
 
 
 def to_utc(value: datetime | None) -> datetime | None:
@@ -77,15 +82,29 @@ def resolve_features(
 
 
 def pick_row(
-    view: RefView, rows: Sequence[Row], keys: Sequence[Any], at: datetime | None
+    view: RefView,
+    rows: Sequence[Row],
+    keys: Sequence[Any],
+    at: datetime | None,
+    commit_times: Sequence[datetime] | None = None,
 ) -> Row | None:
     """The row of ``view`` (``rows`` in write order) that SPEC rules 1-4 select, or None.
 
-    ``keys`` are the spine row's values of ``view.join_keys``; ``at`` its timestamp.
+    ``keys`` are the spine row's values of ``view.join_keys``; ``at`` its timestamp. With
+    ``commit_times`` (one per row: when the commit that first wrote it happened), only rows
+    known at ``at`` count (bitemporal).
     """
     at = to_utc(at)
     if at is None or any(key is None for key in keys):
         return None
+    if commit_times is not None:
+        created_field = view.created_timestamp_field
+        rows = [
+            row
+            for row, commit in zip(rows, commit_times, strict=True)
+            if to_utc(commit) <= at  # type: ignore[operator]
+            and (created_field is None or to_utc(row[created_field]) <= at)  # type: ignore[operator]
+        ]
     best: Row | None = None
     best_event = best_created = datetime.min.replace(tzinfo=timezone.utc)
     for row in rows:
@@ -97,7 +116,7 @@ def pick_row(
             msg = f"view {view.name!r}: a written row has a null event timestamp"
             raise ValueError(msg)
         # Rule 2: observed at or before the spine time.
-        if event > at:
+        if event > at or (event == at and not view.allow_exact_match):
             continue
         # Rule 3: not older than the TTL; the lower bound is inclusive.
         if view.ttl is not None and event < at - view.ttl:
@@ -124,10 +143,12 @@ def point_in_time(
     *,
     timestamp_field: str = "event_timestamp",
     full_feature_names: bool = False,
+    commit_times: Mapping[str, Sequence[datetime]] | None = None,
 ) -> list[dict[str, Any]]:
     """The expected feature values, one dict (output name -> value) per spine row, in order.
 
     ``rows[view]`` holds every row written to the view, in write order (across writes).
+    ``commit_times[view]``, aligned with ``rows[view]``, makes the join bitemporal.
     """
     resolved = resolve_features(views, features, full_feature_names=full_feature_names)
     result: list[dict[str, Any]] = []
@@ -137,7 +158,8 @@ def point_in_time(
         for view_name, feature, output in resolved:
             view = views[view_name]
             keys = [spine_row[name] for name in view.join_keys]
-            match = pick_row(view, rows.get(view_name, ()), keys, at)
+            known = None if commit_times is None else commit_times.get(view_name, ())
+            match = pick_row(view, rows.get(view_name, ()), keys, at, known)
             values[output] = None if match is None else match[feature]
         result.append(values)
     return result

@@ -38,7 +38,11 @@ def table_rows(output: str, first_cell: str) -> list[list[str]]:
 
 
 def test_pit_join_peers_give_polarstore_answer(tmp_path: Path) -> None:
-    out = run("benchmarks.pit_join", "--size", TINY, "--repeat", "1", "--workdir", str(tmp_path))
+    out = run(
+        "benchmarks.pit_join",
+        *("--size", TINY, "--repeat", "1", "--workdir", str(tmp_path), "--bitemporal"),
+    )
+    assert out.count("| bitemporal=True (current) |") == 3
     for layout in ("bulk", "appends", "compacted"):
         rows = table_rows(out, layout)
         contenders = {r[1] for r in rows}
@@ -72,3 +76,8 @@ def test_scale_steps(tmp_path_factory: pytest.TempPathFactory, step: str) -> Non
         run("benchmarks.scale", "build", str(repo), "--size", TINY)
     out = run("benchmarks.scale", step, str(repo), "--size", TINY)
     assert out.strip()
+
+
+def test_bitemporal_benchmark_runs(tmp_path: Path) -> None:
+    out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1")
+    assert len(table_rows(out, "bulk")) == len(table_rows(out, "appends")) == 1

@@ -767,6 +767,8 @@ def test_run_demo_returns_the_key_figures(tmp_path: Path) -> None:
     assert 0 < figures["leaky_rows"] <= figures["spine_rows"]
     assert sum(figures["leaky_rows_by_view"].values()) >= figures["leaky_rows"]
     assert figures["plan_differs"] > 0
+    assert 0 < figures["backfill_leaky_rows"] <= figures["spine_rows"]
+    assert figures["bitemporal_equals_as_of"] is True
     assert figures["versions_before_corrections"] == {"orders": 0, "sessions": 0, "user_profile": 0}
     assert figures["versions_after_corrections"]["orders"] == 1
     assert figures["time_travel_changed_rows"] > 0
@@ -778,7 +780,13 @@ def test_run_demo_returns_the_key_figures(tmp_path: Path) -> None:
     assert figures["parity_mismatches"] == 0
     assert set(figures["seconds"]) >= {"generate", "training", "materialize", "parity"}
     again = run_demo(tmp_path / "demo", quiet, n_users=400)  # seeded: the same figures
-    for key in ("orders_rows", "leaky_rows", "time_travel_changed_rows", "online_vector"):
+    for key in (
+        "orders_rows",
+        "leaky_rows",
+        "backfill_leaky_rows",
+        "time_travel_changed_rows",
+        "online_vector",
+    ):
         assert again[key] == figures[key]
 
 

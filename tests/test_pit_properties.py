@@ -162,6 +162,7 @@ def view_defs(draw: st.DrawFn, name: str, entity: str) -> tuple[RefView, dict[st
         timestamp_field=draw(st.sampled_from(["event_timestamp", "ts"])),
         created_timestamp_field=draw(st.sampled_from([None, "created"])),
         ttl=draw(st.sampled_from(TTLS)),
+        allow_exact_match=draw(st.booleans()),
     )
     return view, dtypes
 
@@ -386,6 +387,7 @@ def define_views(store: FeatureStore, case: Case) -> None:
                 timestamp_field=view.timestamp_field,
                 created_timestamp_field=view.created_timestamp_field,
                 ttl=view.ttl,
+                allow_exact_match=view.allow_exact_match,
             )
         )
     store.apply(objects)
