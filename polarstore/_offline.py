@@ -275,17 +275,22 @@ class OfflineStore:
         the same for every row ``change`` keeps. Returns the new version.
         """
         with self._write_lock(view.name):
-            table = self._open(view.name)
-            frame = self.scan(view, ordered=True)
-            if table is None or frame is None:
-                msg = f"view {view.name!r} has no data to {operation}."
-                raise NotFoundError(msg)
+            table, frame = self._current_rows(view, operation)
             version = table.version() + 1
             rows = change(frame)
             if isinstance(rows, pl.LazyFrame):
                 rows = collect(rows, view.name)
             self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
             return self._committed_version(view.name, expected=version)
+
+    def _current_rows(self, view: FeatureView, operation: str) -> tuple[DeltaTable, pl.LazyFrame]:
+        """The current table and its rows in tie-breaking order; NotFoundError if it has none."""
+        table = self._open(view.name)
+        frame = self.scan(view, ordered=True)
+        if table is None or frame is None:
+            msg = f"view {view.name!r} has no data to {operation}."
+            raise NotFoundError(msg)
+        return table, frame
 
     def compact(self, view: FeatureView) -> int:
         """Rewrite the table into one sorted file, committed as a rearrangement of its data.
@@ -298,11 +303,7 @@ class OfflineStore:
         if not self._local:  # no rename on object stores: an overwrite, marked as data change
             return self.rewrite(view, lambda rows: rows, "compact")
         with self._write_lock(view.name):
-            table = self._open(view.name)
-            frame = self.scan(view, ordered=True)
-            if table is None or frame is None:
-                msg = f"view {view.name!r} has no data to compact."
-                raise NotFoundError(msg)
+            table, frame = self._current_rows(view, "compact")
             rows = collect(frame.select(list(_polars_schema(table))), view.name)
             version = table.version() + 1
             staging = Path(self.root, ".polarstore", "staging")
