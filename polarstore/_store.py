@@ -36,6 +36,7 @@ from polarstore._retrieval import (
     service_named,
 )
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
+from polarstore._vacuum import vacuum_repository
 
 __all__ = ["FeatureStore"]
 
@@ -618,8 +619,6 @@ class FeatureStore:
         >>> store.vacuum()  # nothing is older than the 7-day default retention
         {'stats': []}
         """
-        from polarstore._vacuum import vacuum_repository
-
         return vacuum_repository(self, retention=retention, force=force)
 
     # --- retrieval ------------------------------------------------------------------------

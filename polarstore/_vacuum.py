@@ -24,6 +24,7 @@ import polars as pl
 
 from polarstore._errors import PolarstoreError, ValidationError
 from polarstore._offline import OfflineStore
+from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import EMPTY_VERSION
 
 __all__ = ["vacuum_repository"]
@@ -86,7 +87,7 @@ def vacuum_views(
 
 
 def purge(
-    offline: OfflineStore, views: Sequence[str], online: Any, registry: Any, root: Path
+    offline: OfflineStore, views: Sequence[str], online: Any, registry: Registry, root: Path
 ) -> None:
     """Leave only the current version of every view, anywhere in the repository."""
     failed: dict[str, PolarstoreError] = {}
@@ -110,13 +111,15 @@ def purge(
         raise PolarstoreError(msg)
 
 
-def _repin_datasets(registry: Any, root: Path, same_data: Mapping[str, tuple[int, int]]) -> None:
+def _repin_datasets(
+    registry: Registry, root: Path, same_data: Mapping[str, tuple[int, int]]
+) -> None:
     """Datasets pinned to a version whose data is the current one (only vacuum committed
     since) are pinned to the current version; the others can no longer be loaded, and are
     removed with their spines (which hold the entity keys they were saved with)."""
     spines: list[str] = []
 
-    def change(state: Any) -> None:
+    def change(state: RegistryState) -> None:
         for name, entry in list(state.datasets.items()):
             pins = entry["versions"]
             for view, version in list(pins.items()):
