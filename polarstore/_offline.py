@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from uuid import uuid4
 
 import polars as pl
@@ -573,10 +573,10 @@ class OfflineStore:
         return frame
 
 
-def collect(frame: pl.LazyFrame, view: str) -> pl.DataFrame:
+def collect(frame: pl.LazyFrame, view: str, engine: Any = "in-memory") -> pl.DataFrame:
     """``frame.collect()`` in memory, a failure to read a data file as a PolarstoreError."""
     try:
-        return frame.collect(engine="in-memory")
+        return frame.collect(engine=engine)
     except (pl.exceptions.ComputeError, OSError) as e:
         msg = (
             f"reading the data files of view {view!r} failed: {e}. A data file may be "

@@ -265,16 +265,21 @@ def _known_rows(
     rows stay in tie order, are joined on ``m`` and the as-of join (which takes the last of
     equal times) picks that row — no sort, no gather. When ``k`` is already non-decreasing
     (one write, or appends in event order: the usual case), ``m = k`` and the per-key pass is
-    skipped. Rows known only after the last spine time cannot count and are dropped first.
+    skipped; after a backfill it runs on the keys the backfill touched (``_suffix_min``).
+    Rows known only after the last spine time cannot count and are dropped first.
     """
     times = offline.commit_times(view.name)
     versions = pl.Series(list(times), dtype=pl.Int64)
     stamps = (pl.Series(list(times.values()), dtype=pl.Int64) * 1000).cast(pl.Datetime("us", "UTC"))
-    frame = collect(rows, view.name)
     event = pl.col(_EVENT) + _US if not view.allow_exact_match else pl.col(_EVENT)
     commit = (pl.col(SEQ_COLUMN) // seq_floor(1)).replace_strict(versions, stamps, default=None)
-    frame = frame.with_columns(
-        pl.max_horizontal(event, *created, commit).alias(_TS), commit.is_null().alias("__unknown")
+    frame = collect(
+        rows.with_columns(
+            pl.max_horizontal(event, *created, commit).alias(_TS),
+            commit.is_null().alias("__unknown"),
+        ),
+        view.name,
+        engine="streaming",
     )
     if frame["__unknown"].any():
         msg = (
@@ -284,11 +289,32 @@ def _known_rows(
         )
         raise PolarstoreError(msg)
     frame = frame.filter(pl.col(_TS) <= hi).drop("__unknown", *created, SEQ_COLUMN)
-    if not frame[_TS].is_sorted():
-        # On the integers: ~30% faster than the same window on the datetimes.
-        suffix_min = pl.col(_TS).to_physical().cum_min(reverse=True).over(keys)
-        frame = frame.with_columns(suffix_min.cast(pl.Datetime("us", "UTC")).alias(_TS))
-    return frame.lazy()
+    return frame.with_columns(_suffix_min(frame[_TS], frame.select(keys))).lazy()
+
+
+def _suffix_min(known: pl.Series, keys: pl.DataFrame) -> pl.Series:
+    """Per key, the minimum of ``known`` over each row and the later rows of its key.
+
+    Only rows above the *global* suffix minimum can differ from their own value (that minimum
+    bounds every key's), so the window runs on the keys owning such rows: a backfill of a few
+    keys costs a pass over those keys alone, and data already in order costs one scan.
+    """
+    physical = known.to_physical()
+    suspect = physical > physical.cum_min(reverse=True)
+    if not suspect.any():
+        return known
+    # On the integers: ~30% faster than the same window on the datetimes; and the streaming
+    # engine runs it in about half the time of the in-memory one.
+    window = pl.col(_TS).cum_min(reverse=True).over(keys.columns)
+    rows = keys.with_columns(physical.alias(_TS)).lazy()
+    owners = keys.filter(suspect).unique()
+    if owners.height * 4 < keys.height:  # a few keys: their rows only (tuned by eye, not a cliff)
+        rows = rows.with_row_index(_ROW).join(
+            owners.lazy(), on=keys.columns, how="semi", nulls_equal=True, maintain_order="left"
+        )
+        few = rows.select(_ROW, window).collect(engine="streaming")
+        return physical.scatter(few[_ROW], few[_TS]).cast(known.dtype)
+    return rows.select(window).collect(engine="streaming")[_TS].cast(known.dtype)
 
 
 def _minus(moment: datetime, ttl: timedelta | None) -> datetime | None:

@@ -305,3 +305,30 @@ def test_bitemporal_without_a_known_commit_time_is_an_error(tmp_path: Any) -> No
     spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime.now(UTC)]})
     with pytest.raises(PolarstoreError, match="commits whose time is no longer known"):
         store.get_historical_features(spine, ["stats:x"], bitemporal=True).collect()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([0, 1, 2, 3, None]), st.sampled_from(["a", "b"]), st.integers(0, 6)
+        ),
+        min_size=1,
+        max_size=60,
+    )
+)
+def test_suffix_min_per_key_matches_a_loop(rows: list[tuple[Any, str, int]]) -> None:
+    """The per-key suffix minimum behind bitemporal joins: both its paths (the window over the
+    few keys that own out-of-order rows, and over every key) against a plain loop. Few distinct
+    values, so ties and runs of equal values are common; null keys form a key of their own."""
+    from polarstore._retrieval import _TS, _suffix_min
+
+    keys = pl.DataFrame({"k": [r[0] for r in rows], "s": [r[1] for r in rows]}, strict=False)
+    known = pl.Series(_TS, [r[2] for r in rows], dtype=pl.Int64).cast(pl.Datetime("us", "UTC"))
+    expected = [
+        min(rows[j][2] for j in range(i, len(rows)) if rows[j][:2] == rows[i][:2])
+        for i in range(len(rows))
+    ]
+    got = _suffix_min(known, keys)
+    assert got.dtype == known.dtype
+    assert got.to_physical().to_list() == expected
