@@ -269,10 +269,11 @@ def _known_rows(
     Rows known only after the last spine time cannot count and are dropped first.
     """
     times = offline.commit_times(view.name)
-    versions = pl.Series(list(times), dtype=pl.Int64)
-    stamps = (pl.Series(list(times.values()), dtype=pl.Int64) * 1000).cast(pl.Datetime("us", "UTC"))
+    # Version -> commit time as a lookup table: a gather is ~3x cheaper than a replace.
+    stamps = pl.Series([times.get(v) for v in range(max(times, default=-1) + 1)], dtype=pl.Int64)
+    stamps = (stamps * 1000).cast(pl.Datetime("us", "UTC"))
     event = pl.col(_EVENT) + _US if not view.allow_exact_match else pl.col(_EVENT)
-    commit = (pl.col(SEQ_COLUMN) // seq_floor(1)).replace_strict(versions, stamps, default=None)
+    commit = pl.lit(stamps).gather(pl.col(SEQ_COLUMN) // seq_floor(1))
     frame = collect(
         rows.with_columns(
             pl.max_horizontal(event, *created, commit).alias(_TS),
