@@ -113,6 +113,11 @@ class OfflineStore:
             msg = f"cannot open the Delta table of view {view!r}: {e}"
             raise PolarstoreError(msg) from e
 
+    def open_table(self, view: str, version: int | None = None) -> DeltaTable | None:
+        """The view's table at ``version`` (latest if None), for ``scan`` and ``commit_times``
+        to share one read of the log; None when nothing was ever written."""
+        return self._open(view, version)
+
     # --- versions and history -------------------------------------------------------------
 
     def current_version(self, view: str) -> int | None:
@@ -144,12 +149,15 @@ class OfflineStore:
             )
         return pl.DataFrame(rows, schema=schema).sort("version")
 
-    def commit_times(self, view: str) -> dict[int, int]:
+    def commit_times(self, view: str, table: DeltaTable | None = None) -> dict[int, int]:
         """Version -> commit time (ms since the epoch) of every commit the view ever had.
 
         The Delta log answers for the versions it still holds; a purge (``purge``) records the
         commit times of the versions it removes first, in ``.polarstore/commit_times``, so the
         map outlives the log. Writes pay nothing for it: the file is written only by a purge.
+        ``table``: the view's table already open at its latest version (``open_table``), to
+        read its log once. Not one loaded at an older version: delta-rs 1.6 numbers that one's
+        ``history()`` down from the loaded version, whatever the log holds after it.
         """
         kept: dict[int, int] = {}
         path = self._commit_times_path(view)
@@ -159,7 +167,7 @@ class OfflineStore:
             except (OSError, ValueError, AttributeError) as e:
                 msg = f"view {view!r}: the commit times in {str(path)!r} cannot be read: {e}"
                 raise PolarstoreError(msg) from e
-        table = self._open(view)
+        table = self._open(view) if table is None else table
         if table is not None:
             for commit in table.history():
                 kept.setdefault(int(commit["version"]), int(commit["timestamp"]))
@@ -504,6 +512,7 @@ class OfflineStore:
         until: datetime | None = None,
         min_seq: int | None = None,
         ordered: bool = False,
+        table: DeltaTable | None = None,
     ) -> pl.LazyFrame | None:
         """The view's rows as a lazy scan, files ordered by event time.
 
@@ -513,8 +522,9 @@ class OfflineStore:
         sequence) — without a sort when files don't overlap in time (every file is written
         sorted), else sorted in memory before this returns.
         Returns None when the view has no table (nothing was ever written) at ``version``.
+        ``table``: the table already open at ``version`` (``open_table``).
         """
-        table = self._open(view.name, version)
+        table = self._open(view.name, version) if table is None else table
         if table is None:
             return None
         schema = _check_schema(view, _polars_schema(table))

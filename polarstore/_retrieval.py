@@ -212,8 +212,12 @@ def _view_rows(
     ts = view.timestamp_field
     created = [view.created_timestamp_field] if view.created_timestamp_field else []
     frame = None
+    table = None
     if version != EMPTY_VERSION and lo is not None:
         extra = [*created, SEQ_COLUMN] if bitemporal else []
+        # Opened here when bitemporal: the commit times come from the same log read (but
+        # see commit_times on a table loaded at a pinned version).
+        table = offline.open_table(view.name, version) if bitemporal else None
         frame = offline.scan(
             view,
             version=version,
@@ -221,6 +225,7 @@ def _view_rows(
             since=_minus(lo, view.ttl),
             until=hi,
             ordered=True,
+            table=table,
         )
     if frame is None:  # no data (yet, or as of the pinned moment): every feature is null
         return pl.LazyFrame(
@@ -244,12 +249,13 @@ def _view_rows(
     if not bitemporal:
         return renamed
     assert hi is not None  # frame is None without a spine time
-    return _known_rows(offline, view, renamed, list(temp_keys), created, hi)
+    times = offline.commit_times(view.name, table if version is None else None)
+    return _known_rows(view, times, renamed, list(temp_keys), created, hi)
 
 
 def _known_rows(
-    offline: OfflineStore,
     view: FeatureView,
+    times: Mapping[int, int],
     rows: pl.LazyFrame,
     keys: list[str],
     created: list[str],
@@ -259,16 +265,16 @@ def _known_rows(
 
     A row is known from ``k = max(event time (+1 µs if strict), created time, commit time)``;
     the commit time is that of the version that first wrote it (``seq >> 32``, kept by
-    rewrites). For a spine time t the answer is the last row, in tie order, with ``k <= t``.
-    That is the last row with ``m <= t``, where ``m`` is the minimum of ``k`` over the row and
-    every later row of its key: ``m`` is non-decreasing in tie order within each key, so the
-    rows stay in tie order, are joined on ``m`` and the as-of join (which takes the last of
-    equal times) picks that row — no sort, no gather. When ``k`` is already non-decreasing
-    (one write, or appends in event order: the usual case), ``m = k`` and the per-key pass is
-    skipped; after a backfill it runs on the keys the backfill touched (``_suffix_min``).
-    Rows known only after the last spine time cannot count and are dropped first.
+    rewrites; ``times``: version -> commit time in ms). For a spine time t the answer is the
+    last row, in tie order, with ``k <= t``. That is the last row with ``m <= t``, where ``m``
+    is the minimum of ``k`` over the row and every later row of its key: ``m`` is
+    non-decreasing in tie order within each key, so the rows stay in tie order, are joined on
+    ``m`` and the as-of join (which takes the last of equal times) picks that row — no sort,
+    no gather. When ``k`` is already non-decreasing (one write, or appends in event order: the
+    usual case), ``m = k`` and the per-key pass is skipped; after a backfill it runs on the
+    keys the backfill touched (``_suffix_min``). Rows known only after the last spine time
+    cannot count and are dropped first.
     """
-    times = offline.commit_times(view.name)
     # Version -> commit time as a lookup table: a gather is ~3x cheaper than a replace.
     stamps = pl.Series([times.get(v) for v in range(max(times, default=-1) + 1)], dtype=pl.Int64)
     stamps = (stamps * 1000).cast(pl.Datetime("us", "UTC"))
