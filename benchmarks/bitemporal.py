@@ -46,41 +46,40 @@ from benchmarks._data import (
 )
 
 LAYOUTS = ("daily", "daily+backfill", "bulk", "appends")
-DAYS = 90
-BACKFILL_DAY = 60
+SPAN_US = 90 * 86_400_000_000
 
 
-def _day_writes(workload: Workload, *, backfill: bool) -> list[tuple[str, pl.DataFrame, int]]:
-    """``(view, rows, commit time in ms)`` in write order for the daily layouts."""
+def _day_writes(
+    workload: Workload, *, backfill: bool, days: int
+) -> list[tuple[str, pl.DataFrame, int]]:
+    """``(view, rows, commit time in ms)`` in write order for the daily layouts: the 90 days
+    of events cut into ``days`` periods (one day each by default)."""
     writes: list[tuple[str, pl.DataFrame, int]] = []
-    day_of = ((pl.col(TIMESTAMP) - START).dt.total_microseconds() // 86_400_000_000).alias("__day")
-    rng = np.random.default_rng(7)
-    corrected = rng.choice(100_000, 5_000, replace=False)
+    period_us = SPAN_US // days
+    period = ((pl.col(TIMESTAMP) - START).dt.total_microseconds() // period_us).alias("__p")
+    fixed = np.random.default_rng(7).choice(100_000, 5_000, replace=False)
     for view in workload.views:
-        frame = view.frame.with_columns(day_of)
+        frame = view.frame.with_columns(period.clip(0, days - 1))
         feature = view.features[0]
-        for day in range(DAYS):
-            commit = START + timedelta(days=day + 1, hours=1)
-            rows = frame.filter(pl.col("__day") == day).drop("__day")
+        for p in range(days):
+            commit = START + timedelta(microseconds=(p + 1) * period_us, hours=1)
+            rows = frame.filter(pl.col("__p") == p).drop("__p")
             writes.append((view.name, rows, int(commit.timestamp() * 1000)))
-            if backfill and day == BACKFILL_DAY:
-                fix = frame.filter(
-                    (pl.col("__day") < 30) & pl.col("user_id").is_in(corrected)
-                ).drop("__day")
-                fix = fix.with_columns(pl.col(feature) + 1.0)
-                writes.append(
-                    (view.name, fix, int((commit + timedelta(minutes=5)).timestamp() * 1000))
-                )
+            if backfill and p == days * 2 // 3:  # corrects the first third of the span
+                fix = frame.filter((pl.col("__p") < days // 3) & pl.col("user_id").is_in(fixed))
+                fix = fix.drop("__p").with_columns(pl.col(feature) + 1.0)
+                at = commit + timedelta(minutes=5)
+                writes.append((view.name, fix, int(at.timestamp() * 1000)))
     return writes
 
 
-def _build(store: Any, root: Path, workload: Workload, layout: str) -> None:
+def _build(store: Any, root: Path, workload: Workload, layout: str, days: int) -> None:
     define_store(store, workload)
     record = root / ".polarstore" / "commit_times"
     record.mkdir(parents=True, exist_ok=True)
     times: dict[str, dict[str, int]] = {}
     if layout.startswith("daily"):
-        for view, rows, ms in _day_writes(workload, backfill=layout == "daily+backfill"):
+        for view, rows, ms in _day_writes(workload, backfill=layout == "daily+backfill", days=days):
             times.setdefault(view, {})[str(store.write(view, rows))] = ms
     else:
         plan = plan_writes(workload, layout)  # type: ignore[arg-type]
@@ -98,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="2M", help="rows per view: tiny, 2M, 10M or a count")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--layout", choices=[*LAYOUTS, "all"], default="all")
+    parser.add_argument("--days", type=int, default=90, help="writes per view in daily layouts")
     args = parser.parse_args(argv)
     import polarstore as ps
 
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for layout in layouts:
             root = Path(work, layout)
             store = ps.FeatureStore(root)
-            _build(store, root, workload, layout)
+            _build(store, root, workload, layout, args.days)
             best: dict[bool, float] = {}
             answers: dict[bool, pl.DataFrame] = {}
             for _ in range(args.repeat):

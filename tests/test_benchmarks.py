@@ -79,5 +79,6 @@ def test_scale_steps(tmp_path_factory: pytest.TempPathFactory, step: str) -> Non
 
 
 def test_bitemporal_benchmark_runs(tmp_path: Path) -> None:
-    out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1")
-    assert len(table_rows(out, "bulk")) == len(table_rows(out, "appends")) == 1
+    out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1", "--days", "6")
+    layouts = ("daily", "daily+backfill", "bulk", "appends")
+    assert [[r[0] for r in table_rows(out, "")].count(layout) for layout in layouts] == [1] * 4
