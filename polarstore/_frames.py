@@ -194,14 +194,16 @@ def prepare_rows(
     ts, created = view.timestamp_field, view.created_timestamp_field
     expected = [*view.join_keys, ts, *([created] if created else []), *view.feature_names]
     unknown = [c for c in frame.columns if c not in expected]
+    missing = [c for c in expected if c not in frame.columns]
     if unknown:
-        hints = "".join(did_you_mean(c, expected) for c in unknown[:3])
+        hints = "".join(did_you_mean(c, missing or expected) for c in unknown[:3])
+        absent = f" Missing: {missing}." if missing else ""
         msg = (
             f"{where}: column(s) {unknown} are not join keys, timestamps or declared features "
-            f"of the view.{hints} Add them to the view's schema with apply(), or drop them."
+            f"of the view.{hints}{absent} Add them to the view's schema with apply(), or drop "
+            "them."
         )
         raise ValidationError(msg)
-    missing = [c for c in expected if c not in frame.columns]
     if missing:
         msg = (
             f"{where}: missing column(s) {missing}; every join key, the timestamp field and "

@@ -69,6 +69,10 @@ def version(store: FeatureStore) -> int:
     [
         (lambda df: df.drop("spend"), r"missing column\(s\) \['spend'\]"),
         (lambda df: df.with_columns(spendd=pl.lit(1.0)), r"\['spendd'\].*Did you mean 'spend'"),
+        (
+            lambda df: df.rename({"spend": "spent"}),
+            r"\['spent'\] are not .*Did you mean 'spend'.* Missing: \['spend'\]",
+        ),
         (lambda df: df.drop("created"), r"missing column\(s\) \['created'\]"),
         (lambda df: df.drop("user_id"), r"missing column\(s\) \['user_id'\]"),
         (
@@ -105,6 +109,7 @@ def version(store: FeatureStore) -> int:
     ids=[
         "missing-feature",
         "unknown-column",
+        "renamed-column",
         "missing-created",
         "missing-key",
         "null-key",
