@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
@@ -24,6 +25,7 @@ from polarstore._errors import PolarstoreError, SchemaError
 __all__ = [
     "POLARS_VERSION",
     "check_row_wise",
+    "compile_scalar",
     "expression_from_json",
     "expression_to_json",
     "expression_tree",
@@ -401,3 +403,21 @@ def check_row_wise(expr: pl.Expr, *, where: str) -> None:
             "lookup and a one-row request."
         )
         raise SchemaError(msg) from None
+
+
+# --- the scalar evaluator -------------------------------------------------------------------
+
+
+def compile_scalar(
+    expr: pl.Expr,
+    dtypes: Mapping[str, pl.DataType],
+    slots: Sequence[str],
+    dtype: pl.DataType,
+) -> Callable[[Sequence[Any]], Any] | None:
+    """A plain-Python function computing ``expr`` for one row, or None outside the subset.
+
+    ``slots`` names the columns in the order of the function's argument sequence; ``dtypes``
+    gives their Polars dtypes, ``dtype`` the expression's. The function returns exactly what
+    Polars returns for a one-row frame of those values (None for null).
+    """
+    return None

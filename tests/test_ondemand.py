@@ -1,0 +1,329 @@
+"""Derived features (OnDemandView): apply validation, the registry, retrieval offline and online."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from polarstore import (
+    Entity,
+    FeatureService,
+    FeatureStore,
+    FeatureView,
+    NotFoundError,
+    OnDemandView,
+    PolarstoreError,
+    SchemaError,
+    ValidationError,
+)
+
+T0 = datetime(2024, 1, 1)
+USER = Entity("user", join_keys="user_id")
+STATS = FeatureView(
+    "stats",
+    entities=[USER],
+    schema={"clicks": pl.Int64, "spend": pl.Float64},
+    ttl=timedelta(days=7),
+)
+OTHER = FeatureView("other", entities=[USER], schema={"visits": pl.Int64})
+DERIVED = OnDemandView(
+    "derived",
+    features={
+        "per_click": pl.col("stats:spend") / pl.col("stats:clicks"),
+        "log_spend": (pl.col("stats:spend") + 1).log(),
+        "size": pl.when(pl.col("amount") > pl.col("stats:spend"))
+        .then(pl.lit("above"))
+        .otherwise(pl.lit("below")),
+    },
+    request_schema={"amount": pl.Float64},
+    description="spend ratios",
+    owner="risk",
+    tags={"kind": "ratio"},
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    s = FeatureStore(tmp_path / "repo")
+    s.apply([USER, STATS, OTHER, DERIVED])
+    s.write(
+        "stats",
+        pl.DataFrame(
+            {
+                "user_id": [1, 1, 2],
+                "clicks": [4, 0, 2],
+                "spend": [10.0, -0.0, 3.0],
+                "event_timestamp": [T0, T0 + timedelta(days=2), T0],
+            }
+        ),
+    )
+    return s
+
+
+def spine(amounts: list[float | None] | None = None) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "user_id": [1, 1, 2, 3],
+            "event_timestamp": [T0 + timedelta(days=1), T0 + timedelta(days=3), T0, T0],
+            "amount": amounts if amounts is not None else [5.0, 1.0, None, 2.0],
+        }
+    )
+
+
+def by_polars(inputs: pl.DataFrame, view: OnDemandView, names: list[str]) -> pl.DataFrame:
+    """The reference: Polars evaluating the expressions on the joined inputs."""
+    return inputs.select(view.features[n].cast(view.schema[n]).alias(n) for n in names)
+
+
+# --- apply ----------------------------------------------------------------------------------
+
+
+def test_apply_infers_and_describes_output_dtypes(store: FeatureStore) -> None:
+    info = store.describe("derived")
+    assert info["schema"] == {"per_click": pl.Float64, "log_spend": pl.Float64, "size": pl.String}
+    assert info["inputs"] == ["stats:spend", "stats:clicks"]
+    assert info["request_schema"] == {"amount": pl.Float64}
+    assert [v.name for v in store.list_on_demand_views()] == ["derived"]
+    assert [d.name for d in store.search("per_click")] == ["derived"]
+    assert [d.name for d in store.search("RISK")] == ["derived"]
+
+
+def test_unknown_reference_is_not_found_with_a_hint(store: FeatureStore) -> None:
+    bad = OnDemandView("bad", {"x": pl.col("stats:spnd") * 2})
+    with pytest.raises(NotFoundError, match=r"'bad' reads 'stats:spnd'.*Did you mean 'spend'"):
+        store.apply(bad)
+    bad = OnDemandView("bad", {"x": pl.col("stat:spend") * 2})
+    with pytest.raises(NotFoundError, match=r"no feature view 'stat'.*Did you mean 'stats'"):
+        store.apply(bad)
+    assert [v.name for v in store.list_on_demand_views()] == ["derived"]  # nothing written
+
+
+def test_undeclared_request_column_is_not_found_with_a_hint() -> None:
+    with pytest.raises(NotFoundError, match=r"column 'amout'.*request_schema.*'amount'"):
+        OnDemandView("bad", {"x": pl.col("amout") * 2}, request_schema={"amount": pl.Float64})
+
+
+@pytest.mark.parametrize(
+    ("expr", "why"),
+    [
+        (pl.col("stats:spend") - pl.col("stats:spend").mean(), "mean is refused: it is an agg"),
+        (pl.col("stats:spend").shift(1), "shift is refused: its value for a row depends"),
+        (pl.col("stats:spend").rank(), "rank is refused"),
+        (pl.col("stats:spend").sum().over("stats:clicks"), "over is refused: it is a window"),
+        (pl.col("stats:spend").map_batches(lambda s: s), "pickle"),
+    ],
+)
+def test_non_row_wise_expressions_are_schema_errors(expr: pl.Expr, why: str) -> None:
+    with pytest.raises(SchemaError, match=rf"on-demand view 'bad', feature 'x': .*{why}"):
+        OnDemandView("bad", {"x": expr})
+
+
+def test_unsupported_output_dtype_asks_for_a_cast(store: FeatureStore) -> None:
+    bad = OnDemandView("bad", {"n": pl.col("s").str.len_chars()}, request_schema={"s": pl.String})
+    with pytest.raises(SchemaError, match=r"gives UInt32.*\.cast\(\)"):
+        store.apply(bad)
+    store.apply(
+        OnDemandView(
+            "ok", {"n": pl.col("s").str.len_chars().cast(pl.Int64)}, request_schema={"s": pl.String}
+        )
+    )
+
+
+def test_names_are_shared_with_feature_views(store: FeatureStore) -> None:
+    with pytest.raises(ValidationError, match=r"already a feature view named 'stats'"):
+        store.apply(OnDemandView("stats", {"x": pl.col("stats:spend")}))
+    with pytest.raises(ValidationError, match=r"there is an on-demand view of that name"):
+        store.apply(FeatureView("derived", entities=[USER], schema={"x": pl.Int64}))
+
+
+def test_bad_definitions() -> None:
+    with pytest.raises(SchemaError, match=r"non-empty dict"):
+        OnDemandView("v", {})
+    with pytest.raises(SchemaError, match=r"expected a Polars expression"):
+        OnDemandView("v", {"x": "stats:spend"})  # type: ignore[dict-item]
+    with pytest.raises(ValidationError, match=r"invalid"):
+        OnDemandView("v", {"a b": pl.col("stats:spend")})
+    with pytest.raises(ValidationError, match=r"reserved"):
+        OnDemandView("v", {"x": pl.col("s")}, request_schema={"__polarstore_x": pl.String})
+    with pytest.raises(SchemaError, match=r"not supported"):
+        OnDemandView("v", {"x": pl.col("s")}, request_schema={"s": pl.UInt8})
+
+
+def test_services_may_hold_derived_features_and_are_checked(store: FeatureStore) -> None:
+    store.apply(FeatureService("svc", features=["stats:clicks", "derived:per_click"]))
+    with pytest.raises(NotFoundError, match=r"no feature 'per_clik'.*'per_click'"):
+        store.apply(FeatureService("bad", features=["derived:per_clik"]))
+
+
+# --- registry -------------------------------------------------------------------------------
+
+
+def test_registry_round_trip_in_a_fresh_process(store: FeatureStore, tmp_path: Path) -> None:
+    expected = store.get_historical_features(spine(), ["derived:*"]).collect()
+    spine().write_parquet(tmp_path / "spine.parquet")
+    script = textwrap.dedent(
+        f"""
+        import json
+        import polars as pl
+        from polarstore import FeatureStore
+        store = FeatureStore({str(store.path)!r})
+        (view,) = store.list_on_demand_views()
+        spine = pl.read_parquet({str(tmp_path / "spine.parquet")!r})
+        out = store.get_historical_features(spine, ["derived:*"]).collect()
+        out.write_parquet({str(tmp_path / "out.parquet")!r})
+        print(json.dumps({{"schema": {{k: str(v) for k, v in view.schema.items()}},
+                          "exprs": {{k: e.meta.serialize(format="json")
+                                     for k, e in view.features.items()}}}}))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, check=True)
+    got = json.loads(done.stdout)
+    assert got["exprs"] == {k: e.meta.serialize(format="json") for k, e in DERIVED.features.items()}
+    assert got["schema"] == {"per_click": "Float64", "log_spend": "Float64", "size": "String"}
+    assert_frame_equal(pl.read_parquet(tmp_path / "out.parquet"), expected)
+    assert FeatureStore(store.path).list_on_demand_views() == [DERIVED]
+
+
+def test_an_expression_this_polars_cannot_read_fails_clearly_and_reapply_fixes_it(
+    store: FeatureStore,
+) -> None:
+    path = store.path / "registry.json"
+    doc = json.loads(path.read_text())
+    entry = doc["on_demand_views"]["derived"]["features"]["per_click"]["expression"]
+    entry["polars_version"] = "9.0.0"
+    entry["expr"] = {"FutureNode": entry["expr"]}  # what a newer Polars may write
+    path.write_text(json.dumps(doc))
+    reopened = FeatureStore(store.path)
+    assert reopened.list_feature_views()  # the rest of the registry still loads
+    pattern = r"per_click.*Polars 9\.0\.0.*installed Polars 2\..*re-apply"
+    with pytest.raises(PolarstoreError, match=pattern):
+        reopened.get_historical_features(spine(), ["derived:per_click"])
+    with pytest.raises(PolarstoreError, match=pattern):
+        reopened.get_feature_vector({"user_id": 1, "amount": 1.0}, ["derived:per_click"])
+    reopened.apply([USER, STATS])  # an unrelated apply keeps the stored text as it was
+    assert (
+        json.loads(path.read_text())["on_demand_views"]["derived"]["features"]["per_click"][
+            "expression"
+        ]
+        == entry
+    )
+    reopened.apply(DERIVED)
+    out = reopened.get_historical_features(spine(), ["derived:per_click"]).collect()
+    assert out["per_click"].to_list()[0] == 2.5
+
+
+# --- offline --------------------------------------------------------------------------------
+
+
+def test_historical_equals_polars_on_the_joined_inputs(store: FeatureStore) -> None:
+    out = store.get_historical_features(
+        spine(), ["stats:clicks", "derived:*", "stats:spend"]
+    ).collect()
+    assert out.columns == [*spine().columns, "clicks", "per_click", "log_spend", "size", "spend"]
+    inputs = store.get_historical_features(spine(), ["stats:*"], full_feature_names=True).collect()
+    inputs = inputs.rename({"stats__spend": "stats:spend", "stats__clicks": "stats:clicks"})
+    (view,) = store.list_on_demand_views()
+    expected = by_polars(inputs, view, ["per_click", "log_spend", "size"])
+    assert_frame_equal(out.select(expected.columns), expected)
+    # -0.0 / 0 is NaN; 10 / 4; the missing user's inputs are null, its request value is not.
+    assert str(out["per_click"].to_list()) == "[2.5, nan, 1.5, None]"
+    assert out["size"].to_list() == ["below", "above", "below", "below"]  # null: otherwise
+
+
+def test_request_columns_must_be_on_the_spine_and_fit(store: FeatureStore) -> None:
+    with pytest.raises(ValidationError, match=r"missing request column\(s\) \['amount'\]"):
+        store.get_historical_features(spine().drop("amount"), ["derived:size"])
+    store.get_historical_features(spine().drop("amount"), ["derived:per_click"]).collect()
+    as_text = spine().with_columns(pl.col("amount").cast(pl.String))
+    with pytest.raises(ValidationError, match=r"'amount' must be Float64, got String"):
+        store.get_historical_features(as_text, ["derived:size"])
+    as_int = spine([5, 1, None, 2])  # integers cast exactly to the Float64 request column
+    out = store.get_historical_features(as_int, ["derived:size"]).collect()
+    assert out["amount"].dtype == pl.Int64  # the spine's columns are unchanged
+
+
+def test_only_the_needed_views_are_read(store: FeatureStore, tmp_path: Path) -> None:
+    # A damaged table of a view the request does not use must not matter.
+    for file in (store.path / "views" / "other").rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"garbage")
+    store.get_historical_features(spine(), ["derived:*"]).collect()
+
+
+def test_full_feature_names_and_clashes(store: FeatureStore) -> None:
+    out = store.get_historical_features(
+        spine(), ["derived:per_click", "stats:spend"], full_feature_names=True
+    ).collect()
+    assert out.columns[-2:] == ["derived__per_click", "stats__spend"]
+    store.apply(OnDemandView("again", {"spend": pl.col("stats:spend") * 2}))
+    with pytest.raises(ValidationError, match=r"'stats:spend' and 'again:spend' both produce"):
+        store.get_historical_features(spine(), ["stats:spend", "again:spend"])
+    with pytest.raises(ValidationError, match=r"already exist in the entity_df"):
+        store.get_historical_features(spine().with_columns(size=1), ["derived:size"])
+
+
+def test_services_as_of_and_saved_datasets(store: FeatureStore) -> None:
+    store.apply(FeatureService("svc", features=["derived:*"]))
+    before = store.get_historical_features(spine(), "svc").collect()
+    saved = store.save_dataset("train", spine(), "svc").collect()
+    assert_frame_equal(saved, before)
+    store.write(
+        "stats",
+        pl.DataFrame({"user_id": [1], "clicks": [1], "spend": [1.0], "event_timestamp": [T0]}),
+    )
+    # A new definition and a later write change neither the saved set nor a pinned as_of.
+    store.apply(OnDemandView("derived", {"per_click": pl.col("stats:spend") * 100}))
+    assert_frame_equal(store.load_dataset("train").collect(), before)
+    pinned = store.get_historical_features(spine(), ["derived:per_click"], as_of={"stats": 0})
+    assert pinned.collect()["per_click"].to_list() == [1000.0, -0.0, 300.0, None]
+
+
+# --- online ---------------------------------------------------------------------------------
+
+NOW = T0 + timedelta(days=3)
+
+
+def test_online_batch_and_vector_equal_offline_at_now(store: FeatureStore) -> None:
+    store.materialize()
+    rows = [
+        {"user_id": 1, "amount": 12.5},
+        {"user_id": 2, "amount": 1},
+        {"user_id": 3, "amount": None},
+    ]
+    feats = ["derived:per_click", "stats:clicks", "derived:size", "derived:log_spend"]
+    batch = store.get_online_features(rows, feats, now=NOW)
+    assert batch.columns == ["user_id", "per_click", "clicks", "size", "log_spend"]
+    offline = store.get_historical_features(
+        pl.DataFrame(rows).with_columns(event_timestamp=pl.lit(NOW)), feats
+    ).collect()
+    assert_frame_equal(batch, offline.select(batch.columns))
+    for row, expected in zip(rows, batch.iter_rows(named=True), strict=True):
+        vector = store.get_feature_vector(row, feats, now=NOW)
+        expected.pop("user_id")
+        assert str(vector) == str(expected)  # NaN == NaN, -0.0 stays -0.0
+    with pytest.raises(ValidationError, match=r"missing request column\(s\) \['amount'\]"):
+        store.get_online_features([{"user_id": 1}], feats, now=NOW)
+    with pytest.raises(ValidationError, match=r"missing request column 'amount'"):
+        store.get_feature_vector({"user_id": 1}, feats, now=NOW)
+    assert store.get_online_features([], feats, now=NOW).height == 0
+
+
+def test_online_before_any_materialize_evaluates_on_null_inputs(store: FeatureStore) -> None:
+    vector = store.get_feature_vector({"user_id": 1, "amount": 1.0}, ["derived:*"], now=NOW)
+    assert vector == {"per_click": None, "log_spend": None, "size": "below"}
+    request_only = OnDemandView(
+        "req", {"twice": pl.col("amount") * 2}, request_schema={"amount": pl.Float64}
+    )
+    store.apply(request_only)
+    assert store.get_feature_vector({"amount": 2}, ["req:twice"]) == {"twice": 4.0}
+    assert store.get_online_features([{"amount": 2}], ["req:twice"]).to_dict(as_series=False) == {
+        "twice": [4.0]
+    }
