@@ -483,7 +483,9 @@ def request_frame(rows: Any, plan: Plan, *, where: str) -> pl.DataFrame:
     declared dtype exactly (as join keys do).
     """
     if isinstance(rows, list) and not rows:
-        return pl.DataFrame(schema={_REQ + c: t for c, t in plan.request.items()})
+        return pl.DataFrame(
+            schema={_REQ: pl.Int64, **{_REQ + c: t for c, t in plan.request.items()}}
+        )
     if not isinstance(rows, pl.DataFrame):
         if isinstance(rows, Mapping):
             columnar = any(isinstance(v, (list, tuple)) for v in rows.values())
@@ -493,10 +495,9 @@ def request_frame(rows: Any, plan: Plan, *, where: str) -> pl.DataFrame:
                 rows = pl.DataFrame(rows, strict=False)
             elif isinstance(rows, list):
                 names = list(dict.fromkeys(k for r in rows if isinstance(r, Mapping) for k in r))
-                rows = pl.DataFrame(
-                    {n: [r.get(n) for r in rows] for n in names if n in plan.request},
-                    strict=False,
-                )
+                columns = {n: [r.get(n) for r in rows] for n in names if n in plan.request}
+                # The row number gives the frame its height when no request column is read.
+                rows = pl.DataFrame({_REQ: range(len(rows)), **columns}, strict=False)
             else:
                 rows = to_polars(rows, what=where)
         except (pl.exceptions.PolarsError, TypeError, ValueError) as e:
@@ -512,8 +513,11 @@ def request_frame(rows: Any, plan: Plan, *, where: str) -> pl.DataFrame:
         )
         raise ValidationError(msg)
     return rows.select(
-        lossless_cast(rows, c, t, where=f"{where}, request column").alias(_REQ + c)
-        for c, t in plan.request.items()
+        pl.int_range(pl.len()).alias(_REQ),
+        *(
+            lossless_cast(rows, c, t, where=f"{where}, request column").alias(_REQ + c)
+            for c, t in plan.request.items()
+        ),
     )
 
 
