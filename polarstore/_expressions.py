@@ -721,7 +721,7 @@ class _Compiler:
         fn, kind = self.node(body["expr"])
         target = body["dtype"].get("Literal") if isinstance(body["dtype"], dict) else None
         strict = body["options"] == "Strict"
-        if target not in _KINDS.values():
+        if not isinstance(target, str) or target not in _KINDS.values():
             raise _UnsupportedError
         if kind == target or kind == "Null":
             return fn, target
