@@ -509,7 +509,7 @@ def request_frame(rows: Any, plan: Plan, *, where: str) -> pl.DataFrame:
             f"{where}: missing request column(s) {missing} that the requested on-demand "
             f"features read (declared in their request_schema: "
             f"{ {c: str(plan.request[c]) for c in missing} })."
-            + did_you_mean(missing[0], rows.columns)
+            + did_you_mean(missing[0], [c for c in rows.columns if c != _REQ])
         )
         raise ValidationError(msg)
     return rows.select(

@@ -437,3 +437,84 @@ def _same_rows(expected: list[tuple], got: list[tuple]) -> None:
     assert len(expected) == len(got)
     for want, have in zip(expected, got, strict=True):
         assert all(same(x, y) for x, y in zip(have, want, strict=True)), (have, want)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+def test_cli_get_with_request_values_ls_and_describe(tmp_path: Path) -> None:
+    from tests.test_cli import run
+
+    defs = tmp_path / "features.py"
+    defs.write_text(
+        textwrap.dedent(
+            """
+            import polars as pl
+            from polarstore import Entity, FeatureView, OnDemandView
+            user = Entity("user", join_keys="user_id")
+            stats = FeatureView("stats", entities=[user], schema={"spend": pl.Float64})
+            txn = OnDemandView("txn", {"vs_spend": pl.col("amount") / pl.col("stats:spend")},
+                               request_schema={"amount": pl.Float64})
+            """
+        )
+    )
+    rows = tmp_path / "rows.csv"
+    rows.write_text(
+        "user_id,event_timestamp,spend\n1,2024-05-01T00:00:00Z,5.0\n2,2024-05-01T00:00:00Z,8.0\n"
+    )
+    repo = tmp_path / "repo"
+    for args in (["apply", defs], ["write", "stats", rows], ["materialize"]):
+        assert run("--repo", repo, *args).exit_code == 0
+    got = run(
+        "--repo",
+        repo,
+        "get",
+        "txn:vs_spend",
+        "--key",
+        "user_id=1",
+        "--key",
+        "user_id=2",
+        "--request",
+        "amount=12.5",
+        "--now",
+        "2024-05-02",
+        "--json",
+    )
+    assert got.exit_code == 0, got.output
+    assert json.loads(got.output) == [
+        {"user_id": 1, "vs_spend": 2.5},
+        {"user_id": 2, "vs_spend": 12.5 / 8.0},
+    ]
+    per_entity = run(
+        "--repo",
+        repo,
+        "get",
+        "txn:vs_spend",
+        "--key",
+        "user_id=1",
+        "--key",
+        "user_id=2",
+        "--request",
+        "amount=1",
+        "--request",
+        "amount=2",
+        "--now",
+        "2024-05-02",
+        "--json",
+    )
+    assert [r["vs_spend"] for r in json.loads(per_entity.output)] == [0.2, 0.25]
+    missing = run("--repo", repo, "get", "txn:vs_spend", "--key", "user_id=1")
+    assert missing.exit_code != 0
+    assert "missing request column(s) ['amount']" in missing.output
+    bad = run("--repo", repo, "get", "txn:vs_spend", "--key", "user_id=1", "--request", "amont=1")
+    assert bad.exit_code != 0
+    assert "Did you mean 'amount'" in bad.output
+    bad = run("--repo", repo, "get", "txn:vs_spend", "--key", "user_id=1", "--request", "amount=x")
+    assert bad.exit_code != 0
+    assert "'amount' is Float64" in bad.output
+    listed = run("--repo", repo, "ls")
+    assert "On-demand views" in listed.output
+    assert "vs_spend" in listed.output
+    described = run("--repo", repo, "describe", "txn")
+    assert "stats:spend" in described.output
+    assert "Float64" in described.output
