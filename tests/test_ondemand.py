@@ -518,3 +518,15 @@ def test_cli_get_with_request_values_ls_and_describe(tmp_path: Path) -> None:
     described = run("--repo", repo, "describe", "txn")
     assert "stats:spend" in described.output
     assert "Float64" in described.output
+
+
+def test_the_demo_computes_derived_features_alike_offline_and_online(tmp_path: Path) -> None:
+    import io
+
+    from rich.console import Console
+
+    from polarstore.demo import run_demo
+
+    figures = run_demo(tmp_path / "demo", Console(file=io.StringIO()), n_users=200)
+    assert figures["derived_matches_offline"] is True
+    assert set(figures["derived_vector"]) == {"amount_per_item", "basket_vs_last_order"}
