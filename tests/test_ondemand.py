@@ -27,8 +27,8 @@ from polarstore import (
     ValidationError,
 )
 from polarstore._ondemand import _renamed
-from tests.test_expressions import _expressions as expressions_strategy
 from tests.reference import derived_row_by_row
+from tests.test_expressions import _expressions as expressions_strategy
 from tests.test_expressions import floats, ints, same, strings
 
 T0 = datetime(2024, 1, 1)
