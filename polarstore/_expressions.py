@@ -196,6 +196,23 @@ _FAMILIES: dict[str, frozenset[str] | None] = {
             "IsIn",
         ]
     ),
+    "TemporalExpr": frozenset(
+        [
+            "Year",
+            "Quarter",
+            "Month",
+            "Week",
+            "WeekDay",
+            "Day",
+            "OrdinalDay",
+            "Hour",
+            "Minute",
+            "Second",
+            "Millisecond",
+            "Microsecond",
+            "Truncate",
+        ]
+    ),
     "StringExpr": frozenset(
         [
             "Lowercase",
@@ -348,7 +365,8 @@ def _walk(node: Any) -> None:
         return
     if kind == "Function":
         family, name = _function_name(body.get("function"))
-        shown = _user_name(name if name and family in ("Boolean", "StringExpr") else family)
+        named = ("Boolean", "StringExpr", "TemporalExpr")
+        shown = _user_name(name if name and family in named else family)
         if family in _FAMILIES:
             allowed = _FAMILIES[family]
             if allowed is not None and name not in allowed:
@@ -383,7 +401,8 @@ def check_row_wise(expr: pl.Expr, *, where: str) -> None:
     ``fill_null`` (with a value), ``is_null``/``is_nan``/``is_finite``/``is_between``/
     ``is_in`` (a literal set), ``abs``, ``log``, ``exp``, ``sqrt``, ``pow``, ``clip``,
     ``round``, ``floor``, ``ceil``, ``sign``, trigonometry, ``coalesce``, the horizontal
-    min/max/sum/mean, and the common ``str`` functions. Refused with the reason:
+    min/max/sum/mean, the common ``str`` functions, and the ``dt`` components (``year`` to
+    ``microsecond``, ``weekday``, ``truncate``). Refused with the reason:
     aggregations, windows (``over``, rolling), ``shift``/``diff``/cumulative functions/
     ``rank``, anything that sorts, filters or reshapes, multi-column selections, and Python
     functions (``map_elements``, ``map_batches``), which cannot be stored without pickle.

@@ -31,6 +31,7 @@ ROW_WISE = [
     pl.col("a").is_in([1, 2]) ^ pl.col("a").is_between(0, 3),
     pl.max_horizontal("a", "b") - pl.coalesce("a", "b") // 2 % 3,
     pl.lit("nan").cast(pl.Float64) * pl.col("a").alias("renamed"),
+    pl.col("d").dt.year() * 100 + pl.col("d").dt.month() + pl.col("d").dt.truncate("1d").dt.hour(),
 ]
 REFUSED = {
     "sum": pl.col("a").sum(),
