@@ -540,12 +540,23 @@ def online_with_derived(
     where = "get_online_features"
     request = request_frame(entity_rows, plan, where=where)
     if not plan.stored:  # only request columns: no entity to look up
-        return evaluate_frame(request.lazy(), plan, keep=[]).collect()
+        return _collect(evaluate_frame(request.lazy(), plan, keep=[]), plan, where)
     found = lookup(entity_rows, plan.stored, now)
     stored = {r.output for r in plan.stored}
     keys = [c for c in found.columns if c not in stored]
     frame = pl.concat([found, request], how="horizontal").lazy()
-    return evaluate_frame(frame, plan, keep=keys).collect()
+    return _collect(evaluate_frame(frame, plan, keep=keys), plan, where)
+
+
+def _collect(frame: pl.LazyFrame, plan: Plan, where: str) -> pl.DataFrame:
+    """Collect the derived features; an expression Polars fails on is a ``ValidationError``."""
+    try:
+        return frame.collect()
+    except pl.exceptions.PolarsError as e:
+        names = [d.output for d in plan.derived]
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = f"{where}: Polars could not evaluate the derived features {names}: {detail}"
+        raise ValidationError(msg) from e
 
 
 # --- the request-time path ------------------------------------------------------------------
@@ -609,6 +620,7 @@ class VectorDerived:
             *plan.request.items(),
         ]
         self.outputs = plan.outputs  # the requested order, as get_online_features gives it
+        self.plan = plan
         self.env: Any = None
         self.snapshot = -1
 
@@ -645,4 +657,6 @@ class VectorDerived:
             [pl.Series(n, [v], dtype=t) for (n, t), v in zip(self.columns, args, strict=True)]
         )
         exprs = [d.fallback.cast(d.dtype).alias(d.output) for d in derived]
-        return frame.select(exprs).row(0, named=True)
+        return _collect(frame.lazy().select(exprs), self.plan, "get_feature_vector").row(
+            0, named=True
+        )

@@ -549,3 +549,21 @@ def test_the_demo_computes_derived_features_alike_offline_and_online(tmp_path: P
     figures = run_demo(tmp_path / "demo", Console(file=io.StringIO()), n_users=200)
     assert figures["derived_matches_offline"] is True
     assert set(figures["derived_vector"]) == {"amount_per_item", "basket_vs_last_order"}
+
+
+def test_a_value_an_expression_cannot_take_fails_alike_in_every_path(store: FeatureStore) -> None:
+    strict = OnDemandView(
+        "strict", {"code_number": pl.col("code").cast(pl.Int64)}, request_schema={"code": pl.String}
+    )
+    store.apply(strict)
+    store.materialize()
+    entity = {"user_id": 1, "code": "12x"}
+    spine = pl.DataFrame([entity]).with_columns(event_timestamp=pl.lit(NOW))
+    with pytest.raises(pl.exceptions.InvalidOperationError, match=r"12x"):
+        store.get_historical_features(spine, ["strict:*"]).collect()
+    with pytest.raises(ValidationError, match=r"get_online_features: .*\['code_number'\].*12x"):
+        store.get_online_features([entity], ["strict:*"], now=NOW)
+    with pytest.raises(ValidationError, match=r"get_feature_vector: .*\['code_number'\].*12x"):
+        store.get_feature_vector(entity, ["strict:*"], now=NOW)
+    entity["code"] = "12"
+    assert store.get_feature_vector(entity, ["strict:*"], now=NOW) == {"code_number": 12}
