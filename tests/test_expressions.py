@@ -224,7 +224,7 @@ def same(x: object, y: object) -> bool:
     return type(x) is type(y) and x == y
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(expr=_expressions(), data=st.lists(rows, min_size=1, max_size=4))
 def test_scalar_evaluator_equals_polars(expr: pl.Expr, data: list[dict[str, object]]) -> None:
     try:

@@ -399,7 +399,7 @@ def parity_cases(draw: st.DrawFn) -> tuple[list[pl.Expr], pl.DataFrame, pl.DataF
     return exprs, a, b, request
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=parity_cases())
 def test_offline_batch_vector_and_polars_agree(
     case: tuple, tmp_path_factory: pytest.TempPathFactory
