@@ -14,6 +14,7 @@ from polarstore._errors import (
     StorageError,
     ValidationError,
 )
+from polarstore._ondemand import OnDemandView
 from polarstore._store import FeatureStore
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "FeatureView",
     "NanosecondWarning",
     "NotFoundError",
+    "OnDemandView",
     "PolarstoreError",
     "SchemaError",
     "StorageError",

@@ -38,6 +38,7 @@ from rich.text import Text
 
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
+from polarstore._ondemand import OnDemandView
 from polarstore._registry import REGISTRY_FILE
 from polarstore._store import FeatureStore
 from polarstore._time import to_utc
@@ -47,7 +48,7 @@ __all__ = ["EXAMPLE_DEFINITIONS", "REPO_ENV", "cli", "main", "parse_keys"]
 REPO_ENV = "POLARSTORE_REPO"
 DEFAULT_DEMO_PATH = "demo_repo"
 F = TypeVar("F", bound=Callable[..., Any])
-Definition = Entity | FeatureView | FeatureService
+Definition = Entity | FeatureView | FeatureService | OnDemandView
 
 EXAMPLE_DEFINITIONS = '''\
 """Feature definitions of this repository.
@@ -370,6 +371,9 @@ def _views_of(store: FeatureStore, features: Sequence[str]) -> list[FeatureView]
             raise ValidationError(msg)
         refs = list(store.get_feature_service(name).features)  # NotFoundError with a hint
     names = {r.split(":", 1)[0] if isinstance(r, str) else r.name for r in refs}
+    for odv in store.list_on_demand_views():  # their inputs' views hold the keys
+        if odv.name in names and not odv.broken:
+            names.update(ref.split(":", 1)[0] for ref in odv.references)
     return [views[n] for n in sorted(names) if n in views]
 
 
@@ -480,7 +484,7 @@ def _load_definitions(path: Path) -> list[Definition]:
             sys.path.remove(folder)
     found: dict[int, Definition] = {}
     for value in vars(module).values():
-        if isinstance(value, (Entity, FeatureView, FeatureService)):
+        if isinstance(value, (Entity, FeatureView, FeatureService, OnDemandView)):
             found.setdefault(id(value), value)
     if not found:
         msg = (
@@ -488,7 +492,7 @@ def _load_definitions(path: Path) -> list[Definition]:
             "FeatureService at module level."
         )
         raise click.ClickException(msg)
-    rank = {Entity: 0, FeatureView: 1, FeatureService: 2}
+    rank = {Entity: 0, FeatureView: 1, OnDemandView: 2, FeatureService: 3}
     return sorted(found.values(), key=lambda d: rank[type(d)])
 
 
@@ -497,6 +501,7 @@ def _registered(store: FeatureStore) -> dict[tuple[str, str], Definition]:
         *store.list_entities(),
         *store.list_feature_views(),
         *store.list_feature_services(),
+        *store.list_on_demand_views(),
     ]
     return {(type(d).__name__, d.name): d for d in items}
 
@@ -583,6 +588,15 @@ def ls_(repo: Path | None) -> None:
             [(s.name, list(s.features), s.owner, s.description) for s in services],
         )
     )
+    derived = store.list_on_demand_views()
+    if derived:
+        console.print(
+            _table(
+                "On-demand views",
+                ["name", "features", "request columns", "owner"],
+                [(d.name, list(d.schema), list(d.request_schema or {}), d.owner) for d in derived],
+            )
+        )
 
 
 @cli.command(short_help="Show a feature view's schema and state.")
@@ -598,6 +612,9 @@ def describe(view: str, repo: Path | None) -> None:
     store = _open(repo)
     info = store.describe(view)
     schema = info.pop("schema")
+    if info.get("kind") == "on_demand":
+        _describe_on_demand(view, info, schema)
+        return
     info["ttl"] = _ttl(info["ttl"])
     console = _console()
     console.print(_table(f"Feature view {view}", ["property", "value"], list(info.items())))
@@ -816,6 +833,12 @@ def materialize(views: tuple[str, ...], end: str | None, repo: Path | None) -> N
     required=True,
     help="A join key value, NAME=VALUE; repeat a name for several entities.",
 )
+@click.option(
+    "--request",
+    "requests",
+    multiple=True,
+    help="A request column of on-demand features, NAME=VALUE (every entity, or one per entity).",
+)
 @click.option("--now", default=None, help="Look up as of this time (default: now); for TTLs.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
 @click.option("--full-names", is_flag=True, help="Name outputs view__feature.")
@@ -823,6 +846,7 @@ def materialize(views: tuple[str, ...], end: str | None, repo: Path | None) -> N
 def get(
     features: tuple[str, ...],
     keys: tuple[str, ...],
+    requests: tuple[str, ...],
     now: str | None,
     as_json: bool,
     full_names: bool,
@@ -839,18 +863,21 @@ def get(
     Examples:
       polarstore --repo my_repo get user_stats:spend_7d --key user_id=42
       polarstore --repo my_repo get churn_model --key user_id=1 --key user_id=2 --json
+      polarstore --repo my_repo get txn:amount_vs_spend --key user_id=42 --request amount=12.5
     """
     parse_keys(keys)  # malformed keys are usage errors, reported before opening anything
     moment = _parse_time(now, "--now")
     store = _open(repo)
     rows = parse_keys(keys, _key_dtypes(store, _views_of(store, features)))
+    if requests:
+        rows = _with_requests(store, rows, requests)
     requested: str | list[str] = features[0] if len(features) == 1 else list(features)
     frame = store.get_online_features(rows, requested, full_feature_names=full_names, now=moment)
     if as_json:
         click.echo(json.dumps(frame.to_dicts(), default=_json_default, indent=2))
         return
     console = _console()
-    key_names = list(rows[0])
+    key_names = [k for k in rows[0] if k in frame.columns]
     if frame.height <= 4:  # one column per entity reads best
         labels = [", ".join(f"{k}={r[k]}" for k in key_names) for r in rows]
         values = [frame[c].to_list() for c in frame.columns if c not in key_names]
@@ -900,3 +927,53 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _describe_on_demand(name: str, info: dict[str, Any], schema: dict[str, Any]) -> None:
+    console = _console()
+    expressions = info.pop("expressions")
+    info["request_schema"] = {n: str(t) for n, t in info["request_schema"].items()}
+    console.print(_table(f"On-demand view {name}", ["property", "value"], list(info.items())))
+    console.print(
+        _table(
+            "Schema",
+            ["feature", "dtype", "expression"],
+            [(n, str(t), expressions.get(n, "")) for n, t in schema.items()],
+        )
+    )
+
+
+def _with_requests(
+    store: FeatureStore, rows: list[dict[str, Any]], pairs: Sequence[str]
+) -> list[dict[str, Any]]:
+    """``rows`` with the ``--request NAME=VALUE`` values, read as the declared dtypes."""
+    declared: dict[str, pl.DataType] = {}
+    for odv in store.list_on_demand_views():
+        declared.update(odv.request_schema or {})
+    texts: dict[str, list[str]] = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name.strip():
+            msg = f"{pair!r} is not NAME=VALUE, e.g. --request amount=12.5."
+            raise click.BadParameter(msg, param_hint="--request")
+        texts.setdefault(name.strip(), []).append(raw.strip())
+    out = [dict(r) for r in rows]
+    for name, values in texts.items():
+        if name not in declared:
+            msg = f"{name!r} is no request column of an on-demand view." + did_you_mean(
+                name, declared
+            )
+            raise click.BadParameter(msg, param_hint="--request")
+        if len(values) not in (1, len(out)):
+            msg = f"give {name!r} once, or once per entity ({len(out)}), got {len(values)}."
+            raise click.BadParameter(msg, param_hint="--request")
+        try:
+            parsed = pl.Series(name, [_unquote(v)[0] for v in values]).cast(
+                declared[name], strict=True
+            )
+        except pl.exceptions.PolarsError as e:
+            msg = f"{name!r} is {declared[name]}; cannot read {values!r} as that."
+            raise click.BadParameter(msg, param_hint="--request") from e
+        for i, row in enumerate(out):
+            row[name] = parsed[0 if len(values) == 1 else i]
+    return out

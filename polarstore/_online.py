@@ -33,8 +33,9 @@ from polarstore._definitions import FeatureService, FeatureView, dtype_from_str
 from polarstore._errors import PolarstoreError, ValidationError
 from polarstore._frames import check_declared_keys, entity_frame
 from polarstore._offline import OfflineStore
+from polarstore._ondemand import VectorDerived
 from polarstore._records import Layout, cast_keys, key_check, stored_layout
-from polarstore._retrieval import Requested, resolve_features, service_named
+from polarstore._retrieval import Requested, plan_requested, service_named
 from polarstore._sync import (
     Progress,
     delete_synced,
@@ -386,7 +387,7 @@ class OnlineStore:
         self._gate = _Gate()  # replaced by the shared environment's own when opened
         self._generation = _generation
         self._lock = threading.RLock()
-        self._plans: dict[Any, list[_VectorView]] = {}
+        self._plans: dict[Any, list[Any]] = {}  # _VectorView parts, then a VectorDerived
         self._plans_state: Any = None
         self._plans_checked = 0.0
 
@@ -675,7 +676,7 @@ class OnlineStore:
             gate.dec()
         return out
 
-    def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[_VectorView]:
+    def _plan(self, store: Any, features: Any, full_feature_names: bool) -> list[Any]:
         clock = time.monotonic()
         cached = store._registry._cache  # None right after an apply() by this process
         stale = cached is None or cached[2] is not self._plans_state
@@ -693,16 +694,20 @@ class OnlineStore:
             cache_key, plan = None, None
         if plan is None:
             state = store._state()
-            requested = resolve_features(
+            resolved = plan_requested(
                 state.views,
+                state.on_demand,
                 service_named(features, state.services),
                 full_feature_names=full_feature_names,
             )
+            requested = resolved.stored
             groups: dict[str, list[Requested]] = {}
             for r in requested:
                 groups.setdefault(r.view.name, []).append(r)
             _refuse_offline_only([rs[0].view for rs in groups.values()], "get_feature_vector")
             plan = [_VectorView(rs[0].view, rs) for rs in groups.values()]
+            if resolved.derived:
+                plan.append(VectorDerived(resolved))
             if cache_key is not None:
                 self._plans[cache_key] = plan
         return plan

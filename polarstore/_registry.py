@@ -24,6 +24,7 @@ from polarstore._definitions import (
     dtype_to_str,
 )
 from polarstore._errors import PolarstoreError, SchemaError, StorageError
+from polarstore._ondemand import OnDemandView, on_demand_from_json, on_demand_to_json
 
 __all__ = ["REGISTRY_FILE", "Registry", "RegistryState", "file_lock"]
 
@@ -41,6 +42,7 @@ class RegistryState:
     services: dict[str, FeatureService] = field(default_factory=dict)
     service_versions: dict[str, int] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    on_demand: dict[str, OnDemandView] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -181,6 +183,10 @@ def _encode(state: RegistryState) -> str:
         },
         "datasets": dict(sorted(state.datasets.items())),
     }
+    if state.on_demand:  # absent otherwise: registries stay as they were without them
+        doc["on_demand_views"] = {
+            n: on_demand_to_json(v) for n, v in sorted(state.on_demand.items())
+        }
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -229,6 +235,8 @@ def _decode(raw: bytes, path: Path) -> RegistryState:
             )
             state.service_versions[name] = int(s["version"])
         state.datasets = {n: _dataset_from_json(n, d) for n, d in doc["datasets"].items()}
+        for name, o in doc.get("on_demand_views", {}).items():
+            state.on_demand[name] = on_demand_from_json(name, o, where=f"the registry {path}")
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as err:
         detail = str(err) if isinstance(err, PolarstoreError) else f"{type(err).__name__}: {err}"
         msg = f"the registry {path} is damaged: {detail}."

@@ -13,9 +13,17 @@ from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_
 from polarstore._errors import NotFoundError, PolarstoreError, ValidationError, did_you_mean
 from polarstore._frames import declared_key, lossless_cast, to_polars
 from polarstore._offline import OfflineStore, collect, seq_floor
+from polarstore._ondemand import OnDemandView, Plan, evaluate_frame, plan_features, request_frame
 from polarstore._time import check_range, to_utc_expr
 
-__all__ = ["EMPTY_VERSION", "Requested", "historical_features", "resolve_features"]
+__all__ = [
+    "EMPTY_VERSION",
+    "Requested",
+    "historical_features",
+    "historical_with_derived",
+    "plan_requested",
+    "resolve_features",
+]
 
 # A pinned version meaning "this view had no commit yet": it reads as empty.
 EMPTY_VERSION = -1
@@ -346,3 +354,53 @@ def service_named(features: Any, services: Mapping[str, FeatureService]) -> Any:
         )
         raise NotFoundError(msg)
     return features
+
+
+def plan_requested(
+    views: Mapping[str, FeatureView],
+    on_demand: Mapping[str, OnDemandView],
+    features: object,
+    *,
+    full_feature_names: bool,
+) -> Plan:
+    """:func:`resolve_features` for requests that may name on-demand (derived) features.
+
+    >>> import polars as pl
+    >>> from polarstore import Entity, FeatureView
+    >>> v = FeatureView("stats", entities=Entity("user", "user_id"), schema={"clicks": pl.Int64})
+    >>> [r.output for r in plan_requested({"stats": v}, {}, "stats:*",
+    ...                                   full_feature_names=False).stored]
+    ['clicks']
+    """
+    return plan_features(
+        views, on_demand, features, full_feature_names=full_feature_names, resolve=resolve_features
+    )
+
+
+def historical_with_derived(
+    offline: OfflineStore,
+    entity_df: object,
+    plan: Plan,
+    *,
+    timestamp_field: str,
+    versions: Mapping[str, int | None],
+    bitemporal: bool = False,
+) -> pl.LazyFrame:
+    """:func:`historical_features` of the plan's stored features, then its derived ones,
+    computed on the joined inputs and the spine's request columns (cast to their dtypes)."""
+    kw: dict[str, Any] = {"timestamp_field": timestamp_field, "versions": versions}
+    if not plan.derived:
+        return historical_features(offline, entity_df, plan.stored, **kw, bitemporal=bitemporal)
+    where = "get_historical_features"
+    spine = to_polars(entity_df, what=f"{where} entity_df")
+    clashes = [d.output for d in plan.derived if d.output in spine.columns]
+    if clashes:
+        msg = (
+            f"{where}: output feature column(s) {clashes} already exist in the entity_df; "
+            "rename those columns or pass full_feature_names=True."
+        )
+        raise ValidationError(msg)
+    request = request_frame(spine, plan, where=where)
+    joined = historical_features(offline, spine, plan.stored, **kw, bitemporal=bitemporal)
+    frame = pl.concat([joined, request.lazy()], how="horizontal")
+    return evaluate_frame(frame, plan, keep=spine.columns)

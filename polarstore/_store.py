@@ -28,10 +28,19 @@ from polarstore._errors import (
 )
 from polarstore._frames import cast_keys, entity_frame, key_dtype, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
+from polarstore._ondemand import (
+    OnDemandView,
+    describe_on_demand,
+    on_demand_from_json,
+    on_demand_to_json,
+    online_with_derived,
+    resolve_on_demand,
+)
 from polarstore._registry import Registry, RegistryState
 from polarstore._retrieval import (
     EMPTY_VERSION,
-    historical_features,
+    historical_with_derived,
+    plan_requested,
     resolve_features,
     service_named,
 )
@@ -40,7 +49,7 @@ from polarstore._vacuum import vacuum_repository
 
 __all__ = ["FeatureStore"]
 
-Definition = Entity | FeatureView | FeatureService
+Definition = Entity | FeatureView | FeatureService | OnDemandView
 AsOf = datetime | date | str | Mapping[str, int] | None
 
 
@@ -162,12 +171,15 @@ class FeatureStore:
         """
         items = (
             [objects]
-            if isinstance(objects, (Entity, FeatureView, FeatureService))
+            if isinstance(objects, (Entity, FeatureView, FeatureService, OnDemandView))
             else list(objects)
         )
         for item in items:
-            if not isinstance(item, (Entity, FeatureView, FeatureService)):
-                msg = f"apply() takes Entity, FeatureView and FeatureService objects, got {item!r}."
+            if not isinstance(item, (Entity, FeatureView, FeatureService, OnDemandView)):
+                msg = (
+                    "apply() takes Entity, FeatureView, OnDemandView and FeatureService "
+                    f"objects, got {item!r}."
+                )
                 raise ValidationError(msg)
         self._registry.update(lambda state: self._apply(state, items))
 
@@ -196,6 +208,9 @@ class FeatureStore:
             state.entities[entity.name] = entity
         for view in views:
             view = view.resolve(state.entities)  # names of entities registered or in this apply
+            if view.name in state.on_demand:
+                msg = f"feature view {view.name!r}: there is an on-demand view of that name."
+                raise ValidationError(msg)
             old_view = state.views.get(view.name)
             if old_view is not None and self._offline.current_version(view.name) is not None:
                 _check_evolution(old_view, view)
@@ -206,8 +221,10 @@ class FeatureStore:
             if rebuilt.key_dtypes and rebuilt.key_dtypes != declared.get(name):
                 _check_key_dtypes(rebuilt, self._offline.table_schema(name))
             state.views[name] = rebuilt
+        for odv in [i for i in items if isinstance(i, OnDemandView)]:
+            state.on_demand[odv.name] = resolve_on_demand(odv, state.views, resolve_features)
         for service in services:
-            resolve_features(state.views, service.features, full_feature_names=True)
+            plan_requested(state.views, state.on_demand, service.features, full_feature_names=True)
             old_service = state.services.get(service.name)
             version = state.service_versions.get(service.name, 0)
             if old_service is None or old_service.features != service.features:
@@ -319,6 +336,22 @@ class FeatureStore:
         """
         return list(self._state().services.values())
 
+    def list_on_demand_views(self) -> list[OnDemandView]:
+        """The registered on-demand (derived-feature) views, in the order first applied.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from polarstore import OnDemandView
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply([FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                          schema={"clicks": pl.Int64}),
+        ...              OnDemandView("derived", {"double": pl.col("stats:clicks") * 2})])
+        >>> [(v.name, v.schema) for v in store.list_on_demand_views()]
+        [('derived', {'double': Int64})]
+        """
+        return list(self._state().on_demand.values())
+
     def search(self, text: str) -> list[Definition]:
         """Definitions whose name, description, owner, tags or feature names contain ``text``.
 
@@ -344,6 +377,7 @@ class FeatureStore:
             *state.entities.values(),
             *state.views.values(),
             *state.services.values(),
+            *state.on_demand.values(),
         ]
         for item in items:
             words = [item.name, item.description, getattr(item, "owner", "")]
@@ -352,6 +386,8 @@ class FeatureStore:
                 words += list(item.schema)
             if isinstance(item, FeatureService):
                 words += list(item.features)  # type: ignore[arg-type]
+            if isinstance(item, OnDemandView):
+                words += list(item.feature_names)
             if any(needle in w.lower() for w in words):
                 found.append(item)
         return found
@@ -374,6 +410,8 @@ class FeatureStore:
         >>> info["rows"], info["version"], info["materialized_version"]
         (3, 0, None)
         """
+        if isinstance(view, str) and view in (on_demand := self._state().on_demand):
+            return describe_on_demand(on_demand[view])
         v = self._view(view)
         version = self._offline.current_version(v.name)
         latest = None
@@ -684,10 +722,37 @@ class FeatureStore:
         >>> store.get_historical_features(spine, ["stats:*"]).collect()["clicks"].to_list()
         [4, None, None]
         """
+        return self._historical(
+            entity_df,
+            features,
+            timestamp_field=timestamp_field,
+            full_feature_names=full_feature_names,
+            as_of=as_of,
+            bitemporal=bitemporal,
+        )
+
+    def _historical(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str,
+        full_feature_names: bool,
+        as_of: AsOf,
+        bitemporal: bool,
+        on_demand: Mapping[str, OnDemandView] | None = None,
+    ) -> pl.LazyFrame:
+        """``get_historical_features``, with ``on_demand`` definitions (a saved dataset's)
+        in place of the registered ones."""
         state = self._state()
         features = service_named(features, state.services)
-        requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
-        versions = self._pin(as_of, [r.view.name for r in requested])
+        plan = plan_requested(
+            state.views,
+            state.on_demand if on_demand is None else on_demand,
+            features,
+            full_feature_names=full_feature_names,
+        )
+        versions = self._pin(as_of, [r.view.name for r in plan.stored])
         where = "get_historical_features"
         if not isinstance(timestamp_field, str):
             msg = f"{where}: timestamp_field must be a column name, got {timestamp_field!r}."
@@ -695,10 +760,10 @@ class FeatureStore:
         if not isinstance(bitemporal, bool):
             msg = f"{where}: bitemporal must be True or False, got {bitemporal!r}."
             raise ValidationError(msg)
-        return historical_features(
+        return historical_with_derived(
             self._offline,
             entity_df,
-            requested,
+            plan,
             timestamp_field=timestamp_field,
             versions=versions,
             bitemporal=bitemporal,
@@ -746,7 +811,10 @@ class FeatureStore:
         refs = list(
             as_references(service_named(features, state.services), where=f"save_dataset {name!r}")
         )
-        requested = resolve_features(state.views, refs, full_feature_names=full_feature_names)
+        plan = plan_requested(
+            state.views, state.on_demand, refs, full_feature_names=full_feature_names
+        )
+        requested = plan.stored
         pins = self._pin(as_of, [r.view.name for r in requested])
         versions: dict[str, int | None] = {}
         for r in requested:  # only the views it uses: another's damaged table must not block
@@ -760,12 +828,16 @@ class FeatureStore:
             as_of=versions,  # type: ignore[arg-type]
             bitemporal=bitemporal,
         )
+        names = {ref.partition(":")[0] for ref in refs}
+        used = {n: v for n, v in state.on_demand.items() if n in names}
         entry = {
             "features": refs,
             "versions": versions,
             "timestamp_field": timestamp_field,
             "full_feature_names": full_feature_names,
             "bitemporal": bitemporal,
+            # The definitions of the derived features, so that loading recomputes them as saved.
+            **({"on_demand": {n: on_demand_to_json(v) for n, v in used.items()}} if used else {}),
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
         }
@@ -797,13 +869,18 @@ class FeatureStore:
         datasets = self._state().datasets
         spine = read_spine(self.path, name, datasets)
         entry = datasets[name]
-        return self.get_historical_features(
+        saved = {  # absent in datasets saved without derived features
+            n: on_demand_from_json(n, d, where=f"dataset {name!r}")
+            for n, d in entry.get("on_demand", {}).items()
+        }
+        return self._historical(
             spine,
             entry["features"],
             timestamp_field=entry["timestamp_field"],
             full_feature_names=entry["full_feature_names"],
             as_of=entry["versions"],
             bitemporal=entry.get("bitemporal", False),  # absent in datasets saved before it
+            on_demand={**self._state().on_demand, **saved},
         )
 
     def list_datasets(self) -> dict[str, dict[str, Any]]:
@@ -926,9 +1003,11 @@ class FeatureStore:
         """
         state = self._state()
         features = service_named(features, state.services)
-        requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
+        plan = plan_requested(
+            state.views, state.on_demand, features, full_feature_names=full_feature_names
+        )
         moment = utc_now() if now is None else to_utc(now, what="now")
-        return self._online().lookup(entity_rows, requested, moment)  # type: ignore[no-any-return]
+        return online_with_derived(self._online().lookup, entity_rows, plan, moment)
 
     def get_feature_vector(
         self,

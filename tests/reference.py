@@ -163,3 +163,24 @@ def point_in_time(
             values[output] = None if match is None else match[feature]
         result.append(values)
     return result
+
+
+def derived_row_by_row(
+    inputs: Sequence[Row], features: Mapping[str, Any], dtypes: Mapping[str, Any], schema: Any
+) -> list[tuple[Any, ...]]:
+    """Derived features as row-wise means: each expression evaluated on each row alone.
+
+    ``inputs`` are the joined rows (columns named by the references and request columns),
+    ``schema`` their Polars schema; ``features`` maps output name to expression, ``dtypes``
+    to its output dtype. One tuple of values per input row, in ``features`` order.
+    """
+    import polars as pl
+
+    out: list[tuple[Any, ...]] = []
+    for row in inputs:
+        one = pl.DataFrame([row], schema=schema)
+        values = one.with_columns(
+            expr.cast(dtypes[name]).alias(name) for name, expr in features.items()
+        ).select(list(features))
+        out.append(values.row(0))
+    return out
