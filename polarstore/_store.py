@@ -7,10 +7,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import polars as pl
 
+from polarstore import _spark
 from polarstore._datasets import read_spine, store_dataset
 from polarstore._definitions import (
     Entity,
@@ -37,6 +38,9 @@ from polarstore._retrieval import (
 )
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame as SparkDataFrame
 
 __all__ = ["FeatureStore"]
 
@@ -648,6 +652,34 @@ class FeatureStore:
             for name in names
         }
 
+    @overload
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = ...,
+        full_feature_names: bool = ...,
+        as_of: AsOf = ...,
+        bitemporal: bool = ...,
+        engine: Literal["polars"] = ...,
+        spark: None = ...,
+    ) -> pl.LazyFrame: ...
+
+    @overload
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = ...,
+        full_feature_names: bool = ...,
+        as_of: AsOf = ...,
+        bitemporal: bool = ...,
+        engine: Literal["spark"],
+        spark: Any = ...,
+    ) -> SparkDataFrame: ...
+
     def get_historical_features(
         self,
         entity_df: Any,
@@ -657,7 +689,9 @@ class FeatureStore:
         full_feature_names: bool = False,
         as_of: AsOf = None,
         bitemporal: bool = False,
-    ) -> pl.LazyFrame:
+        engine: str = "polars",
+        spark: Any = None,
+    ) -> pl.LazyFrame | SparkDataFrame:
         """Point-in-time join: for each spine row, each feature's latest value at that time.
 
         The rules are in ``docs/contract.md``, "Point-in-time semantics". One row per
@@ -668,6 +702,9 @@ class FeatureStore:
         With ``bitemporal=True`` a row counts only once it was known at the spine time: its
         created time (if the view has one) and the commit that first wrote it are not later
         (docs/contract.md, "Leakage-proof retrieval").
+        ``engine="spark"`` runs the same join on Spark and returns a ``pyspark.sql.DataFrame``
+        (``spark`` a ``SparkSession``; ``entity_df`` may be a Spark DataFrame; needs the
+        ``polarstore[spark]`` extra; docs/contract.md, "The Spark engine").
 
         Examples
         --------
@@ -684,6 +721,7 @@ class FeatureStore:
         >>> store.get_historical_features(spine, ["stats:*"]).collect()["clicks"].to_list()
         [4, None, None]
         """
+        _spark.check_engine(engine, spark)
         state = self._state()
         features = service_named(features, state.services)
         requested = resolve_features(state.views, features, full_feature_names=full_feature_names)
@@ -695,6 +733,16 @@ class FeatureStore:
         if not isinstance(bitemporal, bool):
             msg = f"{where}: bitemporal must be True or False, got {bitemporal!r}."
             raise ValidationError(msg)
+        if engine == "spark":
+            return _spark.historical_features(
+                self._offline,
+                entity_df,
+                requested,
+                timestamp_field=timestamp_field,
+                versions=versions,
+                bitemporal=bitemporal,
+                spark=spark,
+            )
         return historical_features(
             self._offline,
             entity_df,
