@@ -41,6 +41,7 @@ from polarstore._time import check_range, to_utc_expr, warn_nanoseconds
 
 if TYPE_CHECKING:
     from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import DataFrame as SparkDataFrame  # noqa: F401  (for the façade's hints)
 
 __all__ = ["ENGINES", "check_engine", "historical_features"]
 
@@ -169,11 +170,12 @@ def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: s
             raise ValidationError(msg)
 
 
-def _stored_kind(
-    offline: OfflineStore, view: FeatureView, key: str, version: int | None
-) -> pl.DataType | None:
+def _stored_keys(
+    offline: OfflineStore, view: FeatureView, version: int | None
+) -> dict[str, pl.DataType]:
+    """The key dtypes the view's table stores (as the Polars path reads them), if any."""
     stored = None if version == EMPTY_VERSION else offline.table_schema(view.name)
-    return stored.get(key) if stored else None
+    return {k: stored[k] for k in view.join_keys if k in stored} if stored else {}
 
 
 def _temp_key(key: str, kind: pl.DataType) -> str:
@@ -204,9 +206,10 @@ def _polars_spine(
     }
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
+        stored = _stored_keys(offline, view, versions.get(view_name))
         for key in view.join_keys:
             given = declared_key(spine, key, view.key_dtypes, where=_WHERE)
-            target = _stored_kind(offline, view, key, versions.get(view_name)) or given
+            target = stored.get(key) or given
             if target == pl.Null:
                 target = pl.Int64()
             if given not in (target, pl.Null()):
@@ -277,10 +280,11 @@ def _spark_spine(
     checks: list[tuple[str, pl.DataType]] = []
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
+        stored_keys = _stored_keys(offline, view, versions.get(view_name))
         for key in view.join_keys:
             given = types[key]
             declared = view.key_dtypes.get(key)
-            stored = _stored_kind(offline, view, key, versions.get(view_name))
+            stored = stored_keys.get(key)
             if isinstance(given, T.StringType):
                 target = "string"
             elif isinstance(given, T.IntegralType):

@@ -40,7 +40,7 @@ from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame as SparkDataFrame
+    from polarstore._spark import SparkDataFrame
 
 __all__ = ["FeatureStore"]
 
