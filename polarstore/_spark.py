@@ -148,11 +148,13 @@ def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: s
             + " Pass timestamp_field= to name it."
         )
         raise ValidationError(msg)
-    reserved = [c for c in columns if c.startswith("__polarstore")]
+    # Spark resolves column names case-insensitively (by default): so are these checks.
+    reserved = [c for c in columns if c.lower().startswith("__polarstore")]
     if reserved:
         msg = f"{_WHERE}: the entity_df column name(s) {reserved} are reserved."
         raise ValidationError(msg)
-    clashes = [r.output for r in requested if r.output in columns]
+    lowered = {c.lower() for c in columns}
+    clashes = [r.output for r in requested if r.output.lower() in lowered]
     if clashes:
         msg = (
             f"{_WHERE}: output feature column(s) {clashes} already exist in the entity_df; "
@@ -273,6 +275,8 @@ def _spark_spine(
         micros = F.expr(f"timestampdiff(MICROSECOND, TIMESTAMP_NTZ'1970-01-01', `{ts}`)")
     elif isinstance(kind, T.DateType):
         micros = F.unix_date(F.col(ts)).cast("long") * 86_400_000_000
+    elif isinstance(kind, T.NullType):  # no times at all: every feature is null
+        micros = F.lit(None).cast("long")
     else:
         msg = f"{_WHERE}: column {ts!r} must be a timestamp or a date, got {kind.simpleString()}."
         raise ValidationError(msg)
