@@ -7,10 +7,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import polars as pl
 
+from polarstore import _spark
 from polarstore._datasets import read_spine, store_dataset
 from polarstore._definitions import (
     Entity,
@@ -46,6 +47,9 @@ from polarstore._retrieval import (
 )
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
+
+if TYPE_CHECKING:
+    from polarstore._spark import SparkDataFrame
 
 __all__ = ["FeatureStore"]
 
@@ -686,6 +690,34 @@ class FeatureStore:
             for name in names
         }
 
+    @overload
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = ...,
+        full_feature_names: bool = ...,
+        as_of: AsOf = ...,
+        bitemporal: bool = ...,
+        engine: Literal["polars"] = ...,
+        spark: None = ...,
+    ) -> pl.LazyFrame: ...
+
+    @overload
+    def get_historical_features(
+        self,
+        entity_df: Any,
+        features: Any,
+        *,
+        timestamp_field: str = ...,
+        full_feature_names: bool = ...,
+        as_of: AsOf = ...,
+        bitemporal: bool = ...,
+        engine: Literal["spark"],
+        spark: Any = ...,
+    ) -> SparkDataFrame: ...
+
     def get_historical_features(
         self,
         entity_df: Any,
@@ -695,7 +727,9 @@ class FeatureStore:
         full_feature_names: bool = False,
         as_of: AsOf = None,
         bitemporal: bool = False,
-    ) -> pl.LazyFrame:
+        engine: str = "polars",
+        spark: Any = None,
+    ) -> pl.LazyFrame | SparkDataFrame:
         """Point-in-time join: for each spine row, each feature's latest value at that time.
 
         The rules are in ``docs/contract.md``, "Point-in-time semantics". One row per
@@ -706,6 +740,9 @@ class FeatureStore:
         With ``bitemporal=True`` a row counts only once it was known at the spine time: its
         created time (if the view has one) and the commit that first wrote it are not later
         (docs/contract.md, "Leakage-proof retrieval").
+        ``engine="spark"`` runs the same join on Spark and returns a ``pyspark.sql.DataFrame``
+        (``spark`` a ``SparkSession``; ``entity_df`` may be a Spark DataFrame; needs the
+        ``polarstore[spark]`` extra; docs/contract.md, "The Spark engine").
 
         Examples
         --------
@@ -722,6 +759,7 @@ class FeatureStore:
         >>> store.get_historical_features(spine, ["stats:*"]).collect()["clicks"].to_list()
         [4, None, None]
         """
+        _spark.check_engine(engine, spark)
         return self._historical(
             entity_df,
             features,
@@ -729,6 +767,8 @@ class FeatureStore:
             full_feature_names=full_feature_names,
             as_of=as_of,
             bitemporal=bitemporal,
+            engine=engine,
+            spark=spark,
         )
 
     def _historical(
@@ -741,7 +781,9 @@ class FeatureStore:
         as_of: AsOf,
         bitemporal: bool,
         on_demand: Mapping[str, OnDemandView] | None = None,
-    ) -> pl.LazyFrame:
+        engine: str = "polars",
+        spark: Any = None,
+    ) -> Any:
         """``get_historical_features``, with ``on_demand`` definitions (a saved dataset's)
         in place of the registered ones."""
         state = self._state()
@@ -760,6 +802,17 @@ class FeatureStore:
         if not isinstance(bitemporal, bool):
             msg = f"{where}: bitemporal must be True or False, got {bitemporal!r}."
             raise ValidationError(msg)
+        if engine == "spark":
+            _spark.refuse_derived(plan)
+            return _spark.historical_features(
+                self._offline,
+                entity_df,
+                plan.stored,
+                timestamp_field=timestamp_field,
+                versions=versions,
+                bitemporal=bitemporal,
+                spark=spark,
+            )
         return historical_with_derived(
             self._offline,
             entity_df,

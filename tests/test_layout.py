@@ -104,3 +104,26 @@ def test_the_check_catches_a_crossed_boundary(source: str, module: str) -> None:
 )
 def test_the_check_allows_what_is_allowed(source: str, module: str) -> None:
     assert violations(source, module) == []
+
+
+def test_the_core_never_loads_pyspark() -> None:
+    """pyspark (the optional Spark engine) is imported inside ``_spark``'s functions only:
+    importing every module and running a Polars retrieval leaves it unloaded."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tempfile, datetime as dt, polars as pl, polarstore, polarstore._spark\n"
+        "from polarstore import Entity, FeatureStore, FeatureView\n"
+        "s = FeatureStore(tempfile.mkdtemp())\n"
+        "s.apply(FeatureView('v', entities=Entity('u', 'k'), schema={'x': pl.Int64}))\n"
+        "t = [dt.datetime(2024, 1, 1)]\n"
+        "s.write('v', pl.DataFrame({'k': [1], 'x': [2], 'event_timestamp': t}))\n"
+        "spine = pl.DataFrame({'k': [1], 'event_timestamp': t})\n"
+        "assert s.get_historical_features(spine, ['v:x']).collect()['x'].to_list() == [2]\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyspark', 'py4j')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "[]", done.stdout

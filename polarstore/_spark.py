@@ -1,0 +1,532 @@
+"""The point-in-time join on Apache Spark: the Polars path's answers, as a Spark DataFrame.
+
+This is the only module that imports ``pyspark``, and only inside functions: the core never
+needs it. The views' data files are the ones the Delta log lists for the pinned version, as
+polarstore resolves them (``_offline``), read by Spark as plain Parquet: the session needs
+no delta-spark package.
+
+One as-of join per view, Spark style, without a range join: the spine rows and the view's
+candidate rows are unioned, ordered per key by (time, kind, event time, created time, write
+sequence), and every spine row takes the last view row before it (``last(...,
+ignorenulls=True)`` over a running window). Feature rows sort in tie-breaking order, so
+"the last one" is rule 4; a spine row sorts after the view rows of its own instant (rule 2)
+or, for ``allow_exact_match=False``, before them. The TTL is checked on the row picked: every
+other candidate is older. Spine rows keep all their columns through the window, so no join
+back is needed and the row order column is computed once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from polarstore._definitions import SEQ_COLUMN, FeatureView
+from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
+from polarstore._frames import declared_key, lossless_cast, to_polars
+from polarstore._offline import (
+    OfflineStore,
+    _check_files,
+    _check_schema,
+    _files_of,
+    _polars_schema,
+    seq_floor,
+)
+from polarstore._ondemand import Plan
+from polarstore._retrieval import EMPTY_VERSION, Requested
+from polarstore._time import check_range, to_utc_expr, warn_nanoseconds
+
+if TYPE_CHECKING:
+    from pyspark.sql import Column, DataFrame, SparkSession
+    from pyspark.sql import DataFrame as SparkDataFrame  # noqa: F401  (for the façade's hints)
+
+__all__ = ["ENGINES", "check_engine", "historical_features"]
+
+ENGINES = ("polars", "spark")
+_WHERE = "get_historical_features(engine='spark')"
+_ROW = "__polarstore_row"
+_TS = "__polarstore_ts"
+# Working columns of the union: order time, kind, event, created, sequence, feature struct.
+_O, _K, _E, _C, _Q, _F = (f"__polarstore_{c}" for c in "okecqf")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+_SHIFT = seq_floor(1).bit_length() - 1
+
+
+def check_engine(engine: object, spark: object) -> None:
+    """``ValidationError`` unless ``engine`` is a known engine and ``spark`` fits it."""
+    if engine not in ENGINES:
+        msg = (
+            f"get_historical_features: engine must be one of {list(ENGINES)}, got {engine!r}."
+            + did_you_mean(str(engine), ENGINES)
+        )
+        raise ValidationError(msg)
+    if engine == "polars" and spark is not None:
+        msg = "get_historical_features: spark= is only used with engine='spark'."
+        raise ValidationError(msg)
+
+
+def refuse_derived(plan: Plan) -> None:
+    """``ValidationError`` when ``plan`` computes derived (on-demand) features: not on Spark yet."""
+    if plan.derived:
+        names = [d.output for d in plan.derived][:3]
+        msg = (
+            f"{_WHERE}: {names} are derived features (OnDemandView), which the Spark engine does "
+            "not compute yet; use engine='polars' for them."
+        )
+        raise ValidationError(msg)
+
+
+def historical_features(
+    offline: OfflineStore,
+    entity_df: object,
+    requested: Sequence[Requested],
+    *,
+    timestamp_field: str,
+    versions: Mapping[str, int | None],
+    bitemporal: bool,
+    spark: SparkSession | None,
+) -> DataFrame:
+    """The point-in-time join of ``entity_df`` with the requested views, on Spark.
+
+    ``entity_df`` is a Spark DataFrame (its rows keep the order Spark reads them in) or
+    anything the Polars path accepts (its row order is kept). ``spark`` may be omitted for a
+    Spark DataFrame (its session is used). Same rules and output as the Polars path.
+    """
+    sql = _pyspark()
+    for r in requested:
+        if type(r.view) is not FeatureView:
+            # Derived features and aggregation views: not on Spark yet.
+            msg = (
+                f"{_WHERE}: {r.view.name}:{r.feature} is a {type(r.view).__name__}, which the "
+                "Spark engine does not compute yet; use engine='polars' for it."
+            )
+            raise ValidationError(msg)
+    if isinstance(entity_df, sql.DataFrame):
+        spark = spark or entity_df.sparkSession
+    if not isinstance(spark, sql.SparkSession):
+        msg = (
+            f"{_WHERE} needs a SparkSession: pass spark=SparkSession.builder.getOrCreate() "
+            f"(got {type(spark).__name__})."
+        )
+        raise ValidationError(msg)
+    plans = _plans(requested)
+    if isinstance(entity_df, sql.DataFrame):
+        spine, columns, bounds = _spark_spine(
+            entity_df, plans, requested, timestamp_field, versions, offline
+        )
+    else:
+        spine, columns, bounds = _polars_spine(
+            spark, entity_df, plans, requested, timestamp_field, versions, offline
+        )
+    for view_name, (reqs, keys) in plans.items():
+        view = reqs[0].view
+        rows = _view_rows(
+            spark, offline, view, reqs, keys, versions.get(view_name), bounds, bitemporal
+        )
+        spine = _join(spine, rows, view, reqs, list(keys), bitemporal)
+    return spine.orderBy(_ROW).select(*columns, *(r.output for r in requested))
+
+
+def _pyspark() -> Any:
+    try:
+        import pyspark.sql as sql
+    except ImportError as e:
+        msg = (
+            "engine='spark' needs pyspark, which is not installed: "
+            "pip install 'polarstore[spark]' (and Java 17 or later)."
+        )
+        raise PolarstoreError(msg) from e
+    return sql
+
+
+def _plans(requested: Sequence[Requested]) -> dict[str, tuple[list[Requested], dict[str, str]]]:
+    """Per view: its requests and the spine's cast key columns (name -> stored kind)."""
+    plans: dict[str, tuple[list[Requested], dict[str, str]]] = {}
+    for r in requested:
+        plans.setdefault(r.view.name, ([], {}))[0].append(r)
+    return plans
+
+
+def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: str) -> None:
+    if ts not in columns:
+        msg = (
+            f"{_WHERE}: the entity_df has no timestamp column {ts!r}."
+            + did_you_mean(ts, columns)
+            + " Pass timestamp_field= to name it."
+        )
+        raise ValidationError(msg)
+    # Spark resolves column names case-insensitively (by default): so are these checks.
+    reserved = [c for c in columns if c.lower().startswith("__polarstore")]
+    if reserved:
+        msg = f"{_WHERE}: the entity_df column name(s) {reserved} are reserved."
+        raise ValidationError(msg)
+    lowered = {c.lower() for c in columns}
+    clashes = [r.output for r in requested if r.output.lower() in lowered]
+    if clashes:
+        msg = (
+            f"{_WHERE}: output feature column(s) {clashes} already exist in the entity_df; "
+            "rename those columns or pass full_feature_names=True."
+        )
+        raise ValidationError(msg)
+    for reqs, _ in _plans(requested).values():
+        view = reqs[0].view
+        missing = [k for k in view.join_keys if k not in columns]
+        if missing:
+            msg = (
+                f"{_WHERE}: view {view.name!r} is keyed by {list(view.join_keys)} but the "
+                f"entity_df has no column(s) {missing}." + did_you_mean(missing[0], columns)
+            )
+            raise ValidationError(msg)
+
+
+def _stored_keys(
+    offline: OfflineStore, view: FeatureView, version: int | None
+) -> dict[str, pl.DataType]:
+    """The key dtypes the view's table stores (as the Polars path reads them), if any."""
+    stored = None if version == EMPTY_VERSION else offline.table_schema(view.name)
+    return {k: stored[k] for k in view.join_keys if k in stored} if stored else {}
+
+
+def _temp_key(key: str, kind: pl.DataType) -> str:
+    return f"__polarstore_key_{key}_{kind}"
+
+
+def _polars_spine(
+    spark: SparkSession,
+    entity_df: object,
+    plans: dict[str, tuple[list[Requested], dict[str, str]]],
+    requested: Sequence[Requested],
+    ts: str,
+    versions: Mapping[str, int | None],
+    offline: OfflineStore,
+) -> tuple[DataFrame, list[str], tuple[int, int] | None]:
+    """The spine checked and cast as the Polars path does, then handed to Spark via Arrow.
+
+    Its columns go as Spark can hold them: naive times as the UTC instants polarstore reads
+    them as (Spark would read them in the session's zone), nanoseconds floored to µs with a
+    ``NanosecondWarning``, unsigned integers widened, categoricals as strings.
+    """
+    spine = to_polars(entity_df, what="get_historical_features entity_df")
+    _check_columns(spine.columns, requested, ts)
+    check_range(spine[ts], where=_WHERE)
+    extra: dict[str, pl.Expr] = {
+        _ROW: pl.int_range(pl.len(), dtype=pl.Int64),
+        _TS: to_utc_expr(ts, spine.schema[ts], where=_WHERE).dt.epoch("us"),
+    }
+    for view_name, (reqs, keys) in plans.items():
+        view = reqs[0].view
+        stored = _stored_keys(offline, view, versions.get(view_name))
+        for key in view.join_keys:
+            given = declared_key(spine, key, view.key_dtypes, where=_WHERE)
+            target = stored.get(key) or given
+            if target == pl.Null:
+                target = pl.Int64()
+            if given not in (target, pl.Null()):
+                msg = (
+                    f"{_WHERE}: entity_df column {key!r} is {spine.schema[key]} but view "
+                    f"{view_name!r} stores {key!r} as {target}."
+                )
+                raise ValidationError(msg)
+            temp = _temp_key(key, target)
+            extra[temp] = lossless_cast(spine, key, target, _WHERE)
+            keys[temp] = "long" if target == pl.Int64 else "string"
+    out = spine.select(*(_sparkable(spine[c]) for c in spine.columns), **extra)
+    times = out[_TS].drop_nulls()
+    bounds = None if times.is_empty() else (int(times.min()), int(times.max()))  # type: ignore[arg-type]
+    try:
+        with warnings.catch_warnings():
+            # pyspark checks the pandas version even for Arrow input; no pandas is involved.
+            warnings.filterwarnings("ignore", "PySpark does not yet", FutureWarning)
+            frame = spark.createDataFrame(out.to_arrow(compat_level=pl.CompatLevel.oldest()))
+    except Exception as e:  # pyspark raises many kinds here
+        msg = f"{_WHERE}: the entity_df cannot be handed to Spark: {e}"
+        raise ValidationError(msg) from e
+    return frame, spine.columns, bounds
+
+
+def _sparkable(series: pl.Series) -> pl.Expr:
+    col, dtype = pl.col(series.name), series.dtype
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_unit == "ns":
+            warn_nanoseconds(series, where=_WHERE)
+        col = col.dt.cast_time_unit("us")
+        return col.dt.replace_time_zone("UTC") if dtype.time_zone is None else col
+    widened = {pl.UInt8: pl.Int16, pl.UInt16: pl.Int32, pl.UInt32: pl.Int64, pl.UInt64: pl.Int64}
+    for unsigned, signed in widened.items():
+        if dtype == unsigned:
+            return col.cast(signed, strict=True)
+    if isinstance(dtype, (pl.Categorical, pl.Enum)):
+        return col.cast(pl.String)
+    return col
+
+
+def _spark_spine(
+    frame: DataFrame,
+    plans: dict[str, tuple[list[Requested], dict[str, str]]],
+    requested: Sequence[Requested],
+    ts: str,
+    versions: Mapping[str, int | None],
+    offline: OfflineStore,
+) -> tuple[DataFrame, list[str], tuple[int, int] | None]:
+    """A Spark spine with the working columns, and its time bounds (one small Spark job)."""
+    from pyspark.sql import functions as F  # noqa: N812
+    from pyspark.sql import types as T  # noqa: N812
+
+    columns = list(frame.columns)
+    _check_columns(columns, requested, ts)
+    types = {f.name: f.dataType for f in frame.schema.fields}
+    kind = types[ts]
+    if isinstance(kind, T.TimestampType):
+        micros = F.unix_micros(F.col(ts))
+    elif isinstance(kind, T.TimestampNTZType):  # naive: UTC, whatever the session's zone
+        micros = F.expr(f"timestampdiff(MICROSECOND, TIMESTAMP_NTZ'1970-01-01', `{ts}`)")
+    elif isinstance(kind, T.DateType):
+        micros = F.unix_date(F.col(ts)).cast("long") * 86_400_000_000
+    elif isinstance(kind, T.NullType):  # no times at all: every feature is null
+        micros = F.lit(None).cast("long")
+    else:
+        msg = f"{_WHERE}: column {ts!r} must be a timestamp or a date, got {kind.simpleString()}."
+        raise ValidationError(msg)
+    extra: dict[str, Column] = {_ROW: F.monotonically_increasing_id(), _TS: micros}
+    checks: list[tuple[str, pl.DataType]] = []
+    for view_name, (reqs, keys) in plans.items():
+        view = reqs[0].view
+        stored_keys = _stored_keys(offline, view, versions.get(view_name))
+        for key in view.join_keys:
+            given = types[key]
+            declared = view.key_dtypes.get(key)
+            stored = stored_keys.get(key)
+            if isinstance(given, T.StringType):
+                target = "string"
+            elif isinstance(given, T.IntegralType):
+                target = "long"
+            elif isinstance(given, T.NullType):
+                string = (stored or declared) == pl.String
+                target = "string" if string else "long"
+            else:
+                msg = (
+                    f"{_WHERE}: join key {key!r} must be an integer or string column, got "
+                    f"{given.simpleString()}."
+                )
+                raise ValidationError(msg)
+            if declared is not None and (target == "string") != (declared == pl.String):
+                msg = (
+                    f"{_WHERE}: join key {key!r} is declared {declared} but the entity_df "
+                    f"holds {given.simpleString()}; pass {declared} values."
+                )
+                raise ValidationError(msg)
+            if stored is not None and (target == "string") != (stored == pl.String):
+                msg = (
+                    f"{_WHERE}: entity_df column {key!r} is {given.simpleString()} but view "
+                    f"{view_name!r} stores {key!r} as {stored}."
+                )
+                raise ValidationError(msg)
+            if declared is not None and declared != pl.String:
+                checks.append((key, declared))
+            temp = _temp_key(key, pl.String() if target == "string" else pl.Int64())
+            extra[temp] = F.col(key).cast(target)
+            keys[temp] = target
+    spine = frame.withColumns(extra)
+    aggs = [F.min(_TS), F.max(_TS)]
+    aggs += [f(F.col(k)) for k, _ in checks for f in (F.min, F.max)]
+    found = spine.agg(*aggs).first()
+    assert found is not None  # an aggregation without grouping always has a row
+    for i, (key, declared) in enumerate(checks):
+        low, high = found[2 + 2 * i], found[3 + 2 * i]
+        if low is not None and not _fits(low, high, declared):
+            msg = (
+                f"{_WHERE}: join key {key!r} is declared {declared} but the entity_df holds "
+                f"values from {low} to {high}, outside it."
+            )
+            raise ValidationError(msg)
+    bounds = None if found[0] is None else (int(found[0]), int(found[1]))
+    return spine, columns, bounds
+
+
+def _fits(low: int, high: int, dtype: pl.DataType) -> bool:
+    series = pl.Series([low, high], dtype=pl.Int64)
+    return series.cast(dtype, strict=False).null_count() == 0
+
+
+def _moment(us: int) -> datetime | None:
+    try:
+        return _EPOCH + us * _US
+    except OverflowError:  # before year 1: no bound
+        return None
+
+
+def _spark_type(dtype: pl.DataType) -> str:
+    """The Spark SQL type of a stored Polars dtype (the ones a view may hold)."""
+    if isinstance(dtype, pl.List):
+        return f"array<{_spark_type(dtype.inner)}>"  # type: ignore[arg-type]
+    if isinstance(dtype, pl.Datetime):
+        return "timestamp" if dtype.time_zone else "timestamp_ntz"
+    simple = {
+        pl.Boolean: "boolean",
+        pl.Int8: "tinyint",
+        pl.Int16: "smallint",
+        pl.Int32: "int",
+        pl.Int64: "bigint",
+        pl.Float32: "float",
+        pl.Float64: "double",
+        pl.String: "string",
+        pl.Binary: "binary",
+        pl.Date: "date",
+    }
+    for kind, name in simple.items():
+        if dtype == kind:
+            return name
+    msg = f"{_WHERE}: dtype {dtype} has no Spark type here."
+    raise ValidationError(msg)
+
+
+def _spark_path(uri: str) -> str:
+    """A path Spark (Hadoop) reads: local folders as file: paths, s3:// through s3a."""
+    if "://" not in uri or uri.startswith("file://"):
+        return "file://" + str(Path(uri.removeprefix("file://")).resolve())
+    if uri.startswith("s3://"):
+        return "s3a://" + uri.removeprefix("s3://")
+    return uri
+
+
+def _view_rows(
+    spark: SparkSession,
+    offline: OfflineStore,
+    view: FeatureView,
+    reqs: list[Requested],
+    keys: dict[str, str],
+    version: int | None,
+    bounds: tuple[int, int] | None,
+    bitemporal: bool,
+) -> DataFrame | None:
+    """The view's candidate rows: keys, order time, tie columns and the feature struct.
+
+    None when there is nothing to read (no data as of the pin, or no spine time).
+    """
+    from pyspark.sql import functions as F  # noqa: N812
+    from pyspark.sql.window import Window
+
+    table = (
+        None if version == EMPTY_VERSION or bounds is None else offline._open(view.name, version)
+    )
+    if table is None or bounds is None:
+        return None
+    lo, hi = bounds
+    ttl = None if view.ttl is None else view.ttl // _US
+    since = None if ttl is None else _moment(lo - ttl)
+    until = _moment(hi)
+    files = [
+        f
+        for f in _files_of(table, view)
+        if not (since is not None and f.max_ts is not None and f.max_ts < since)
+        and not (until is not None and f.min_ts is not None and f.min_ts > until)
+    ]
+    base = offline.table_uri(view.name)
+    if offline._local:
+        _check_files(view.name, base.removeprefix("file://"), files, version, table.version())
+    if not files:
+        return None
+    schema = _check_schema(view, _polars_schema(table))
+    ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
+    root = _spark_path(base)
+    frame = spark.read.schema(ddl).parquet(*(f"{root}/{f.path}" for f in files))
+    event = F.unix_micros(F.col(view.timestamp_field))
+    created = (
+        F.unix_micros(F.col(view.created_timestamp_field))
+        if view.created_timestamp_field
+        else F.lit(None).cast("long")
+    )
+    features = [
+        (F.col(r.feature) if r.feature in schema else F.lit(None))
+        .cast(_spark_type(view.schema[r.feature]))
+        .alias(f"_{i}")
+        for i, r in enumerate(reqs)
+    ]
+    rows = frame.select(
+        *(F.col(k).alias(t) for k, t in zip(view.join_keys, keys, strict=True)),
+        event.alias(_E),
+        created.alias(_C),
+        F.col(SEQ_COLUMN).alias(_Q),
+        F.struct(event.alias("e"), *features).alias(_F),
+    )
+    rows = rows.filter(F.col(_E) <= hi)
+    if ttl is not None:
+        rows = rows.filter(F.col(_E) >= lo - ttl)
+    if not bitemporal:
+        return rows.withColumn(_O, F.col(_E))
+    times = offline.commit_times(view.name)
+    for f in files:
+        for seq in (f.min_seq, f.max_seq):
+            if seq is not None and seq >> _SHIFT not in times:
+                raise _unknown_commit(view)
+    commits = spark.createDataFrame(
+        [(v, ms * 1000) for v, ms in times.items()], "__polarstore_v long, __polarstore_t long"
+    )
+    rows = rows.join(
+        F.broadcast(commits), F.shiftright(F.col(_Q), _SHIFT) == F.col("__polarstore_v"), "left"
+    )
+    commit = F.when(F.col("__polarstore_t").isNull(), F.raise_error(str(_unknown_commit(view))))
+    strict = 0 if view.allow_exact_match else 1
+    known = F.greatest(F.col(_E) + strict, F.col(_C), commit.otherwise(F.col("__polarstore_t")))
+    rows = rows.withColumn(_O, known).filter(F.col(_O) <= hi)
+    # Known from the minimum known time of the row and every later row of its key (see
+    # _retrieval._known_rows): non-decreasing in tie order, so tie order stays the order.
+    later = (
+        Window.partitionBy(*keys)
+        .orderBy(F.col(_E).desc(), F.col(_C).desc(), F.col(_Q).desc())
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    return rows.withColumn(_O, F.min(_O).over(later)).drop("__polarstore_v", "__polarstore_t")
+
+
+def _unknown_commit(view: FeatureView) -> PolarstoreError:
+    msg = (
+        f"view {view.name!r}: some rows were written by commits whose time is no longer "
+        "known (neither the Delta log nor .polarstore/commit_times holds it); "
+        "bitemporal=True cannot tell when they became known."
+    )
+    return PolarstoreError(msg)
+
+
+def _join(
+    spine: DataFrame,
+    rows: DataFrame | None,
+    view: FeatureView,
+    reqs: list[Requested],
+    keys: list[str],
+    bitemporal: bool,
+) -> DataFrame:
+    """``spine`` with the features of ``reqs`` added, by the union-and-window as-of join."""
+    from pyspark.sql import functions as F  # noqa: N812
+    from pyspark.sql.window import Window
+
+    types = [_spark_type(view.schema[r.feature]) for r in reqs]
+    if rows is None:
+        return spine.withColumns(
+            {r.output: F.lit(None).cast(t) for r, t in zip(reqs, types, strict=True)}
+        )
+    # Spine rows sort after the view rows of their instant, or before them when strict (in
+    # bitemporal mode strictness is in the known time already).
+    after = 1 if view.allow_exact_match or bitemporal else -1
+    left = spine.withColumns({_O: F.col(_TS), _K: F.lit(after)})
+    both = left.unionByName(rows.withColumn(_K, F.lit(0)), allowMissingColumns=True)
+    window = (
+        Window.partitionBy(*keys)
+        .orderBy(_O, _K, _E, _C, _Q)
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    picked = F.last(_F, ignorenulls=True).over(window)
+    both = both.withColumn(_F, picked).filter(F.col(_K) != 0)
+    valid = F.col(_TS).isNotNull() & F.col(_F).isNotNull()
+    for key in keys:
+        valid &= F.col(key).isNotNull()  # a null key matches nothing
+    if view.ttl is not None:
+        valid &= F.col(_TS) - F.col(f"{_F}.e") <= view.ttl // _US
+    return both.withColumns(
+        {r.output: F.when(valid, F.col(f"{_F}._{i}")) for i, r in enumerate(reqs)}
+    ).drop(_O, _K, _E, _C, _Q, _F)

@@ -1,0 +1,404 @@
+"""The Spark engine (``engine="spark"``) gives the Polars path's answers, row for row.
+
+One local Spark session (``local[2]``, two shuffle partitions, no UI) serves the whole module;
+its session time zone is New York, so nothing may depend on it. The properties draw the cases
+of ``test_pit_properties`` (compound and string keys, ties on event and created time, TTL
+edges ±1 µs, many rows inside one millisecond, null keys and times, zoned, naive and
+nanosecond spines, one or two views, ``as_of`` pins) and the bitemporal steps of
+``test_bitemporal`` (backfills, compactions, deletes, purges, real commit times), run each
+through both engines and compare every column. The spine goes in as a Polars frame or as a
+Spark DataFrame (times as ``timestamp`` or ``timestamp_ntz``); the Spark result's features
+are also checked against the brute-force reference.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from polarstore import (
+    Entity,
+    FeatureStore,
+    FeatureView,
+    NotFoundError,
+    PolarstoreError,
+    ValidationError,
+)
+from tests.reference import point_in_time, resolve_features
+from tests.test_bitemporal import _log, _utc, steps
+from tests.test_pit_properties import (
+    Case,
+    all_rows,
+    build_store,
+    cases,
+    in_zone,
+    spine_frame,
+)
+
+pyspark = pytest.importorskip("pyspark", reason="pyspark is not installed (polarstore[spark])")
+if shutil.which("java") is None:
+    pytest.skip("Spark needs Java (17 or later); no java on PATH", allow_module_level=True)
+
+from pyspark.sql import SparkSession  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402, N812
+
+pytestmark = pytest.mark.filterwarnings(
+    # pyspark checks the pandas version even for Arrow input, and pandas 3 is newer than it knows.
+    "ignore:PySpark does not yet fully support pandas:FutureWarning"
+)
+
+UTC = timezone.utc
+SETTINGS = settings(
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.fixture(scope="module")
+def spark() -> Iterator[SparkSession]:
+    session = (
+        SparkSession.builder.master("local[2]")
+        .appName("polarstore-tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.sql.adaptive.enabled", "false")  # re-planning costs more than it saves here
+        .config("spark.sql.session.timeZone", "America/New_York")
+        .config("spark.driver.memory", "1g")
+        .getOrCreate()
+    )
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()
+
+
+def to_spark_spine(spark: SparkSession, spine: pl.DataFrame, ts: str, ntz: bool) -> Any:
+    """``spine`` as a Spark DataFrame, its time column an instant or a naive UTC wall time."""
+    frame = spine.with_columns(
+        pl.col(c).dt.replace_time_zone("UTC") if spine.schema[c].time_zone is None else pl.col(c)  # type: ignore[union-attr]
+        for c, t in spine.schema.items()
+        if isinstance(t, pl.Datetime)
+    ).with_columns(pl.col(c).dt.cast_time_unit("us") for c in spine.columns if c == ts)
+    out = spark.createDataFrame(frame.to_arrow())
+    if ntz:
+        old = spark.conf.get("spark.sql.session.timeZone")
+        spark.conf.set("spark.sql.session.timeZone", "UTC")  # the cast is resolved now
+        try:
+            out = out.withColumn(ts, F.col(ts).cast("timestamp_ntz"))
+        finally:
+            spark.conf.set("spark.sql.session.timeZone", old or "UTC")
+    return out
+
+
+def normalised(series: pl.Series) -> list[Any]:
+    """Values to compare across engines: times as UTC µs instants (naive ones are UTC)."""
+    dtype = series.dtype
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is None:
+            series = series.dt.replace_time_zone("UTC")
+        series = series.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    return series.to_list()
+
+
+def both_engines(
+    store: FeatureStore,
+    spark: SparkSession,
+    spine: pl.DataFrame,
+    features: Any,
+    *,
+    spark_spine: Any = None,
+    order: str | None = None,
+    **kw: Any,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The Polars answer and the Spark one (as Polars), checked equal column by column."""
+    want = store.get_historical_features(spine, features, **kw).collect()
+    result = store.get_historical_features(
+        spine if spark_spine is None else spark_spine, features, engine="spark", spark=spark, **kw
+    )
+    assert isinstance(result, pyspark.sql.DataFrame)
+    got = pl.DataFrame(pl.from_arrow(result.toArrow()))
+    assert got.columns == want.columns
+    assert got.height == want.height
+    if order is not None:  # a Spark spine: compared by the input's own order column
+        want, got = want.sort(order, maintain_order=True), got.sort(order, maintain_order=True)
+    for name in spine.columns:
+        assert normalised(got[name]) == normalised(want[name]), name
+    for name in want.columns[len(spine.columns) :]:
+        assert got.schema[name] == want.schema[name], name
+        assert got[name].to_list() == want[name].to_list(), name
+    return want, got
+
+
+def check_case(
+    spark: SparkSession, case: Case, data: st.DataObject, *, as_of: dict[str, int] | None = None
+) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        store = build_store(path, case)
+        upto = None
+        if as_of is not None:
+            upto = {
+                name: data.draw(st.integers(1, len(versions)), label=f"writes of {name}")
+                for name, versions in case.versions.items()
+            }
+            as_of = {name: case.versions[name][n - 1] for name, n in upto.items()}
+        spine = spine_frame(case)
+        kind = data.draw(st.sampled_from(["polars", "timestamp", "timestamp_ntz"]), label="spine")
+        given_spine = None
+        if kind != "polars" and spine.schema[case.spine_ts] != pl.Null:
+            given_spine = to_spark_spine(spark, spine, case.spine_ts, kind == "timestamp_ntz")
+        _, got = both_engines(
+            store,
+            spark,
+            spine,
+            case.features,
+            spark_spine=given_spine,
+            order=None if given_spine is None else "row_id",
+            timestamp_field=case.spine_ts,
+            full_feature_names=case.full_feature_names,
+            as_of=as_of,
+        )
+        if given_spine is not None:
+            return  # reordered by row_id: the reference below goes by input order
+        expected = point_in_time(
+            [{**r, case.spine_ts: in_zone(r[case.spine_ts], case.spine_zone)} for r in case.spine],
+            case.features,
+            case.views,
+            all_rows(case, upto),
+            timestamp_field=case.spine_ts,
+            full_feature_names=case.full_feature_names,
+        )
+        for _, _, output in resolve_features(
+            case.views, case.features, full_feature_names=case.full_feature_names
+        ):
+            assert got[output].to_list() == [row[output] for row in expected], output
+
+
+@settings(SETTINGS, max_examples=4)
+@given(case=cases(n_views=1), data=st.data())
+def test_one_view_same_answers_as_polars(spark: SparkSession, case: Case, data: Any) -> None:
+    check_case(spark, case, data)
+
+
+@settings(SETTINGS, max_examples=4)
+@given(case=cases(n_views=2), data=st.data())
+def test_two_views_same_answers_as_polars(spark: SparkSession, case: Case, data: Any) -> None:
+    check_case(spark, case, data)
+
+
+@settings(SETTINGS, max_examples=3)
+@given(case=cases(n_views=2), data=st.data())
+def test_as_of_same_answers_as_polars(spark: SparkSession, case: Case, data: Any) -> None:
+    check_case(spark, case, data, as_of={})
+
+
+@settings(SETTINGS, max_examples=4)
+@given(
+    created=st.booleans(),
+    ttl=st.sampled_from([None, timedelta(microseconds=1), timedelta(milliseconds=5)]),
+    exact=st.booleans(),
+    data=st.data(),
+)
+def test_bitemporal_same_answers_as_polars(
+    spark: SparkSession, created: bool, ttl: timedelta | None, exact: bool, data: Any
+) -> None:
+    plan = data.draw(steps(created), label="steps")
+    view = FeatureView(
+        "v",
+        entities=Entity("user", "user_id"),
+        schema={"x": pl.Int64},
+        timestamp_field="ts",
+        created_timestamp_field="created" if created else None,
+        ttl=ttl,
+        allow_exact_match=exact,
+    )
+    with tempfile.TemporaryDirectory() as path:
+        store = FeatureStore(path)
+        store.apply(view)
+        start = datetime.now(UTC)
+        purged = False
+        for step in plan:
+            if step.kind == "write":
+                rows = [
+                    {
+                        **r,
+                        "ts": start + r["ts"] * timedelta(microseconds=1),
+                        **(
+                            {"created": start + r["created"] * timedelta(microseconds=1)}
+                            if created
+                            else {}
+                        ),
+                    }
+                    for r in step.rows
+                ]
+                store.write("v", pl.DataFrame(rows).with_columns(_utc("ts", created)))
+            elif step.kind == "compact":
+                store.compact("v")
+            elif step.kind == "delete":
+                store.delete_entities("v", {"user_id": step.key})
+            else:
+                store.vacuum(retention=timedelta(0), force=True)
+                purged = True
+        us = timedelta(microseconds=1)
+        times = [t + d for t in _log(store).values() for d in (-us, 0 * us, us)]
+        times += [start + data.draw(st.integers(-30_000, 300_000)) * us for _ in range(4)]
+        keys = st.lists(st.sampled_from([0, 1, 2, None]), min_size=len(times), max_size=len(times))
+        spine = pl.DataFrame(
+            {"user_id": data.draw(keys), "ts": times},
+            schema={"user_id": pl.Int64, "ts": pl.Datetime("us", "UTC")},
+        )
+        pin = None
+        if not purged and data.draw(st.booleans()):
+            pin = data.draw(st.integers(0, store.versions()["v"]))
+        both_engines(
+            store,
+            spark,
+            spine,
+            ["v:x"],
+            timestamp_field="ts",
+            bitemporal=True,
+            as_of=None if pin is None else {"v": pin},
+        )
+
+
+# --- fixed cases the properties leave out ---------------------------------------------------
+
+
+def small_store(path: str) -> FeatureStore:
+    store = FeatureStore(path)
+    user = Entity("user", join_keys={"user_id": pl.Int32})
+    account = Entity("account", join_keys={"code": pl.String})
+    store.apply(
+        [
+            user,
+            account,
+            FeatureView("stats", entities=[user], schema={"clicks": pl.Int64}),
+            FeatureView("plan", entities=[account], schema={"tier": pl.String}),
+            FeatureView("unwritten", entities=[user], schema={"y": pl.Float32}),
+        ]
+    )
+    rows = {"user_id": [1, 1, 2], "clicks": [3, 5, 7]}
+    days = [datetime(2024, 1, d, tzinfo=UTC) for d in (1, 3, 2)]
+    store.write("stats", pl.DataFrame({**rows, "event_timestamp": days}))
+    codes = pl.DataFrame({"code": ["0042", "42"], "tier": ["gold", "free"]})
+    store.write("plan", codes.with_columns(event_timestamp=pl.lit(days[0])))
+    return store
+
+
+def test_services_evolved_schemas_unwritten_views_and_date_spines(
+    spark: SparkSession, tmp_path: Any
+) -> None:
+    from polarstore import FeatureService
+
+    store = small_store(str(tmp_path))
+    # A feature added after the first write: its old rows read as null on both engines.
+    user = store.get_feature_view("stats").entities
+    store.apply(
+        [
+            FeatureView("stats", entities=user, schema={"clicks": pl.Int64, "spend": pl.Float64}),
+            FeatureService("model", ["stats:*", "plan:tier", "unwritten:y"]),
+        ]
+    )
+    new = {"user_id": [2], "clicks": [8], "spend": [1.5]}
+    store.write("stats", pl.DataFrame({**new, "event_timestamp": [datetime(2024, 1, 4)]}))
+    spine = pl.DataFrame(
+        {
+            "row_id": [0, 1, 2, 3, 4],
+            "user_id": pl.Series([1, 2, 2, None, 1], dtype=pl.Int32),
+            "code": ["0042", "42", "x", "42", None],
+            "event_timestamp": [date(2024, 1, d) for d in (2, 3, 5, 3, 5)],
+        }
+    )
+    want, _ = both_engines(store, spark, spine, "model", full_feature_names=True)
+    assert want["stats__clicks"].to_list() == [3, 7, 8, None, 5]  # dates are midnight UTC
+    assert want["stats__spend"].to_list() == [None, None, 1.5, None, None]
+    assert want["plan__tier"].to_list() == ["gold", "free", None, "free", None]
+    given = spark.createDataFrame(spine.to_arrow())
+    assert dict(given.dtypes)["event_timestamp"] == "date"
+    both_engines(store, spark, spine, "model", spark_spine=given, order="row_id")
+    # Empty spines, and a pin before any commit (every view reads as empty).
+    both_engines(store, spark, spine.clear(), ["stats:clicks", "plan:tier"])
+    both_engines(store, spark, spine, ["stats:clicks"], as_of=datetime(2000, 1, 1))
+
+
+def test_bad_input_is_a_clear_error(
+    spark: SparkSession, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = small_store(str(tmp_path))
+    spine = pl.DataFrame(
+        {"user_id": [1], "code": ["0042"], "event_timestamp": [datetime(2024, 1, 2)]}
+    )
+    feats = ["stats:clicks"]
+    with pytest.raises(ValidationError, match="'spark'"):
+        store.get_historical_features(spine, feats, engine="sparkk")  # type: ignore[call-overload]
+    with pytest.raises(ValidationError, match="only used with engine='spark'"):
+        store.get_historical_features(spine, feats, spark=spark)  # type: ignore[call-overload]
+    with pytest.raises(ValidationError, match="needs a SparkSession"):
+        store.get_historical_features(spine, feats, engine="spark")
+    with pytest.raises(NotFoundError, match="stats"):
+        store.get_historical_features(spine, ["stat:clicks"], engine="spark", spark=spark)
+    sdf = spark.createDataFrame(spine.to_arrow())
+    bad: list[tuple[Any, list[str], str]] = [
+        (sdf.withColumn("event_timestamp", F.lit("2024-01-02")), feats, "timestamp or a date"),
+        (sdf.withColumn("user_id", F.lit(1.5)), feats, "integer or string"),
+        (sdf.withColumn("user_id", F.lit("1")), feats, "declared Int32"),
+        (sdf.withColumn("code", F.lit(42)), ["plan:tier"], "declared String"),
+        (sdf.withColumn("user_id", F.lit(2**40)), feats, "outside it"),
+        (sdf.drop("user_id"), feats, "no column"),
+        (sdf.withColumn("clicks", F.lit(1)), feats, "already exist"),
+        (sdf.withColumn("__polarstore_row", F.lit(1)), feats, "reserved"),
+        (sdf, ["stats:clicks"], "no timestamp column 'ts'"),
+    ]
+    for frame, features, message in bad:
+        kw: dict[str, Any] = {"timestamp_field": "ts"} if "'ts'" in message else {}
+        with pytest.raises(ValidationError, match=message):
+            store.get_historical_features(frame, features, engine="spark", **kw)
+    # pyspark missing: a PolarstoreError that names the extra.
+    monkeypatch.setitem(sys.modules, "pyspark.sql", None)
+    with pytest.raises(PolarstoreError, match=r"polarstore\[spark\]"):
+        store.get_historical_features(spine, feats, engine="spark", spark=spark)
+
+
+def test_views_the_spark_engine_does_not_compute_yet_are_refused(
+    spark: SparkSession, tmp_path: Any
+) -> None:
+    from polarstore import _spark
+    from polarstore._retrieval import Requested
+
+    class DerivedView(FeatureView):  # stands for OnDemandView / AggregationView
+        pass
+
+    store = small_store(str(tmp_path))
+    stats = store.get_feature_view("stats")
+    derived = DerivedView("d", entities=stats.entities, schema={"z": pl.Int64})
+    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
+    with pytest.raises(ValidationError, match="d:z is a DerivedView"):
+        _spark.historical_features(
+            store._offline,
+            spine,
+            [Requested(derived, "z", "z")],
+            timestamp_field="event_timestamp",
+            versions={},
+            bitemporal=False,
+            spark=spark,
+        )
+
+
+def test_derived_features_are_refused_on_spark(spark: SparkSession, tmp_path: Any) -> None:
+    from polarstore import OnDemandView
+
+    store = small_store(str(tmp_path))
+    store.apply(OnDemandView("ratio", features={"double": pl.col("stats:clicks") * 2}))
+    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
+    with pytest.raises(ValidationError, match=r"\['double'\] are derived features"):
+        store.get_historical_features(spine, ["ratio:double"], engine="spark", spark=spark)
+    # The stored input alone still runs on Spark.
+    assert store.get_historical_features(spine, ["stats:clicks"], engine="spark", spark=spark)
