@@ -578,7 +578,9 @@ class OnlineStore:
 
     # --- deletes ---------------------------------------------------------------------------
 
-    def delete(self, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+    def delete(
+        self, view: FeatureView | AggregationView, keys: pl.DataFrame, version: int
+    ) -> int:
         """Remove entities deleted offline by table ``version``; returns how many were online.
 
         Should this fail or the process die first, the next ``materialize`` repairs it.

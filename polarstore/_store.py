@@ -612,6 +612,9 @@ class FeatureStore:
         )
         if v.online:
             self._online().delete(v, frame, version)
+        for agg in self._state().aggregations.values():  # their window state holds the rows
+            if agg.online and agg.source_name == v.name:
+                self._online().delete(agg, frame, version)
         return version
 
     def vacuum(
