@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import polars as pl
 
 from polarstore._definitions import (
@@ -494,6 +495,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _POS = "__polarstore_pos"
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"
+# ``code * span + time`` must fit an Int64 (a test lowers it to reach the ranks fallback).
+_COMBINED_LIMIT = 2**62
 
 
 def _bound(moment: datetime, delta: timedelta) -> datetime | None:
@@ -512,9 +515,10 @@ def window_features(
 ) -> pl.DataFrame:
     """Every requested aggregate for every spine row: ``_ROW`` then one column per output.
 
-    ``spine`` holds ``_ROW``, ``_TS`` (no nulls) and the key columns ``keys``; ``events``
-    the source's rows in tie-breaking order with the same key columns, ``_TS`` and the
-    aggregated columns (``None``: no data). ``features`` pairs a feature with its output.
+    ``spine`` holds ``_ROW`` (ascending), ``_TS`` (no nulls) and the key columns ``keys``;
+    ``events`` the source's rows in tie-breaking order with the same key columns, ``_TS``
+    and the aggregated columns (``None``: no data). ``features`` pairs a feature with its
+    output.
     """
     schema = view.schema
     aggs = [(view.aggregation(f), out) for f, out in features]
@@ -530,62 +534,129 @@ def window_features(
         )
     else:
         frame = events.with_columns(pl.col(_TS).cast(pl.Int64)).collect(engine="in-memory")
-    # Stable: each key's events stay in tie order, so a window is a range of positions.
-    frame = frame.sort(key_list, maintain_order=True, nulls_last=True).with_row_index(_POS)
-    frame = frame.with_columns(pl.col(_POS).cast(pl.Int64))
-    left = spine.select(_ROW, *key_list, pl.col(_TS).cast(pl.Int64)).sort(_TS)
-    bounds = frame.select(*key_list, _TS, _POS).lazy()
-    out = left.select(_ROW)
-    for forward in (False, True):
-        group = [(a, o) for a, o in aggs if a.forward is forward]
-        if not group:
+    times = spine[_TS].cast(pl.Int64)
+    back = sorted({a.span // _US for a, _ in aggs if not a.forward})
+    ahead = sorted({a.span // _US for a, _ in aggs if a.forward})
+    edges = sorted({0, *(-w for w in back), *ahead})
+    order, position = _positions(frame, spine.select(key_list), times, key_list, edges)
+    rows = spine.select(pl.col(_ROW).set_sorted())
+    out = rows
+    for forward, windows in ((False, back), (True, ahead)):
+        if not windows:
             continue
-        windows = sorted({a.span // _US for a, _ in group})
-        query = left.lazy()
-
-        def edge(q: pl.LazyFrame, shift: int, name: str, strategy: str) -> pl.LazyFrame:
-            shifted = q.with_columns((pl.col(_TS) + shift).alias("__at"))
-            joined = shifted.join_asof(
-                bounds.rename({_TS: "__at", _POS: name}),
-                on="__at",
-                by=key_list,
-                strategy=strategy,  # type: ignore[arg-type]
-                allow_exact_matches=strategy == "backward",
-                check_sortedness=False,
-            )
-            return joined.drop("__at")
-
-        # Backward windows share their last position (the last event <= t) and start after
-        # t - w; forward ones share their first (the first event > t) and end at t + w.
+        group = [(a, o) for a, o in aggs if a.forward is forward]
+        # Backward windows share their end (after the last event <= t) and start after the
+        # last event <= t - w; forward ones share their start and end after t + w. Positions
+        # are in (key, tie order): a window is the range [start, end).
         if forward:
-            query = edge(query, 0, "__start", "forward")
-            for w in windows:
-                query = edge(query, w, f"__end_{w}", "backward")
-            start, end = pl.col("__start"), pl.col(f"__end_{windows[-1]}")
+            bounds = {f"__end_{w}": position[w] for w in windows}
+            start, end = position[0], position[windows[-1]]
         else:
-            query = edge(query, 0, "__end", "backward")
-            for w in windows:
-                query = edge(query, -w, f"__start_{w}", "forward")
-            start, end = pl.col(f"__start_{windows[-1]}"), pl.col("__end")
-        ranged = query.with_columns(
-            pl.when(start <= end).then(pl.int_ranges(start, end + 1)).alias(_POS)
-        ).collect(engine="in-memory")
-        exploded = ranged.explode(_POS)
+            bounds = {f"__start_{w}": position[-w] for w in windows}
+            start, end = position[-windows[-1]], position[0]
+        ranged = rows.with_columns(pl.int_ranges(start, end, dtype=pl.Int64).alias(_POS), **bounds)
+        exploded = ranged.explode(_POS, empty_as_null=True)
         pos = exploded[_POS]
-        exploded = exploded.with_columns(frame[c].gather(pos) for c in columns)
+        rows_of = order.gather(pos)
+        exploded = exploded.with_columns(frame[c].gather(rows_of) for c in columns)
         masks: dict[int, pl.Expr] = {}
         for w in windows:
-            edge_col = pl.col(f"__end_{w}" if forward else f"__start_{w}")
-            inside = pl.col(_POS) <= edge_col if forward else pl.col(_POS) >= edge_col
+            bound = pl.col(f"__end_{w}" if forward else f"__start_{w}")
+            inside = pl.col(_POS) < bound if forward else pl.col(_POS) >= bound
             masks[w] = inside.fill_null(False)
-        exprs: list[pl.Expr] = []
-        for agg, output in group:
-            exprs.append(_aggregate(agg, output, masks[agg.span // _US], schema[agg.feature]))
-        result = exploded.group_by(_ROW).agg(exprs)
+        exprs = [_aggregate(a, o, masks[a.span // _US], schema[a.feature]) for a, o in group]
+        result = exploded.group_by(_ROW, maintain_order=True).agg(exprs)
         picks = [(a, o) for a, o in group if a.function in ("first", "last")]
-        result = result.with_columns(frame[a.column].gather(result[o]).alias(o) for a, o in picks)  # type: ignore[index]
-        out = out.join(result, on=_ROW, how="left")
+        result = result.with_columns(
+            frame[a.column].gather(order.gather(result[o])).alias(o)  # type: ignore[index]
+            for a, o in picks
+        )
+        out = out.hstack(result.drop(_ROW))
     return out.select(_ROW, *(pl.col(o).cast(schema[f]) for f, o in features))
+
+
+def _positions(
+    frame: pl.DataFrame,
+    spine_keys: pl.DataFrame,
+    times: pl.Series,
+    keys: list[str],
+    edges: list[int],
+) -> tuple[pl.Series, dict[int, pl.Series]]:
+    """The events in (key, tie order), and for each spine row and edge ``e`` (µs) the number
+    of events before its key's first event after ``t + e``.
+
+    Keys are numbered densely (an integer key by its offset from the smallest, when that is
+    dense enough) and the events, already in tie order, are sorted stably by that code (two
+    16-bit radix passes). Each event is then ``code * span + time``, one Int64 in ascending
+    order whose binary search finds a window edge inside its key's segment; ``span`` covers
+    every event and query time. When ``codes x span`` would not fit an Int64, times are
+    replaced by their ranks among all those times (same order, same ties). Returns ``order``
+    (the row of ``frame`` at each position) and the positions per edge.
+    """
+    code_ev, code_sp, n_codes = _codes(frame, spine_keys, keys)
+    ev_ts = frame[_TS].to_numpy()
+    t = times.to_numpy()
+    queries = {e: t + e for e in edges}
+    lo = min([*([ev_ts.min()] if ev_ts.size else []), *(q.min() for q in queries.values())])
+    hi = max([*([ev_ts.max()] if ev_ts.size else []), *(q.max() for q in queries.values())])
+    span = int(hi) - int(lo) + 2
+    if (n_codes + 1) * span < _COMBINED_LIMIT:
+        ev_rel, rel = ev_ts - lo, {e: q - lo for e, q in queries.items()}
+    else:  # ranks: as many values as times, whatever their spread
+        every = np.unique(np.concatenate([ev_ts, *queries.values()]))
+        ev_rel = np.searchsorted(every, ev_ts)
+        rel = {e: np.searchsorted(every, q) for e, q in queries.items()}
+        span = every.size + 1
+    order = _stable_order(code_ev)
+    combined = code_ev[order] * span + ev_rel[order]
+    known = code_sp >= 0
+    base = np.where(known, code_sp * span, -1)
+    # Queries in ascending order make the binary searches walk the array forwards; the same
+    # order serves every edge (t + e keeps the order of t within a key).
+    perm = np.argsort(np.where(known, base + rel[0], -1), kind="stable")
+    position: dict[int, pl.Series] = {}
+    for e, r in rel.items():
+        query = np.where(known, base + r, -1)[perm]
+        found = np.empty(t.size, dtype=np.int64)
+        found[perm] = np.searchsorted(combined, query, side="right")
+        position[e] = pl.Series(found).set(pl.Series(~known), None)  # type: ignore[arg-type]
+    return pl.Series(order), position
+
+
+def _codes(
+    frame: pl.DataFrame, spine_keys: pl.DataFrame, keys: list[str]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Dense int64 codes of the events' and the spine's keys (-1: a key with no event)."""
+    if len(keys) == 1 and frame.schema[keys[0]].is_integer() and frame.height:
+        column = frame[keys[0]]
+        low, high = int(column.min()), int(column.max())  # type: ignore[arg-type]
+        if high - low < 2**31:
+            given = spine_keys[keys[0]]
+            inside = given.is_between(low, high).fill_null(False)
+            code = pl.select(pl.when(inside).then(given.cast(pl.Int64) - low).otherwise(-1))
+            return (
+                (column - low).cast(pl.Int64).to_numpy(),
+                code.to_series().to_numpy(),
+                high - low + 1,
+            )
+    codes = frame.select(keys).unique().with_row_index("__code")
+    code_ev = frame.select(keys).join(codes, on=keys, how="left", maintain_order="left")
+    code_sp = spine_keys.join(codes, on=keys, how="left", maintain_order="left")
+    return (
+        code_ev["__code"].cast(pl.Int64).to_numpy(),
+        code_sp["__code"].cast(pl.Int64).fill_null(-1).to_numpy(),
+        codes.height,
+    )
+
+
+def _stable_order(code: np.ndarray) -> np.ndarray:
+    """``argsort(code, kind="stable")`` for codes below 2**32, as two 16-bit radix passes."""
+    if code.size == 0 or code.max() >= 2**32:
+        return np.argsort(code, kind="stable")
+    low = (code & 0xFFFF).astype(np.uint16)
+    first = np.argsort(low, kind="stable")
+    high = (code[first] >> 16).astype(np.uint16)
+    return first[np.argsort(high, kind="stable")]
 
 
 def _aggregate(agg: Aggregation, output: str, inside: pl.Expr, dtype: pl.DataType) -> pl.Expr:

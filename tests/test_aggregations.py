@@ -401,3 +401,45 @@ def test_matches_reference(
             if want is not None and agg.function in ("mean", "std", "var"):
                 want = float(want)
             assert _close(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
+
+
+@pytest.mark.parametrize("ranks", [False, True])
+def test_compound_string_keys_and_the_ranks_fallback(
+    store: FeatureStore, monkeypatch: pytest.MonkeyPatch, ranks: bool
+) -> None:
+    """Keys numbered by a join (strings, compound keys); with ``ranks`` the times are replaced
+    by their ranks (what a key count times a time span beyond an Int64 needs): same answers."""
+    if ranks:
+        monkeypatch.setattr("polarstore._aggregations._COMBINED_LIMIT", 0)
+    pair = Entity("pair", join_keys=["user_id", "shop"])
+    visits = FeatureView("visits", entities=[pair], schema={"amount": pl.Float64})
+    aggs = [Aggregation("amount", f, "1h", name=f) for f in ("sum", "count", "last")]
+    store.apply([pair, visits, AggregationView("v", "visits", aggs)])
+    hour = timedelta(hours=1)
+    rows = [
+        (1, "a", T0, 1.0),
+        (1, "a", T0 + hour, 2.0),
+        (1, "b", T0, 4.0),
+        (2, "a", T0, 8.0),
+        (1, "a", T0 + hour, 16.0),  # a tie: written last, so it is the last one
+    ]
+    store.write(
+        "visits",
+        pl.DataFrame(rows, schema=["user_id", "shop", "event_timestamp", "amount"], orient="row"),
+    )
+    spine = pl.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 3, None],
+            "shop": ["a", "a", "b", "a", "a", "a"],
+            "event_timestamp": [T0, T0 + hour, T0 + hour, T0 + hour - US, T0, T0],
+        }
+    )
+    got = store.get_historical_features(spine, ["v:*"]).collect()
+    assert got.select("sum", "count", "last").rows() == [
+        (1.0, 1, 1.0),
+        (18.0, 2, 16.0),
+        (None, 0, None),
+        (8.0, 1, 8.0),
+        (None, 0, None),
+        (None, 0, None),
+    ]
