@@ -248,65 +248,56 @@ def _stored(column: str, dtype: str, mode: str) -> pl.Expr:
 
 
 def _merge(txn: _Txn, layout: WindowLayout, rows: pl.DataFrame, cutoff: int, *, fresh: bool) -> int:
-    """Merge new events into the values of the entities they touch; returns how many."""
+    """Merge new events into the values of the entities they touch; returns how many.
+
+    The new events are grouped per entity in Polars; each touched entity's stored events are
+    then merged in Python: appended when they all come first (events usually arrive in time
+    order), else sorted by (time, created, sequence); the events at or before ``cutoff`` go.
+    """
     keys = [k for k, _ in layout.keys]
     rows = cast_keys(rows.select(keys), layout.records, "materialize").hstack(rows.drop(keys))
-    parts = [rows]
-    if not fresh:
-        touched = rows.select(keys).unique().sort(keys)
-        encoded = layout.records.encode_keys(touched)
-        with txn.cursor() as cursor:
-            found = dict(cursor.getmulti(encoded))
-        if found:
-            parts.insert(0, _decoded(layout, touched, encoded, found, rows.schema))
-    merged = pl.concat(parts, how="vertical") if len(parts) > 1 else rows
-    merged = merged.filter(pl.col("__ts") > cutoff).sort([*keys, "__ts", "__created", "__seq"])
     columns = ["__ts", "__created", "__seq", *(c for c, _, _ in layout.columns)]
-    grouped = merged.group_by(keys, maintain_order=True).agg(columns)
+    grouped = (
+        rows.sort([*keys, "__ts", "__created", "__seq"])
+        .group_by(keys, maintain_order=True)
+        .agg(columns)
+    )
     encoded_keys = layout.records.encode_keys(grouped.select(keys))
-    values = [
-        _ENCODER.encode([ts, created, seq, list(cols)])
-        for ts, created, seq, *cols in grouped.select(columns).iter_rows()
-    ]
+    found: dict[bytes, bytes] = {}
+    if not fresh:
+        with txn.cursor() as cursor:
+            found = dict(cursor.getmulti(encoded_keys))
+    encode, decode = _ENCODER.encode, _DECODER.decode
+    values = []
+    # Column by column: ``to_list`` of a list column is several times faster than rows.
+    lists = [grouped[c].to_list() for c in columns]
+    for key, (ts, created, seq, *cols) in zip(encoded_keys, zip(*lists, strict=True), strict=True):
+        old = found.get(key)
+        if old is not None:
+            ts0, created0, seq0, cols0 = decode(old)
+            if ts0 and (ts0[-1], created0[-1], seq0[-1]) >= (ts[0], created[0], seq[0]):
+                events = sorted(
+                    zip(
+                        ts0 + ts,
+                        created0 + created,
+                        seq0 + seq,
+                        *(a + b for a, b in zip(cols0, cols, strict=True)),
+                        strict=True,
+                    ),
+                    key=lambda e: (e[0], e[1], e[2]),
+                )
+                ts, created, seq, *cols = (list(x) for x in zip(*events, strict=True))
+            else:
+                ts, created, seq = ts0 + ts, created0 + created, seq0 + seq
+                cols = [a + b for a, b in zip(cols0, cols, strict=True)]
+        first = bisect.bisect_right(ts, cutoff)
+        if first:
+            ts, created, seq = ts[first:], created[first:], seq[first:]
+            cols = [c[first:] for c in cols]
+        values.append(encode([ts, created, seq, cols]))
     with txn.cursor() as cursor:
         _, written = cursor.putmulti(zip(encoded_keys, values, strict=True))
     return int(written)
-
-
-def _decoded(
-    layout: WindowLayout,
-    touched: pl.DataFrame,
-    encoded: list[bytes],
-    found: Mapping[bytes, bytes],
-    schema: Mapping[str, pl.DataType],
-) -> pl.DataFrame:
-    """The stored events of the touched entities, as rows like the new ones."""
-    index: list[int] = []
-    ts: list[int] = []
-    created: list[int] = []
-    seq: list[int] = []
-    cols: list[list[Any]] = [[] for _ in layout.columns]
-    for i, key in enumerate(encoded):
-        raw = found.get(key)
-        if raw is None:
-            continue
-        t, c, s, values = _DECODER.decode(raw)
-        index.extend([i] * len(t))
-        ts.extend(t)
-        created.extend(c)
-        seq.extend(s)
-        for target, column in zip(cols, values, strict=True):
-            target.extend(column)
-    frame = touched[index]
-    return frame.with_columns(
-        pl.Series("__ts", ts, dtype=pl.Int64),
-        pl.Series("__created", created, dtype=pl.Int64),
-        pl.Series("__seq", seq, dtype=pl.Int64),
-        *(
-            pl.Series(name, values, dtype=schema[name])
-            for (name, _, _), values in zip(layout.columns, cols, strict=True)
-        ),
-    )
 
 
 # --- lookups --------------------------------------------------------------------------------
