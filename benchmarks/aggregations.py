@@ -418,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"| incremental after +1% ({online['inc_rows']:,} rows, "
                 f"{online['inc_entities']:,} entities) | {online['inc_s']:.3f} s = "
-                f"(CPU {inc_cpu:.1%}) "
-                f"{inc:.1%} of full | <= 10% "
+                f"{inc:.1%} of full (CPU: {inc_cpu:.1%}) | <= 10% "
                 f"{'met' if inc <= TARGETS['incremental'] else 'MISSED'} |"
             )
             print(

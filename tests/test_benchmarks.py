@@ -81,3 +81,14 @@ def test_scale_steps(tmp_path_factory: pytest.TempPathFactory, step: str) -> Non
 def test_bitemporal_benchmark_runs(tmp_path: Path) -> None:
     out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1")
     assert len(table_rows(out, "bulk")) == len(table_rows(out, "appends")) == 1
+
+
+def test_aggregations_benchmark_answers_match(tmp_path: Path) -> None:
+    out = run(
+        "benchmarks.aggregations",
+        *("--size", "20000", "--repeat", "1", "--calls", "500", "--workdir", str(tmp_path)),
+    )
+    rows = table_rows(out, "duckdb") + table_rows(out, "pandas")
+    assert len(rows) == 2
+    assert all(r[-1] == "equal" for r in rows), rows
+    assert "p50 / raw plain get+decode" in out
