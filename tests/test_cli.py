@@ -807,7 +807,7 @@ def test_the_demo_is_public_and_its_steps_can_be_extended(tmp_path: Path) -> Non
     assert (
         figures["rows_per_view"]["orders"] == figures["orders_rows"] + figures["corrections_rows"]
     )
-    assert "11/11 Count the rows" in buf.getvalue()
+    assert f"{len(steps)}/{len(steps)} Count the rows" in buf.getvalue()
     assert list(figures["seconds"])[-1] == "count"
 
 
