@@ -323,13 +323,14 @@ def empty_values(view: AggregationView, wanted: Sequence[tuple[str, str]]) -> di
 
 
 class _Plan:
-    """The evaluation of some aggregates of one view against a stored layout."""
+    """The evaluation of some aggregates of one view against a stored layout, compiled once:
+    per stored column, per window, the functions to apply to the window's slice."""
 
     def __init__(
         self, view: AggregationView, layout: WindowLayout, wanted: Sequence[tuple[str, str]]
     ) -> None:
         source = view.source_view
-        self.steps: list[tuple[str, int | None, str, int, bool, Callable[[Any], Any] | None]] = []
+        groups: dict[int | None, dict[int, list[tuple[str, Callable[[list[Any]], Any]]]]] = {}
         self.missing: list[str] = []
         for feature, output in wanted:
             agg: Aggregation = view.aggregation(feature)
@@ -338,69 +339,81 @@ class _Plan:
                 self.missing.append(output)  # added after the last sync
                 continue
             dtype = "" if agg.column is None else dtype_to_str(source.schema[agg.column])
-            floating = dtype in ("Float32", "Float64")
-            convert = _converter(dtype) if agg.function in ("min", "max", "first", "last") else None
-            self.steps.append((output, column, agg.function, agg.span // _US, floating, convert))
-        self.valid = {i for i, (_, _, m) in enumerate(layout.columns) if m == "valid"}
+            valid = column is not None and layout.columns[column][2] == "valid"
+            function = _function(agg.function, dtype, valid)
+            groups.setdefault(column, {}).setdefault(agg.span // _US, []).append((output, function))
+        self.groups = [
+            (column, column is not None and layout.columns[column][2] == "valid", list(w.items()))
+            for column, w in groups.items()
+        ]
 
     def evaluate(self, raw: bytes, now_us: int, out: dict[str, Any]) -> None:
         ts, _, _, columns = _DECODER.decode(raw)
-        cache: dict[int, tuple[list[int], list[Any]]] = {}
-        for output, column, fn, window, floating, convert in self.steps:
-            if column is None:
-                out[output] = bisect.bisect_right(ts, now_us) - bisect.bisect_right(
-                    ts, now_us - window
-                )
-                continue
-            if column in self.valid:
-                lo = bisect.bisect_right(ts, now_us - window)
-                out[output] = sum(columns[column][lo : bisect.bisect_right(ts, now_us)])
-                continue
-            pair = cache.get(column)
-            if pair is None:
+        right = bisect.bisect_right
+        for column, valid, windows in self.groups:
+            if column is None or valid:
+                times, values = ts, None if column is None else columns[column]
+            else:
                 values = columns[column]
                 if None in values:
                     kept = [(t, v) for t, v in zip(ts, values, strict=True) if v is not None]
-                    pair = ([t for t, _ in kept], [v for _, v in kept])
+                    times, values = [t for t, _ in kept], [v for _, v in kept]
                 else:
-                    pair = (ts, values)
-                cache[column] = pair
-            times, values = pair
-            lo = bisect.bisect_right(times, now_us - window)
-            hi = bisect.bisect_right(times, now_us)
-            out[output] = _apply(fn, values[lo:hi], floating, convert)
+                    times = ts
+            hi = right(times, now_us)
+            for window, functions in windows:
+                lo = right(times, now_us - window, 0, hi)
+                if values is None:
+                    for output, _ in functions:
+                        out[output] = hi - lo
+                    continue
+                part = values[lo:hi]
+                for output, function in functions:
+                    out[output] = function(part)
         for output in self.missing:
             out[output] = None
 
 
-def _apply(fn: str, values: list[Any], floating: bool, convert: Callable[[Any], Any] | None) -> Any:
-    n = len(values)
+def _function(fn: str, dtype: str, valid: bool) -> Callable[[list[Any]], Any]:
+    """The aggregate of a window's slice of non-null values (validity flags if ``valid``)."""
+    if valid:
+        return sum
     if fn == "count":
-        return n
+        return len
     if fn == "count_distinct":
-        return len(set(values))
-    if not n:
-        return None
+        return lambda part: len(set(part))
+    floating = dtype in ("Float32", "Float64")
     if fn == "sum":
-        return math.fsum(values) if floating else int(sum(values))
+        if floating:
+            return lambda part: math.fsum(part) if part else None
+        return lambda part: int(sum(part)) if part else None
     if fn == "mean":
-        return math.fsum(values) / n
+        return lambda part: math.fsum(part) / len(part) if part else None
     if fn in ("std", "var"):
-        if n < 2:
-            return None
-        mean = math.fsum(values) / n
-        var = math.fsum([(v - mean) * (v - mean) for v in values]) / (n - 1)
-        return math.sqrt(var) if fn == "std" else var
-    value = (
-        min(values)
+        root = fn == "std"
+
+        def deviation(part: list[Any]) -> Any:
+            n = len(part)
+            if n < 2:
+                return None
+            mean = math.fsum(part) / n
+            var = math.fsum([(v - mean) * (v - mean) for v in part]) / (n - 1)
+            return math.sqrt(var) if root else var
+
+        return deviation
+    pick: Callable[[list[Any]], Any] = (
+        min
         if fn == "min"
-        else max(values)
+        else max
         if fn == "max"
-        else values[0]
+        else (lambda p: p[0])
         if fn == "first"
-        else values[-1]
+        else (lambda p: p[-1])
     )
-    return value if convert is None else convert(value)
+    convert = _converter(dtype)
+    if convert is None:
+        return lambda part: pick(part) if part else None
+    return lambda part: convert(pick(part)) if part else None
 
 
 def _stored_layout(raw: bytes, view: AggregationView, where: str) -> WindowLayout:
