@@ -20,7 +20,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -491,7 +491,6 @@ def aggregation_view_from_json(
 
 # --- offline: the windowed point-in-time query ----------------------------------------------
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _POS = "__polarstore_pos"
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"

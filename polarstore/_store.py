@@ -367,12 +367,13 @@ class FeatureStore:
             *state.entities.values(),
             *state.views.values(),
             *state.services.values(),
+            *state.aggregations.values(),
         ]
         for item in items:
             words = [item.name, item.description, getattr(item, "owner", "")]
             words += [f"{k}={v}" for k, v in (item.tags or {}).items()]
-            if isinstance(item, FeatureView):
-                words += list(item.schema)
+            if isinstance(item, (FeatureView, AggregationView)):
+                words += list(item.feature_names)
             if isinstance(item, FeatureService):
                 words += list(item.features)  # type: ignore[arg-type]
             if any(needle in w.lower() for w in words):

@@ -187,7 +187,7 @@ def sync_windows(
     pending = state.pending(source, current, end_us)
     read = written = 0
     latest_event = None
-    if pending is not None and layout.columns is not None:
+    if pending is not None:
         rows = _pending_rows(offline, view, layout, current, pending)
         read = rows.height
         if read:

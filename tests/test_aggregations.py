@@ -443,3 +443,18 @@ def test_compound_string_keys_and_the_ranks_fallback(
         (None, 0, None),
         (None, 0, None),
     ]
+
+
+def test_services_search_and_describe_know_aggregation_views(store: FeatureStore) -> None:
+    from polarstore import FeatureService
+
+    spend = AggregationView("spend", "orders", [Aggregation("amount", "sum", "2d")], owner="ds")
+    store.apply([USER, ORDERS, spend, FeatureService("churn", ["spend:*", "orders:qty"])])
+    store.write("orders", orders([(1, T0, 1.0, "a")]))
+    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [T0]})
+    assert store.get_historical_features(spine, "churn").collect().row(0)[2:] == (1.0, 1)
+    assert [d.name for d in store.search("amount_sum")] == ["spend"]
+    with pytest.raises(NotFoundError, match=r"no feature 'amount_sum_3d'.*'amount_sum_2d'"):
+        store.get_historical_features(spine, ["spend:amount_sum_3d"])
+    info = store.describe("spend")
+    assert (info["source"], info["owner"], info["materialized_version"]) == ("orders", "ds", None)
