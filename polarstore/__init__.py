@@ -4,6 +4,7 @@ Feature views are Delta Lake tables, historical retrieval is a point-in-time ``j
 and the online store is an embedded LMDB file synced from the Delta tables.
 """
 
+from polarstore._aggregations import Aggregation, AggregationView
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import (
     ConflictError,
@@ -18,6 +19,8 @@ from polarstore._ondemand import OnDemandView
 from polarstore._store import FeatureStore
 
 __all__ = [
+    "Aggregation",
+    "AggregationView",
     "ConflictError",
     "Entity",
     "FeatureService",

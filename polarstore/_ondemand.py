@@ -15,7 +15,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -43,6 +43,9 @@ from polarstore._expressions import (
     input_names,
 )
 from polarstore._frames import lossless_cast, to_polars
+
+if TYPE_CHECKING:  # _aggregations imports the registry side of this module's callers
+    from polarstore._aggregations import AggregationView
 
 __all__ = [
     "OnDemandView",
@@ -202,7 +205,7 @@ def _dtype(dtype: Any, *, where: str) -> pl.DataType:
 
 
 def resolve_on_demand(
-    view: OnDemandView, views: Mapping[str, FeatureView], resolve: Resolve
+    view: OnDemandView, views: Mapping[str, FeatureView | AggregationView], resolve: Resolve
 ) -> OnDemandView:
     """``view`` with its output dtypes inferred from the registered inputs (at ``apply``).
 
@@ -240,7 +243,11 @@ def resolve_on_demand(
 
 
 def _input_schema(
-    view: OnDemandView, views: Mapping[str, FeatureView], resolve: Resolve, *, where: str
+    view: OnDemandView,
+    views: Mapping[str, FeatureView | AggregationView],
+    resolve: Resolve,
+    *,
+    where: str,
 ) -> dict[str, pl.DataType]:
     refs = view.references
     dtypes: dict[str, pl.DataType] = {}
@@ -364,7 +371,7 @@ class Plan:
 
 
 def plan_features(
-    views: Mapping[str, FeatureView],
+    views: Mapping[str, FeatureView | AggregationView],
     on_demand: Mapping[str, OnDemandView],
     features: object,
     *,

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import lmdb
 import polars as pl
 
+from polarstore._aggregations import AggregationView
 from polarstore._definitions import FeatureService, FeatureView, dtype_from_str
 from polarstore._errors import PolarstoreError, ValidationError
 from polarstore._frames import check_declared_keys, entity_frame
@@ -46,6 +47,7 @@ from polarstore._sync import (
     sync_view,
 )
 from polarstore._time import to_utc
+from polarstore._windows import WindowVector, check_online, lookup_windows, sync_windows
 
 __all__ = ["OnlineStore"]
 
@@ -352,7 +354,7 @@ def _begin(env: lmdb.Environment, gate: _Gate, path: Path) -> _Txn:
 def _materialize(
     txn: _Txn,
     offline: OfflineStore,
-    views: Sequence[FeatureView],
+    views: Sequence[FeatureView | AggregationView],
     end_us: int | None,
     show: bool,
 ) -> dict[str, dict[str, Any]]:
@@ -363,7 +365,10 @@ def _materialize(
         for view in views:
             started = time.perf_counter()
             report(f"{view.name}: reading new rows")
-            read, written, version = sync_view(txn, offline, view, end_us, report)
+            if isinstance(view, AggregationView):
+                read, written, version = sync_windows(txn, offline, view, end_us, report)
+            else:
+                read, written, version = sync_view(txn, offline, view, end_us, report)
             summary[view.name] = {
                 "rows_read": read,
                 "entities_written": written,
@@ -387,7 +392,8 @@ class OnlineStore:
         self._gate = _Gate()  # replaced by the shared environment's own when opened
         self._generation = _generation
         self._lock = threading.RLock()
-        self._plans: dict[Any, list[Any]] = {}  # _VectorView parts, then a VectorDerived
+        # _VectorView / WindowVector parts, then a VectorDerived
+        self._plans: dict[Any, list[Any]] = {}
         self._plans_state: Any = None
         self._plans_checked = 0.0
 
@@ -547,7 +553,7 @@ class OnlineStore:
     def materialize(
         self,
         offline: OfflineStore,
-        views: Sequence[FeatureView],
+        views: Sequence[FeatureView | AggregationView],
         *,
         end: datetime | None,
         progress: bool | None,
@@ -558,7 +564,11 @@ class OnlineStore:
         end_us = None if end is None else micros(end)
         if progress is None:
             progress = sys.stderr.isatty() and (
-                sum(offline.row_count(v) for v in views) >= _PROGRESS_ROWS
+                sum(
+                    offline.row_count(v.source_view if isinstance(v, AggregationView) else v)
+                    for v in views
+                )
+                >= _PROGRESS_ROWS
             )
 
         def work(txn: _Txn) -> dict[str, dict[str, Any]]:
@@ -570,7 +580,7 @@ class OnlineStore:
 
     # --- deletes ---------------------------------------------------------------------------
 
-    def delete(self, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+    def delete(self, view: FeatureView | AggregationView, keys: pl.DataFrame, version: int) -> int:
         """Remove entities deleted offline by table ``version``; returns how many were online.
 
         Should this fail or the process die first, the next ``materialize`` repairs it.
@@ -599,6 +609,9 @@ class OnlineStore:
             by_view.setdefault(r.view.name, []).append(r)
             join_keys += [k for k in r.view.join_keys if k not in join_keys]
         _refuse_offline_only([wanted[0].view for wanted in by_view.values()], where)
+        for wanted in by_view.values():
+            if isinstance(wanted[0].view, AggregationView):
+                check_online(wanted[0].view, [r.feature for r in wanted], where)
         now_us = micros(now)
         columns: dict[str, pl.Series] = {}
         with self._read() as txn:
@@ -613,6 +626,10 @@ class OnlineStore:
             for name, wanted in by_view.items():
                 view = wanted[0].view
                 raw = layouts[name]
+                if isinstance(view, AggregationView):
+                    pairs = [(r.feature, r.output) for r in wanted]
+                    columns.update(lookup_windows(txn, raw, view, frame, pairs, now_us, where))
+                    continue
                 if txn is None or raw is None:
                     for r in wanted:
                         columns[r.output] = pl.Series(r.output, [None] * frame.height)
@@ -695,7 +712,7 @@ class OnlineStore:
         if plan is None:
             state = store._state()
             resolved = plan_requested(
-                state.views,
+                state.resolvable(),
                 state.on_demand,
                 service_named(features, state.services),
                 full_feature_names=full_feature_names,
@@ -705,7 +722,7 @@ class OnlineStore:
             for r in requested:
                 groups.setdefault(r.view.name, []).append(r)
             _refuse_offline_only([rs[0].view for rs in groups.values()], "get_feature_vector")
-            plan = [_VectorView(rs[0].view, rs) for rs in groups.values()]
+            plan = [_vector_view(rs) for rs in groups.values()]
             if resolved.derived:
                 plan.append(VectorDerived(resolved))
             if cache_key is not None:
@@ -725,7 +742,7 @@ def _hashable(features: Any) -> Any:
     return features
 
 
-def _refuse_offline_only(views: Sequence[FeatureView], where: str) -> None:
+def _refuse_offline_only(views: Sequence[FeatureView | AggregationView], where: str) -> None:
     offline_only = [v.name for v in views if not v.online]
     if offline_only:
         msg = (
@@ -774,10 +791,12 @@ def _lookup_view(
     if not values:
         return {r.output: pl.Series(r.output, [None] * frame.height) for r in wanted}
     records, payloads = layout.decode_values(values)
+    view = wanted[0].view
+    assert isinstance(view, FeatureView)
     # Online holds only the latest row: one from the future of ``now`` cannot answer for it.
-    strict = not wanted[0].view.allow_exact_match  # event time < now, not <=
+    strict = not view.allow_exact_match  # event time < now, not <=
     live = records["ts"] <= now_us - strict
-    ttl = wanted[0].view.ttl
+    ttl = view.ttl
     if ttl is not None:
         live &= records["ts"] >= now_us - ttl // _US
     out: dict[str, pl.Series] = {}
@@ -791,3 +810,11 @@ def _lookup_view(
         column = pl.select(pl.when(valid).then(column)).to_series()
         out[r.output] = column.gather(positions).alias(r.output)
     return out
+
+
+def _vector_view(wanted: list[Requested]) -> _VectorView | WindowVector:
+    view = wanted[0].view
+    if isinstance(view, AggregationView):
+        check_online(view, [r.feature for r in wanted], "get_feature_vector")
+        return WindowVector(view, [(r.feature, r.output) for r in wanted])
+    return _VectorView(view, wanted)

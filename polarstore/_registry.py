@@ -15,6 +15,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from polarstore._aggregations import (
+    AggregationView,
+    aggregation_view_from_json,
+    aggregation_view_to_json,
+)
 from polarstore._definitions import (
     Entity,
     FeatureService,
@@ -43,6 +48,11 @@ class RegistryState:
     service_versions: dict[str, int] = field(default_factory=dict)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     on_demand: dict[str, OnDemandView] = field(default_factory=dict)
+    aggregations: dict[str, AggregationView] = field(default_factory=dict)
+
+    def resolvable(self) -> dict[str, FeatureView | AggregationView]:
+        """Every view a feature reference may name: feature and aggregation views."""
+        return {**self.views, **self.aggregations}
 
 
 @contextlib.contextmanager
@@ -187,6 +197,10 @@ def _encode(state: RegistryState) -> str:
         doc["on_demand_views"] = {
             n: on_demand_to_json(v) for n, v in sorted(state.on_demand.items())
         }
+    if state.aggregations:  # absent otherwise: older registries read the same
+        doc["aggregation_views"] = {
+            n: aggregation_view_to_json(v) for n, v in sorted(state.aggregations.items())
+        }
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -237,6 +251,8 @@ def _decode(raw: bytes, path: Path) -> RegistryState:
         state.datasets = {n: _dataset_from_json(n, d) for n, d in doc["datasets"].items()}
         for name, o in doc.get("on_demand_views", {}).items():
             state.on_demand[name] = on_demand_from_json(name, o, where=f"the registry {path}")
+        for name, a in doc.get("aggregation_views", {}).items():
+            state.aggregations[name] = aggregation_view_from_json(name, a, state.views)
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as err:
         detail = str(err) if isinstance(err, PolarstoreError) else f"{type(err).__name__}: {err}"
         msg = f"the registry {path} is damaged: {detail}."

@@ -9,6 +9,7 @@ from typing import Any
 
 import polars as pl
 
+from polarstore._aggregations import AggregationView, aggregated_rows, table_of
 from polarstore._definitions import SEQ_COLUMN, FeatureService, FeatureView, as_references
 from polarstore._errors import NotFoundError, PolarstoreError, ValidationError, did_you_mean
 from polarstore._frames import declared_key, lossless_cast, to_polars
@@ -37,13 +38,16 @@ _US = timedelta(microseconds=1)
 class Requested:
     """One requested feature: the view, the feature name and its output column name."""
 
-    view: FeatureView
+    view: FeatureView | AggregationView
     feature: str
     output: str
 
 
 def resolve_features(
-    views: Mapping[str, FeatureView], features: object, *, full_feature_names: bool
+    views: Mapping[str, FeatureView | AggregationView],
+    features: object,
+    *,
+    full_feature_names: bool,
 ) -> list[Requested]:
     """Expand and validate feature references eagerly, before any data is read.
 
@@ -143,8 +147,8 @@ def historical_features(
                 f"entity_df has no column(s) {missing}." + did_you_mean(missing[0], spine.columns)
             )
             raise ValidationError(msg)
-        version = versions.get(view_name)
-        stored = None if version == EMPTY_VERSION else offline.table_schema(view_name)
+        version = versions.get(table_of(view))
+        stored = None if version == EMPTY_VERSION else offline.table_schema(table_of(view))
         temp_keys: dict[str, pl.DataType] = {}
         for key in view.join_keys:
             given = declared_key(spine, key, view.key_dtypes, where=where)
@@ -174,6 +178,25 @@ def historical_features(
     for reqs, temp_keys in plans:
         view = reqs[0].view
         version = versions.get(view.name)
+        if isinstance(view, AggregationView):
+            if bitemporal:
+                msg = (
+                    f"{where}: bitemporal=True does not apply to aggregation view "
+                    f"{view.name!r} yet; request it without bitemporal."
+                )
+                raise ValidationError(msg)
+            version = versions.get(view.source_name)
+            windowed = aggregated_rows(
+                offline,
+                view,
+                [(r.feature, r.output) for r in reqs],
+                list(temp_keys),
+                version,
+                left.select(_ROW, _TS, *temp_keys),
+                empty=version == EMPTY_VERSION,
+            )
+            joined = joined.join(windowed.lazy(), on=_ROW, how="left")
+            continue
         right = _view_rows(offline, view, reqs, temp_keys, version, lo, hi, bitemporal=bitemporal)  # type: ignore[arg-type]
         if not bitemporal:
             joined = joined.join_asof(
@@ -357,7 +380,7 @@ def service_named(features: Any, services: Mapping[str, FeatureService]) -> Any:
 
 
 def plan_requested(
-    views: Mapping[str, FeatureView],
+    views: Mapping[str, FeatureView | AggregationView],
     on_demand: Mapping[str, OnDemandView],
     features: object,
     *,

@@ -125,6 +125,7 @@ def historical_features(
         )
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
+        assert isinstance(view, FeatureView)  # others are refused on entry
         rows = _view_rows(
             spark, offline, view, reqs, keys, versions.get(view_name), bounds, bitemporal
         )
@@ -220,6 +221,7 @@ def _polars_spine(
     }
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
+        assert isinstance(view, FeatureView)  # others are refused on entry
         stored = _stored_keys(offline, view, versions.get(view_name))
         for key in view.join_keys:
             given = declared_key(spine, key, view.key_dtypes, where=_WHERE)
@@ -296,6 +298,7 @@ def _spark_spine(
     checks: list[tuple[str, pl.DataType]] = []
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
+        assert isinstance(view, FeatureView)  # others are refused on entry
         stored_keys = _stored_keys(offline, view, versions.get(view_name))
         for key in view.join_keys:
             given = types[key]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import polars as pl
 
 from polarstore import _spark
+from polarstore._aggregations import AggregationView, describe_aggregation, table_of
 from polarstore._datasets import read_spine, store_dataset
 from polarstore._definitions import (
     Entity,
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FeatureStore"]
 
-Definition = Entity | FeatureView | FeatureService | OnDemandView
+Definition = Entity | FeatureView | FeatureService | OnDemandView | AggregationView
+_DEFINITIONS = (Entity, FeatureView, FeatureService, OnDemandView, AggregationView)
 AsOf = datetime | date | str | Mapping[str, int] | None
 
 
@@ -173,15 +175,12 @@ class FeatureStore:
         >>> store.get_feature_view("more").join_keys
         ('user_id',)
         """
-        items = (
-            [objects]
-            if isinstance(objects, (Entity, FeatureView, FeatureService, OnDemandView))
-            else list(objects)
-        )
+        items = [objects] if isinstance(objects, _DEFINITIONS) else list(objects)
         for item in items:
-            if not isinstance(item, (Entity, FeatureView, FeatureService, OnDemandView)):
+            if not isinstance(item, _DEFINITIONS):
                 msg = (
-                    "apply() takes Entity, FeatureView, OnDemandView and FeatureService "
+                    "apply() takes Entity, FeatureView, AggregationView, OnDemandView and "
+                    "FeatureService "
                     f"objects, got {item!r}."
                 )
                 raise ValidationError(msg)
@@ -191,6 +190,8 @@ class FeatureStore:
         entities = [i for i in items if isinstance(i, Entity)]
         views = [i for i in items if isinstance(i, FeatureView)]
         services = [i for i in items if isinstance(i, FeatureService)]
+        aggregations = [i for i in items if isinstance(i, AggregationView)]
+        views += [a.source for a in aggregations if isinstance(a.source, FeatureView)]
         declared = {n: v.key_dtypes for n, v in state.views.items()}
         entities += [e for v in views for e in v.entities if isinstance(e, Entity)]  # type: ignore[union-attr]
         for entity in entities:
@@ -225,10 +226,19 @@ class FeatureStore:
             if rebuilt.key_dtypes and rebuilt.key_dtypes != declared.get(name):
                 _check_key_dtypes(rebuilt, self._offline.table_schema(name))
             state.views[name] = rebuilt
+        _apply_aggregations(state, aggregations)
+        resolvable = state.resolvable()  # on-demand inputs may be aggregation features
         for odv in [i for i in items if isinstance(i, OnDemandView)]:
-            state.on_demand[odv.name] = resolve_on_demand(odv, state.views, resolve_features)
+            state.on_demand[odv.name] = resolve_on_demand(odv, resolvable, resolve_features)
+        clash = [n for n in state.on_demand if n in resolvable]
+        if clash:
+            msg = (
+                f"view {clash[0]!r}: there is an on-demand view of that name; names are shared "
+                "by feature, aggregation and on-demand views."
+            )
+            raise ValidationError(msg)
         for service in services:
-            plan_requested(state.views, state.on_demand, service.features, full_feature_names=True)
+            plan_requested(resolvable, state.on_demand, service.features, full_feature_names=True)
             old_service = state.services.get(service.name)
             version = state.service_versions.get(service.name, 0)
             if old_service is None or old_service.features != service.features:
@@ -356,6 +366,22 @@ class FeatureStore:
         """
         return list(self._state().on_demand.values())
 
+    def list_aggregation_views(self) -> list[AggregationView]:
+        """The registered aggregation views, in the order they were first applied.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from polarstore import Aggregation, AggregationView
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> orders = FeatureView("orders", entities=Entity("user", "user_id"),
+        ...                      schema={"amount": pl.Float64})
+        >>> store.apply(AggregationView("spend", orders, [Aggregation("amount", "sum", "7d")]))
+        >>> [(v.name, v.feature_names) for v in store.list_aggregation_views()]
+        [('spend', ('amount_sum_7d',))]
+        """
+        return list(self._state().aggregations.values())
+
     def search(self, text: str) -> list[Definition]:
         """Definitions whose name, description, owner, tags or feature names contain ``text``.
 
@@ -381,13 +407,14 @@ class FeatureStore:
             *state.entities.values(),
             *state.views.values(),
             *state.services.values(),
+            *state.aggregations.values(),
             *state.on_demand.values(),
         ]
         for item in items:
             words = [item.name, item.description, getattr(item, "owner", "")]
             words += [f"{k}={v}" for k, v in (item.tags or {}).items()]
-            if isinstance(item, FeatureView):
-                words += list(item.schema)
+            if isinstance(item, (FeatureView, AggregationView)):
+                words += list(item.feature_names)
             if isinstance(item, FeatureService):
                 words += list(item.features)  # type: ignore[arg-type]
             if isinstance(item, OnDemandView):
@@ -396,7 +423,7 @@ class FeatureStore:
                 found.append(item)
         return found
 
-    def describe(self, view: str | FeatureView) -> dict[str, Any]:
+    def describe(self, view: str | FeatureView | AggregationView) -> dict[str, Any]:
         """Schema, description, owner, tags, rows, versions, latest event time, online state.
 
         Examples
@@ -416,7 +443,13 @@ class FeatureStore:
         """
         if isinstance(view, str) and view in (on_demand := self._state().on_demand):
             return describe_on_demand(on_demand[view])
-        v = self._view(view)
+        name = view.name if isinstance(view, AggregationView) else view
+        aggregations = self._state().aggregations
+        if isinstance(name, str) and name in aggregations:
+            agg = aggregations[name]
+            online = self._online().state(agg.name) if agg.online else {}
+            return describe_aggregation(agg, online)
+        v = self._view(view)  # type: ignore[arg-type]
         version = self._offline.current_version(v.name)
         latest = None
         if version is not None:
@@ -625,6 +658,9 @@ class FeatureStore:
         )
         if v.online:
             self._online().delete(v, frame, version)
+        for agg in self._state().aggregations.values():  # their window state holds the rows
+            if agg.online and agg.source_name == v.name:
+                self._online().delete(agg, frame, version)
         return version
 
     def vacuum(
@@ -789,12 +825,12 @@ class FeatureStore:
         state = self._state()
         features = service_named(features, state.services)
         plan = plan_requested(
-            state.views,
+            state.resolvable(),
             state.on_demand if on_demand is None else on_demand,
             features,
             full_feature_names=full_feature_names,
         )
-        versions = self._pin(as_of, [r.view.name for r in plan.stored])
+        versions = self._pin(as_of, [table_of(r.view) for r in plan.stored])
         where = "get_historical_features"
         if not isinstance(timestamp_field, str):
             msg = f"{where}: timestamp_field must be a column name, got {timestamp_field!r}."
@@ -865,14 +901,15 @@ class FeatureStore:
             as_references(service_named(features, state.services), where=f"save_dataset {name!r}")
         )
         plan = plan_requested(
-            state.views, state.on_demand, refs, full_feature_names=full_feature_names
+            state.resolvable(), state.on_demand, refs, full_feature_names=full_feature_names
         )
         requested = plan.stored
-        pins = self._pin(as_of, [r.view.name for r in requested])
+        pins = self._pin(as_of, [table_of(r.view) for r in requested])
         versions: dict[str, int | None] = {}
-        for r in requested:  # only the views it uses: another's damaged table must not block
-            current = pins.get(r.view.name, self._offline.current_version(r.view.name))
-            versions[r.view.name] = EMPTY_VERSION if current is None else current
+        for table in map(table_of, (r.view for r in requested)):
+            # Only the tables it uses: another's damaged table must not block.
+            current = pins.get(table, self._offline.current_version(table))
+            versions[table] = EMPTY_VERSION if current is None else current
         result = self.get_historical_features(
             spine,
             refs,
@@ -972,7 +1009,7 @@ class FeatureStore:
 
     def materialize(
         self,
-        views: str | FeatureView | Iterable[str | FeatureView] | None = None,
+        views: str | FeatureView | AggregationView | Iterable[Any] | None = None,
         *,
         end: datetime | date | str | None = None,
         progress: bool | None = None,
@@ -1002,17 +1039,25 @@ class FeatureStore:
         0
         """
         state = self._state()
+        targets: list[FeatureView | AggregationView]
         if views is None:
             targets = [v for v in state.views.values() if v.online]
+            targets += [a for a in state.aggregations.values() if a.online]
         else:
-            items = [views] if isinstance(views, (str, FeatureView)) else views
+            items = [views] if isinstance(views, (str, FeatureView, AggregationView)) else views
             if not isinstance(items, Iterable) or isinstance(items, (bytes, Mapping)):
                 msg = (
                     "materialize: views must be a view name, a FeatureView or a list of them, "
                     f"got {views!r}."
                 )
                 raise ValidationError(msg)
-            targets = [self._view(v) for v in items]
+            names = [v.name if isinstance(v, AggregationView) else v for v in items]
+            targets = [
+                state.aggregations[n]
+                if isinstance(n, str) and n in state.aggregations
+                else self._view(n)
+                for n in names
+            ]
             offline_only = [v.name for v in targets if not v.online]
             if offline_only:
                 msg = f"views {offline_only} are not online (online=False); nothing to sync."
@@ -1020,6 +1065,7 @@ class FeatureStore:
         until = None if end is None else to_utc(end, what="end")
         # Views applied since with online=False stop being served: their online data goes.
         drop = [v.name for v in state.views.values() if not v.online]
+        drop += [a.name for a in state.aggregations.values() if not a.online]
         return self._online().materialize(  # type: ignore[no-any-return]
             self._offline, targets, end=until, progress=progress, drop=drop
         )
@@ -1057,7 +1103,7 @@ class FeatureStore:
         state = self._state()
         features = service_named(features, state.services)
         plan = plan_requested(
-            state.views, state.on_demand, features, full_feature_names=full_feature_names
+            state.resolvable(), state.on_demand, features, full_feature_names=full_feature_names
         )
         moment = utc_now() if now is None else to_utc(now, what="now")
         return online_with_derived(self._online().lookup, entity_rows, plan, moment)
@@ -1138,3 +1184,25 @@ def _check_key_dtypes(view: FeatureView, stored: Mapping[str, pl.DataType] | Non
                 f"cannot declare {key!r} as {dtype}. Declare {have} or create a new view."
             )
             raise SchemaError(msg)
+
+
+def _apply_aggregations(state: RegistryState, aggregations: list[AggregationView]) -> None:
+    """Register aggregation views against their sources, and re-resolve the registered ones
+    (a re-applied source must be the one they read)."""
+    for agg in aggregations:
+        if agg.name in state.views:
+            msg = (
+                f"aggregation view {agg.name!r}: there is a feature view of that name; "
+                "names are shared by feature views and aggregation views."
+            )
+            raise ValidationError(msg)
+        state.aggregations[agg.name] = agg
+    clash = [n for n in state.aggregations if n in state.views]
+    if clash:
+        msg = (
+            f"feature view {clash[0]!r}: there is an aggregation view of that name; names are "
+            "shared by feature views and aggregation views."
+        )
+        raise ValidationError(msg)
+    for name, agg in list(state.aggregations.items()):
+        state.aggregations[name] = agg.resolve(state.views)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from polarstore._aggregations import AggregationView
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._offline import OfflineStore, seq_floor
 from polarstore._records import META, Layout, cast_keys
@@ -341,7 +342,9 @@ def settle_deletes(txn: _Txn, offline: OfflineStore, view: FeatureView) -> None:
     txn.put(meta_key("state", view.name), state.to_json())
 
 
-def delete_synced(txn: _Txn, view: FeatureView, keys: pl.DataFrame, version: int) -> int:
+def delete_synced(
+    txn: _Txn, view: FeatureView | AggregationView, keys: pl.DataFrame, version: int
+) -> int:
     """Remove entities of a view deleted offline by table ``version``; returns how many were
     online. Records the delete as applied, so the next sync need not repair it."""
     raw = txn.get(meta_key("layout", view.name))

@@ -82,3 +82,14 @@ def test_bitemporal_benchmark_runs(tmp_path: Path) -> None:
     out = run("benchmarks.bitemporal", "--size", TINY, "--repeat", "1", "--days", "6")
     layouts = ("daily", "daily+backfill", "bulk", "appends")
     assert [[r[0] for r in table_rows(out, "")].count(layout) for layout in layouts] == [1] * 4
+
+
+def test_aggregations_benchmark_answers_match(tmp_path: Path) -> None:
+    out = run(
+        "benchmarks.aggregations",
+        *("--size", "20000", "--repeat", "1", "--calls", "500", "--workdir", str(tmp_path)),
+    )
+    rows = table_rows(out, "duckdb") + table_rows(out, "pandas")
+    assert len(rows) == 2
+    assert all(r[-1] == "equal" for r in rows), rows
+    assert "p50 / raw plain get+decode" in out

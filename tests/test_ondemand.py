@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -567,3 +567,36 @@ def test_a_value_an_expression_cannot_take_fails_alike_in_every_path(store: Feat
         store.get_feature_vector(entity, ["strict:*"], now=NOW)
     entity["code"] = "12"
     assert store.get_feature_vector(entity, ["strict:*"], now=NOW) == {"code_number": 12}
+
+
+def test_aggregation_features_feed_derived_ones_offline_and_online(tmp_path: Path) -> None:
+    """'this amount vs the user's 30-day average': an on-demand input may be an aggregation
+    feature; every path computes it from the same windowed mean."""
+    from polarstore import Aggregation, AggregationView
+
+    store = FeatureStore(tmp_path)
+    user = Entity("user", "user_id")
+    orders = FeatureView("orders", entities=user, schema={"amount": pl.Float64})
+    spend = AggregationView("spend", orders, [Aggregation("amount", "mean", "30d")])
+    ratio = pl.col("amount") / pl.col("spend:amount_mean_30d")
+    txn = OnDemandView("txn", {"vs_avg": ratio}, request_schema={"amount": pl.Float64})
+    store.apply([user, orders, spend, txn])
+    days = [datetime(2024, 1, d, tzinfo=timezone.utc) for d in (1, 10, 5, 20)]
+    store.write(
+        "orders",
+        pl.DataFrame(
+            {"user_id": [1, 1, 2, 1], "amount": [10.0, 30.0, 5.0, 7.0], "event_timestamp": days}
+        ),
+    )
+    now = datetime(2024, 1, 15, tzinfo=timezone.utc)  # the day-20 order is after now
+    spine = pl.DataFrame(
+        {"user_id": [1, 2, 3], "event_timestamp": [now] * 3, "amount": [40.0, 5.0, 1.0]}
+    )
+    offline = store.get_historical_features(spine, ["txn:vs_avg"]).collect()
+    assert offline["vs_avg"].to_list() == [2.0, 1.0, None]
+    store.materialize()
+    rows = [{"user_id": u, "amount": a} for u, a in zip([1, 2, 3], [40.0, 5.0, 1.0], strict=True)]
+    online = store.get_online_features(rows, ["txn:vs_avg"], now=now)
+    assert online["vs_avg"].to_list() == offline["vs_avg"].to_list()
+    for row, want in zip(rows, offline["vs_avg"], strict=True):
+        assert store.get_feature_vector(row, ["txn:vs_avg"], now=now) == {"vs_avg": want}
