@@ -33,7 +33,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["RefView", "pick_row", "point_in_time", "resolve_features", "to_utc"]
+__all__ = [
+    "RefView",
+    "feature_statistics",
+    "pick_row",
+    "point_in_time",
+    "resolve_features",
+    "to_utc",
+]
 
 Row = Mapping[str, Any]
 
@@ -163,3 +170,32 @@ def point_in_time(
             values[output] = None if match is None else match[feature]
         result.append(values)
     return result
+
+
+def feature_statistics(values: Sequence[Any]) -> dict[str, Any]:
+    """Exact statistics of one feature's values (a plain list; None is null, NaN not a number).
+
+    ``count`` counts non-null values (NaN included); the moments, extremes and ``sorted`` (the
+    values in order, to check quantiles against) leave NaN out; ``n_unique`` counts distinct
+    non-null values (NaN once); ``counts`` maps each value to how often it occurs.
+    """
+    present = [v for v in values if v is not None]
+    numbers = sorted(float(v) for v in present if not isinstance(v, str) and v == v)  # not NaN
+    n = len(numbers)
+    mean = sum(numbers) / n if n else None
+    std = (sum((x - mean) ** 2 for x in numbers) / (n - 1)) ** 0.5 if n > 1 else None  # type: ignore[operator]
+    counts: dict[Any, int] = {}
+    for v in present:
+        key = "NaN" if v != v else v
+        counts[key] = counts.get(key, 0) + 1
+    return {
+        "count": len(present),
+        "null_count": len(values) - len(present),
+        "mean": mean,
+        "std": std,
+        "min": numbers[0] if n else None,
+        "max": numbers[-1] if n else None,
+        "sorted": numbers,
+        "n_unique": len(counts),
+        "counts": counts,
+    }
