@@ -19,6 +19,7 @@ from polarstore._definitions import (
     as_references,
     check_name,
 )
+from polarstore._drift import drift
 from polarstore._errors import (
     NotFoundError,
     SchemaError,
@@ -1021,6 +1022,66 @@ class FeatureStore:
         """
         v = self._view(view)
         return statistics(self._offline, v, self._version(v, as_of, "statistics"))
+
+    def drift(self, view: str | FeatureView, reference: Any, current: Any = None) -> pl.DataFrame:
+        """How far each feature's distribution moved from ``reference`` to ``current``.
+
+        Each side is a version (``int``), a ``{view: version}`` pin or a moment (the whole
+        table as of it), or an event-time range ``(start, end)`` of the current table (start
+        inclusive, end exclusive); ``current=None`` is the current table. One row per feature:
+        ``kind`` (``numeric`` for numbers and times, ``categorical`` for strings and booleans),
+        ``reference_count``, ``current_count``, ``psi`` (over the reference's deciles, or the
+        categories), ``ks`` (numeric: the largest CDF gap), ``chi2`` and ``cramers_v``
+        (categorical), ``p_value`` (of KS or chi-square), ``drifted`` and ``new_categories``.
+        ``drifted`` is True when PSI >= 0.2, KS >= 0.1 or Cramér's V >= 0.1 **and** p < 0.01
+        (an effect worth a look that is not sampling noise); null for features that are not
+        compared (lists, binaries) or have no values on a side. Versions and moments use the
+        summaries ``statistics`` keeps (no data is read); a range reads its rows.
+
+        Examples
+        --------
+        >>> import tempfile, polars as pl
+        >>> from datetime import datetime, timedelta
+        >>> store = FeatureStore(tempfile.mkdtemp())
+        >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
+        ...                         schema={"amount": pl.Float64, "tier": pl.String}))
+        >>> def day(d, amounts, tiers): return pl.DataFrame({"user_id": range(len(amounts)),
+        ...     "amount": amounts, "tier": tiers, "event_timestamp": [datetime(2024, 1, d)]
+        ...     * len(amounts)})
+        >>> store.write("stats", day(1, [float(i % 100) for i in range(1000)], ["a", "b"] * 500))
+        0
+        >>> store.write("stats", day(2, [float(i % 100) + 50 for i in range(1000)], ["c"] * 1000))
+        1
+        >>> table = store.drift("stats", reference=0)  # version 0 against the current table
+        >>> table.select("feature", "kind", "drifted").rows()
+        [('amount', 'numeric', True), ('tier', 'categorical', True)]
+        >>> table["new_categories"][1].to_list()
+        ['c']
+        >>> by_day = (datetime(2024, 1, 1), datetime(2024, 1, 2))
+        >>> store.drift("stats", reference=by_day, current=0)["drifted"].to_list()  # the same rows
+        [False, False]
+        """
+        v = self._view(view)
+        ref = self._side(v, reference, "reference")
+        return drift(self._offline, v, ref, self._side(v, current, "current"))
+
+    def _side(self, v: FeatureView, side: Any, what: str) -> Any:
+        """A side of ``drift``: a version (None: current) or a UTC event-time range."""
+        where = f"drift({v.name!r}) {what}"
+        if isinstance(side, (tuple, list)):
+            if len(side) != 2:
+                msg = f"{where}: an event-time range is (start, end), got {side!r}."
+                raise ValidationError(msg)
+            start = to_utc(side[0], what=f"{where} start")
+            end = to_utc(side[1], what=f"{where} end")
+            if not start < end:
+                msg = f"{where}: the range ({start}, {end}) is empty; start must be before end."
+                raise ValidationError(msg)
+            return (start, end)
+        if side is None and what == "reference":
+            msg = f"{where}: give a version, a moment or an event-time range (start, end)."
+            raise ValidationError(msg)
+        return self._version(v, side, where)
 
 
 def _check_evolution(old: FeatureView, new: FeatureView) -> None:

@@ -35,7 +35,9 @@ from typing import Any
 
 __all__ = [
     "RefView",
+    "chi_square",
     "feature_statistics",
+    "ks_statistic",
     "pick_row",
     "point_in_time",
     "resolve_features",
@@ -199,3 +201,30 @@ def feature_statistics(values: Sequence[Any]) -> dict[str, Any]:
         "n_unique": len(counts),
         "counts": counts,
     }
+
+
+def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    points = sorted(set(a) | set(b))
+    xs, ys = sorted(a), sorted(b)
+    gap, i, j = 0.0, 0, 0
+    for p in points:
+        while i < len(xs) and xs[i] <= p:
+            i += 1
+        while j < len(ys) and ys[j] <= p:
+            j += 1
+        gap = max(gap, abs(i / len(xs) - j / len(ys)))
+    return gap
+
+
+def chi_square(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Pearson's chi-square statistic of the 2 x k table of category counts of ``a`` and ``b``."""
+    categories = sorted(set(a) | set(b))
+    rows = [[list(a).count(c) for c in categories], [list(b).count(c) for c in categories]]
+    total = len(a) + len(b)
+    statistic = 0.0
+    for r, size in zip(rows, (len(a), len(b)), strict=True):
+        for k, observed in enumerate(r):
+            expected = size * (rows[0][k] + rows[1][k]) / total
+            statistic += (observed - expected) ** 2 / expected
+    return statistic
