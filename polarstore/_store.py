@@ -359,12 +359,15 @@ class FeatureStore:
         return found
 
     def describe(self, view: str | FeatureView) -> dict[str, Any]:
-        """Schema, description, owner, tags, rows, versions, latest event time, online state.
+        """Schema, description, owner, tags, rows, versions, freshness, online state.
+
+        Freshness: ``latest_event_time``, ``freshness_lag`` (how far it is behind now, a
+        ``timedelta``), ``materialized_version`` and ``materialized_at``.
 
         Examples
         --------
         >>> import tempfile, polars as pl
-        >>> from datetime import datetime
+        >>> from datetime import datetime, timedelta
         >>> store = FeatureStore(tempfile.mkdtemp())
         >>> store.apply(FeatureView("stats", entities=Entity("user", "user_id"),
         ...                         schema={"clicks": pl.Int64}))
@@ -375,6 +378,8 @@ class FeatureStore:
         >>> info = store.describe("stats")
         >>> info["rows"], info["version"], info["materialized_version"]
         (3, 0, None)
+        >>> info["latest_event_time"].isoformat(), info["freshness_lag"] > timedelta(days=300)
+        ('2024-01-03T00:00:00+00:00', True)
         """
         v = self._view(view)
         version = self._offline.current_version(v.name)
@@ -399,6 +404,7 @@ class FeatureStore:
             "version": version,
             "versions": 0 if version is None else version + 1,
             "latest_event_time": latest,
+            "freshness_lag": None if latest is None else utc_now() - latest,
             "materialized_version": online.get("version") if online else None,
             "materialized_at": online.get("materialized_at") if online else None,
         }

@@ -179,3 +179,23 @@ def test_bad_sides_are_refused(shop: FeatureStore) -> None:
         shop.drift("shop", reference=9)
     with pytest.raises(ValidationError, match="pins no version of view 'shop'"):
         shop.drift("shop", reference={"other": 0})
+
+
+def test_cli_drift_prints_the_table(shop: FeatureStore) -> None:
+    from click.testing import CliRunner
+
+    from polarstore._cli import cli
+
+    def run(*args: str) -> Any:
+        return CliRunner(env={"COLUMNS": "250"}).invoke(cli, ["--repo", str(shop.path), *args])
+
+    out = run("drift", "shop", "--reference", "0", "--current", "1")
+    assert out.exit_code == 0, out.output
+    assert "Drift of shop" in out.stdout
+    assert "amount" in out.stdout
+    by_range = run("drift", "shop", "--reference", "2024-01-02..2024-01-03", "--current", "2")
+    assert by_range.exit_code == 0, by_range.output
+    assert "True" in by_range.stdout  # day 3 is shifted
+    bad = run("drift", "shop", "--reference", "9")
+    assert bad.exit_code == 1
+    assert "no version 9" in bad.stderr

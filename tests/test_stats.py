@@ -260,3 +260,57 @@ def test_large_batches_keep_quantile_and_distinct_error_bounds(store: FeatureSto
     exact_k = store.read("big").select(pl.col("k").n_unique()).collect().item()
     assert_distinct(got["k"]["n_unique"], exact_k, "k")
     assert_distinct(got["x"]["n_unique"], everything.size, "x")
+
+
+# --- freshness and the command line ------------------------------------------------------------
+
+
+def test_describe_shows_freshness(activity: FeatureStore) -> None:
+    info = activity.describe("activity")
+    latest = T0.replace(tzinfo=timezone.utc) + timedelta(hours=2)
+    assert info["latest_event_time"] == latest
+    lag = info["freshness_lag"]
+    assert isinstance(lag, timedelta)
+    assert abs((datetime.now(timezone.utc) - latest) - lag) < timedelta(minutes=5)
+    assert info["materialized_version"] is None
+    activity.materialize()
+    info = activity.describe("activity")
+    assert info["materialized_version"] == 1
+    assert info["materialized_at"] is not None
+
+
+def cli(*args: str | Path) -> str:
+    from click.testing import CliRunner
+
+    from polarstore._cli import cli as group
+
+    result = CliRunner(env={"COLUMNS": "250"}).invoke(group, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+def test_cli_stats_and_ls_freshness(activity: FeatureStore) -> None:
+    out = cli("--repo", activity.path, "stats", "activity")
+    assert "Statistics of activity" in out
+    assert "a=2, b=1, c=1" in out  # top values of tier, as value=count
+    assert "Statistics of activity as of 0" in cli(
+        "--repo", activity.path, "stats", "activity", "--as-of", "0"
+    )
+    moment = activity.history("activity")["timestamp"][0].isoformat()
+    assert "as of" in cli("--repo", activity.path, "stats", "activity", "--as-of", moment)
+    listing = cli("--repo", activity.path, "ls")
+    assert "latest event" in listing
+    assert "2024-01-01 02:00:00+00:00" in listing
+    assert "materialized" in listing
+
+
+def test_cli_stats_refuses_a_bad_as_of(activity: FeatureStore) -> None:
+    from click.testing import CliRunner
+
+    from polarstore._cli import cli as group
+
+    result = CliRunner().invoke(
+        group, ["--repo", str(activity.path), "stats", "activity", "--as-of", "soon"]
+    )
+    assert result.exit_code == 2
+    assert "'soon' is not a date or time" in result.stderr
