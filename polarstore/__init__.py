@@ -4,6 +4,7 @@ Feature views are Delta Lake tables, historical retrieval is a point-in-time ``j
 and the online store is an embedded LMDB file synced from the Delta tables.
 """
 
+from polarstore._checks import CheckWarning
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import (
     ConflictError,
@@ -17,6 +18,7 @@ from polarstore._errors import (
 from polarstore._store import FeatureStore
 
 __all__ = [
+    "CheckWarning",
     "ConflictError",
     "Entity",
     "FeatureService",

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from polarstore._checks import OnCheckFailure, enforce
 from polarstore._datasets import read_spine, store_dataset
 from polarstore._definitions import (
     Entity,
@@ -412,7 +413,12 @@ class FeatureStore:
     # --- offline store ----------------------------------------------------------------------
 
     def write(
-        self, view: str | FeatureView, data: Any, *, idempotency_key: str | None = None
+        self,
+        view: str | FeatureView,
+        data: Any,
+        *,
+        idempotency_key: str | None = None,
+        on_check_failure: OnCheckFailure = "error",
     ) -> int:
         """Append rows to the view's Delta table in one commit; return the new table version.
 
@@ -420,6 +426,12 @@ class FeatureStore:
         DataFrame or LazyFrame, a pyarrow Table or a pandas DataFrame holding the join keys,
         the timestamp field(s) and exactly the declared features. With ``idempotency_key``, a
         retried job writing the same key again commits nothing (Delta app transactions).
+        The view's ``checks`` run on the rows as stored (a row fails where a check is False;
+        null passes): a failing row refuses the batch with a ``ValidationError`` naming the
+        check, the count and up to 5 example rows, unless ``on_check_failure`` is ``"warn"``
+        (written, with a ``CheckWarning``) or ``"drop"`` (only the passing rows are written,
+        with a ``CheckWarning``; when none pass, nothing is committed and the current version,
+        or -1 for a view without data, is returned).
 
         Examples
         --------
@@ -441,6 +453,10 @@ class FeatureStore:
             raise ValidationError(msg)
         stored = self._offline.table_schema(v.name)
         rows = prepare_rows(v, data, stored)
+        checked = enforce(v, rows, on_check_failure)
+        if checked.height < rows.height and checked.is_empty():  # every row dropped
+            return EMPTY_VERSION if stored is None else self._offline.current_version(v.name)  # type: ignore[return-value]
+        rows = checked
         if rows.is_empty() and stored is not None:
             return self._offline.current_version(v.name)  # type: ignore[return-value]
         return self._offline.append(
