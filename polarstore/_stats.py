@@ -70,6 +70,8 @@ QUANTILE_RANK_ERROR = 0.008
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S29 = np.uint64(29)
+_MASK = np.uint64((1 << _P) - 1)
+_CHUNK = 1 << 15
 
 
 def _kind(dtype: pl.DataType) -> str:
@@ -85,28 +87,34 @@ def _kind(dtype: pl.DataType) -> str:
 # --- HyperLogLog ----------------------------------------------------------------------------
 
 
-def _mix(bits: np.ndarray) -> np.ndarray:
-    """A stable 64-bit hash of 64-bit patterns (Polars' own hash changes between versions):
-    two odd multipliers with a xorshift between (about half of MurmurHash3's finaliser, which
-    the writes' budget could not afford; its output bits pass HyperLogLog's needs)."""
-    h = bits * _C1
-    shifted = np.empty_like(h)  # one scratch buffer: these passes are memory-bound
-    h ^= np.right_shift(h, _S29, out=shifted)
-    h *= _C2
-    h ^= np.right_shift(h, _S29, out=shifted)
-    return h
+def _registers(values: np.ndarray, *, mix: bool = True) -> np.ndarray:
+    """HyperLogLog registers of 64-bit ``values`` (hashed first unless ``mix`` is False).
 
-
-def _registers(hashes: np.ndarray) -> np.ndarray:
-    """HyperLogLog registers: the low ``_P`` bits pick one, the rank comes from the rest."""
-    if not hashes.size:
-        return np.zeros(1 << _P, dtype=np.uint8)
-    # A float's biased exponent is floor(log2 h) + 1023, so 1087 - it is the rank (leading
-    # zeros + 1) of the bits above the index, capped at _Q + 1 when they are all zero. The
-    # smallest exponent per register gives its greatest rank: three passes over the batch.
-    exponent = hashes.astype(np.float64).view(np.uint64) >> np.uint64(52)
+    The hash is stable (Polars' own changes between versions): two odd multipliers with a
+    xorshift after each. The low ``_P`` bits pick a register; a float's biased exponent is
+    floor(log2 h) + 1023, so 1087 - it is the rank (leading zeros + 1) of the bits above,
+    capped at _Q + 1; the smallest exponent per register gives its greatest rank. Chunks that
+    stay in the CPU cache make these memory-bound passes about twice as fast.
+    """
     lowest = np.full(1 << _P, 2047, dtype=np.uint64)
-    np.minimum.at(lowest, hashes & np.uint64((1 << _P) - 1), exponent)
+    step = max(1, min(_CHUNK, values.size))
+    h, scratch = np.empty(step, np.uint64), np.empty(step, np.uint64)
+    exponent = np.empty(step, np.float64)
+    for i in range(0, values.size, step):
+        part = values[i : i + step]
+        n = part.size
+        hh, tt, ee = h[:n], scratch[:n], exponent[:n]
+        if mix:
+            np.multiply(part, _C1, out=hh)
+            np.bitwise_xor(hh, np.right_shift(hh, _S29, out=tt), out=hh)
+            np.multiply(hh, _C2, out=hh)
+            np.bitwise_xor(hh, np.right_shift(hh, _S29, out=tt), out=hh)
+        else:
+            np.copyto(hh, part)
+        np.copyto(ee, hh, casting="unsafe")
+        bits = ee.view(np.uint64)
+        np.right_shift(bits, np.uint64(52), out=bits)
+        np.minimum.at(lowest, np.bitwise_and(hh, _MASK, out=tt), bits)
     rank = np.minimum(np.uint64(1087) - lowest, np.uint64(_Q + 1)).astype(np.uint8)
     rank[lowest == 2047] = 0
     return rank
@@ -304,7 +312,7 @@ def _summarize_column(column: pl.Series, kind: str) -> FeatureSummary:
         keys, ns = counts[values.name].to_list(), counts["n"].to_list()
         out.values = dict(zip(keys[:_TOP], ns[:_TOP], strict=True))
         out.other = sum(ns[_TOP:])
-        out.registers = _registers(_string_hashes(keys))
+        out.registers = _registers(_string_hashes(keys), mix=False)
         return out
     if kind == "other":
         return out
@@ -332,7 +340,7 @@ def _summarize_column(column: pl.Series, kind: str) -> FeatureSummary:
         out.parts = [_Part(out.n, sketch, sampled)]
     if nan:
         bits = np.append(bits, np.uint64(0x7FF8000000000000))
-    out.registers = _registers(_mix(bits))
+    out.registers = _registers(bits)
     return out
 
 
