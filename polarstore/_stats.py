@@ -489,7 +489,9 @@ def record_rows(
         if worker is not None:
             worker.join()
             summary = early[0] if early and isinstance(early[0], Summary) else None
-        with contextlib.suppress(OSError, PolarstoreError):
+        # The rows are committed: no failure here may turn the write into an error (a retry
+        # would write them twice). statistics() summarises the file again, and raises there.
+        with contextlib.suppress(Exception):
             files = data_files(offline, view, version)
             ours = [f for f in files if f[2] is not None and f[2] >> 32 == version]
             if len(files) == 1:
@@ -503,8 +505,9 @@ def record_rows(
 
 def after_compact(offline: OfflineStore, view: FeatureView, version: int) -> None:
     """After ``compact`` committed ``version``: its file holds the rows of ``version - 1``,
-    so its summary is the merge of theirs (no data is read)."""
-    with contextlib.suppress(OSError, PolarstoreError):
+    so its summary is the merge of theirs (no data is read). Failures are left to
+    statistics(), as in ``record_rows``."""
+    with contextlib.suppress(Exception):
         history = offline.history(view.name)
         op = history.filter(pl.col("version") == version)["operation"].to_list()
         files = data_files(offline, view, version)

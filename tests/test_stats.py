@@ -314,3 +314,22 @@ def test_cli_stats_refuses_a_bad_as_of(activity: FeatureStore) -> None:
     )
     assert result.exit_code == 2
     assert "'soon' is not a date or time" in result.stderr
+
+
+def test_a_failing_summary_never_fails_a_committed_write(
+    activity: FeatureStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import polarstore._stats as stats
+
+    real, calls = stats.summarize, []
+
+    def broken(*args: Any) -> Any:
+        calls.append(1)
+        if len(calls) <= 2:  # the write's thread and its fallback
+            raise RuntimeError("boom")
+        return real(*args)
+
+    monkeypatch.setattr(stats, "summarize", broken)
+    assert activity.write("activity", batch([7], [3], ["z"])) == 2
+    assert len(calls) == 2
+    check(activity, "activity")  # the new file is summarised from its rows
