@@ -333,3 +333,28 @@ def test_a_failing_summary_never_fails_a_committed_write(
     assert activity.write("activity", batch([7], [3], ["z"])) == 2
     assert len(calls) == 2
     check(activity, "activity")  # the new file is summarised from its rows
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(200_000) / 4.0,  # quarter steps: structured mantissas
+        2.0 ** np.arange(-1000, 1000),  # powers of two: mantissa bits all zero
+        np.arange(300_000, dtype=np.int64) * 1_000_000,  # whole seconds as microseconds
+        np.repeat(np.arange(5_000, dtype=np.int64), 40),  # few values, many repeats
+    ],
+    ids=["quarters", "powers_of_two", "seconds", "repeats"],
+)
+def test_distinct_counts_of_structured_values(store: FeatureStore, values: np.ndarray) -> None:
+    dtype = pl.Float64 if values.dtype.kind == "f" else pl.Int64
+    view = FeatureView("v", entities=[USER], schema={"x": dtype})
+    store.apply([USER, view])
+    n = values.size
+    store.write(
+        "v",
+        pl.DataFrame(
+            {"user_id": np.zeros(n, dtype=np.int64), "event_timestamp": [T0] * n, "x": values}
+        ),
+    )
+    got = store.statistics("v")["n_unique"][0]
+    assert_distinct(got, np.unique(values).size, "x")
