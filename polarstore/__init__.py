@@ -5,6 +5,7 @@ and the online store is an embedded LMDB file synced from the Delta tables.
 """
 
 from polarstore._aggregations import Aggregation, AggregationView
+from polarstore._checks import CheckWarning
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import (
     ConflictError,
@@ -21,6 +22,7 @@ from polarstore._store import FeatureStore
 __all__ = [
     "Aggregation",
     "AggregationView",
+    "CheckWarning",
     "ConflictError",
     "Entity",
     "FeatureService",

@@ -563,10 +563,11 @@ def ls_(repo: Path | None) -> None:
         )
     )
     versions = store.versions()
+    fresh = {v.name: _freshness(store, v.name) for v in views}
     console.print(
         _table(
             "Feature views",
-            ["name", "entities", "features", "ttl", "online", "version", "owner"],
+            [*_VIEW_COLUMNS, "latest event", "lag", "materialized"],
             [
                 (
                     v.name,
@@ -576,6 +577,7 @@ def ls_(repo: Path | None) -> None:
                     "yes" if v.online else "no",
                     versions.get(v.name, -1) if versions.get(v.name, -1) >= 0 else "no data",
                     v.owner,
+                    *fresh[v.name],
                 )
                 for v in views
             ],
@@ -923,6 +925,93 @@ def demo(path: Path | None, users: int, repo: Path | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """The ``polarstore`` console script."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="polarstore")
+
+
+_VIEW_COLUMNS = ("name", "entities", "features", "ttl", "online", "version", "owner")
+
+
+def _freshness(store: FeatureStore, view: str) -> tuple[Any, Any, Any]:
+    """Latest event time, its lag behind now, and what is materialized (version at time)."""
+    info = store.describe(view)
+    lag = info["freshness_lag"]
+    lag = None if lag is None else timedelta(seconds=round(lag.total_seconds()))
+    version, at = info["materialized_version"], info["materialized_at"]
+    synced = "no" if version is None else f"v{version} at {_cell(at).plain}"
+    return info["latest_event_time"], lag, synced
+
+
+def _version_or_moment(text: str, option: str) -> int | datetime:
+    if _INT.match(text.strip()):
+        return int(text)
+    moment = _parse_time(text, option)
+    assert moment is not None
+    return moment
+
+
+def _side(text: str, option: str) -> Any:
+    """A drift side: a version, a moment, or an event-time range START..END."""
+    if ".." in text:
+        start, _, end = text.partition("..")
+        return (_parse_time(start, option), _parse_time(end, option))
+    return _version_or_moment(text, option)
+
+
+def _quality_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Lists of {value, count} as ``value=count`` text, for a table cell."""
+    if "top_values" in frame.columns:
+        frame = frame.with_columns(
+            pl.col("top_values").list.eval(
+                pl.concat_str(
+                    pl.element().struct.field("value"),
+                    pl.lit("="),
+                    pl.element().struct.field("count").cast(pl.String),
+                )
+            )
+        )
+    return frame
+
+
+@cli.command(short_help="Show per-feature statistics of a view.")
+@click.argument("view")
+@click.option("--as-of", "as_of", default=None, help="A table version or an ISO 8601 moment.")
+@_repo_option
+def stats(view: str, as_of: str | None, repo: Path | None) -> None:
+    """Show count, nulls, mean, std, quantiles, distinct values and top values per feature.
+
+    \b
+    Example:
+      polarstore --repo my_repo stats user_stats
+      polarstore --repo my_repo stats user_stats --as-of 3
+    """
+    store = _open(repo)
+    pin = None if as_of is None else _version_or_moment(as_of, "--as-of")
+    frame = _quality_frame(store.statistics(view, as_of=pin))
+    title = f"Statistics of {view}" + ("" if as_of is None else f" as of {as_of}")
+    _console().print(_frame_table(title, frame))
+
+
+@cli.command(short_help="Compare a view's distributions between two states.")
+@click.argument("view")
+@click.option(
+    "--reference",
+    required=True,
+    help="A table version, an ISO 8601 moment, or an event-time range START..END.",
+)
+@click.option("--current", default=None, help="As --reference; default: the current table.")
+@_repo_option
+def drift(view: str, reference: str, current: str | None, repo: Path | None) -> None:
+    """Show PSI, KS / chi-square and a drifted flag per feature (docs/contract.md).
+
+    \b
+    Example:
+      polarstore --repo my_repo drift user_stats --reference 0
+      polarstore drift user_stats --reference 2024-01-01..2024-02-01 --current 5
+    """
+    store = _open(repo)
+    ref = _side(reference, "--reference")
+    cur = None if current is None else _side(current, "--current")
+    frame = store.drift(view, reference=ref, current=cur)
+    _console().print(_frame_table(f"Drift of {view}", frame))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,7 @@ from typing import Any
 
 import polars as pl
 
+from polarstore._checks import check_columns, normalise
 from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
 from polarstore._time import as_ttl
 
@@ -318,6 +319,11 @@ class FeatureView:
     owner: str = ""
     tags: Mapping[str, str] | None = None
     allow_exact_match: bool = True
+    # Row-level boolean expressions write checks (polarstore._checks). Compared by their JSON
+    # (``_check_key``): the registry keeps the documents, decoded when a write needs them.
+    checks: Mapping[str, Any] | None = field(default=None, compare=False)
+    check_documents: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    _check_key: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_name(self.name, what="feature view")
@@ -366,8 +372,12 @@ class FeatureView:
         _check_text(self.description, what=f"description of {where}")
         _check_text(self.owner, what=f"owner of {where}")
         object.__setattr__(self, "tags", _check_tags(self.tags, owner=where))
+        checks = normalise(self.checks, self.check_documents, where=where, check_name=check_name)
+        for attr, value in zip(("checks", "check_documents", "_check_key"), checks, strict=True):
+            object.__setattr__(self, attr, value)
         if self.resolved:
             self._check_columns()
+            check_columns(self)
 
     def _check_columns(self) -> None:
         """Every column plays one role, and entities sharing a key agree on its dtype."""

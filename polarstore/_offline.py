@@ -234,11 +234,13 @@ class OfflineStore:
         frame: pl.DataFrame,
         *,
         idempotency_key: str | None = None,
+        on_commit: Callable[[int, pl.DataFrame], None] | None = None,
     ) -> int:
         """Append validated rows in one commit; return the new version.
 
         With ``idempotency_key``, a Delta application transaction records the key in the same
         commit, and a retry of the same key commits nothing and returns the current version.
+        ``on_commit(version, rows)`` runs under the lock once the rows are committed.
         """
         order = [*view.join_keys, view.timestamp_field]
         if view.created_timestamp_field:
@@ -269,18 +271,23 @@ class OfflineStore:
             metadata = {_OPERATION_KEY: "write", "polarstore.rows": str(frame.height)}
             transactions = [Transaction(app_id, 1)] if idempotency_key is not None else None
             self._commit(view.name, frame.select(columns), "append", metadata, transactions)
-            return self._committed_version(view.name, expected=version)
+            got = self._committed_version(view.name, expected=version)
+            if on_commit is not None and got == version:
+                on_commit(got, frame)
+            return got
 
     def rewrite(
         self,
         view: FeatureView,
         change: Callable[[pl.LazyFrame], pl.LazyFrame | pl.DataFrame],
         operation: str,
+        on_commit: Callable[[int, pl.DataFrame], None] | None = None,
     ) -> int:
         """Replace the table's rows with ``change(rows)``, read and written under the lock.
 
         ``rows`` come in tie-breaking order and keep their write sequence, so answers stay
-        the same for every row ``change`` keeps. Returns the new version.
+        the same for every row ``change`` keeps. Returns the new version; ``on_commit`` as in
+        ``append``.
         """
         with self._write_lock(view.name):
             table, frame = self._current_rows(view, operation)
@@ -289,7 +296,10 @@ class OfflineStore:
             if isinstance(rows, pl.LazyFrame):
                 rows = collect(rows, view.name)
             self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
-            return self._committed_version(view.name, expected=version)
+            got = self._committed_version(view.name, expected=version)
+            if on_commit is not None and got == version:
+                on_commit(got, rows)
+            return got
 
     def _current_rows(self, view: FeatureView, operation: str) -> tuple[DeltaTable, pl.LazyFrame]:
         """The current table and its rows in tie-breaking order; NotFoundError if it has none."""
@@ -778,3 +788,33 @@ def _no_version(view: str, version: int, current: int | None) -> NotFoundError:
     have = "has no data yet" if current is None else f"has versions 0 to {current}"
     msg = f"view {view!r} has no version {version}: it {have}."
     return NotFoundError(msg)
+
+
+def data_files(
+    offline: OfflineStore, view: FeatureView, version: int | None = None
+) -> list[tuple[str, int, int | None]]:
+    """(path, rows, smallest write sequence) of each data file of ``view`` at ``version``.
+
+    Empty when the view has no table; ``version`` None is the current one.
+    """
+    table = offline._open(view.name, version)
+    return [] if table is None else [(f.path, f.rows, f.min_seq) for f in _files_of(table, view)]
+
+
+def read_files(
+    offline: OfflineStore, view: FeatureView, paths: Sequence[str], version: int | None
+) -> pl.DataFrame:
+    """The features of the rows of the data files ``paths`` of ``view`` (as of ``version``)."""
+    table = offline._open(view.name, version)
+    assert table is not None
+    schema = _check_schema(view, _polars_schema(table))
+    base = offline.table_uri(view.name)
+    frame = pl.scan_parquet(
+        [f"{base}/{p}" for p in paths],
+        schema=schema,  # type: ignore[arg-type]
+        missing_columns="insert",
+        storage_options=offline.storage_options,
+        hive_partitioning=False,
+    )
+    present = [name for name in view.feature_names if name in schema]
+    return collect(frame.select(present), view.name)

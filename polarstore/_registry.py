@@ -294,6 +294,7 @@ def _view_to_json(view: FeatureView) -> dict[str, Any]:
         "description": view.description,
         "owner": view.owner,
         "tags": view.tags,
+        **({"checks": dict(view.check_documents)} if view.check_documents else {}),
     }
 
 
@@ -316,6 +317,7 @@ def _view_from_json(name: str, v: dict[str, Any], entities: dict[str, Entity]) -
         description=v["description"],
         owner=v["owner"],
         tags=v["tags"],
+        check_documents=v.get("checks"),  # absent in registries written before checks
     )
 
 

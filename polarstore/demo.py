@@ -469,6 +469,16 @@ def _corrections(run: DemoRun, notes: Notes) -> None:
         f"orders: {run.data.corrections.height:,} amounts restated (same event times, "
         f"later created_at) → version {version}"
     )
+    # Freshness and drift come from the summaries every write keeps: no data is read.
+    info = run.store.describe("orders")
+    amount = run.store.drift("orders", reference=run.before["orders"]).row(0, named=True)
+    run.figures["orders_drift"] = {k: amount[k] for k in ("psi", "ks", "drifted")}
+    notes.append(
+        f"orders: latest event {_short(info['latest_event_time'])}, "
+        f"{info['freshness_lag'].days} days behind now; order_amount since version "
+        f"{run.before['orders']}: PSI {amount['psi']:.3f}, KS {amount['ks']:.3f} → "
+        + ("[red]drifted[/]" if amount["drifted"] else "stable")
+    )
 
 
 def _training(run: DemoRun, notes: Notes) -> None:

@@ -33,7 +33,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-__all__ = ["RefView", "pick_row", "point_in_time", "resolve_features", "to_utc"]
+__all__ = [
+    "RefView",
+    "chi_square",
+    "feature_statistics",
+    "ks_statistic",
+    "pick_row",
+    "point_in_time",
+    "resolve_features",
+    "to_utc",
+]
 
 Row = Mapping[str, Any]
 
@@ -265,3 +274,59 @@ def window_aggregate(
         return values[-1]
     msg = f"unknown function {agg.function!r}"
     raise ValueError(msg)
+
+
+def feature_statistics(values: Sequence[Any]) -> dict[str, Any]:
+    """Exact statistics of one feature's values (a plain list; None is null, NaN not a number).
+
+    ``count`` counts non-null values (NaN included); the moments, extremes and ``sorted`` (the
+    values in order, to check quantiles against) leave NaN out; ``n_unique`` counts distinct
+    non-null values (NaN once); ``counts`` maps each value to how often it occurs.
+    """
+    present = [v for v in values if v is not None]
+    numbers = sorted(float(v) for v in present if not isinstance(v, str) and v == v)  # not NaN
+    n = len(numbers)
+    mean = sum(numbers) / n if n else None
+    std = (sum((x - mean) ** 2 for x in numbers) / (n - 1)) ** 0.5 if n > 1 else None  # type: ignore[operator]
+    counts: dict[Any, int] = {}
+    for v in present:
+        key = "NaN" if v != v else v
+        counts[key] = counts.get(key, 0) + 1
+    return {
+        "count": len(present),
+        "null_count": len(values) - len(present),
+        "mean": mean,
+        "std": std,
+        "min": numbers[0] if n else None,
+        "max": numbers[-1] if n else None,
+        "sorted": numbers,
+        "n_unique": len(counts),
+        "counts": counts,
+    }
+
+
+def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
+    """The two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    points = sorted(set(a) | set(b))
+    xs, ys = sorted(a), sorted(b)
+    gap, i, j = 0.0, 0, 0
+    for p in points:
+        while i < len(xs) and xs[i] <= p:
+            i += 1
+        while j < len(ys) and ys[j] <= p:
+            j += 1
+        gap = max(gap, abs(i / len(xs) - j / len(ys)))
+    return gap
+
+
+def chi_square(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Pearson's chi-square statistic of the 2 x k table of category counts of ``a`` and ``b``."""
+    categories = sorted(set(a) | set(b))
+    rows = [[list(a).count(c) for c in categories], [list(b).count(c) for c in categories]]
+    total = len(a) + len(b)
+    statistic = 0.0
+    for r, size in zip(rows, (len(a), len(b)), strict=True):
+        for k, observed in enumerate(r):
+            expected = size * (rows[0][k] + rows[1][k]) / total
+            statistic += (observed - expected) ** 2 / expected
+    return statistic
