@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ class Registry:
         # file, so (device, inode) names that one file. Every update replaces the file, hence
         # a new inode; mtime and size alone miss a same-size change within one clock tick.
         self._pinned: list[int] = []
+        self._pin_lock = threading.Lock()
         weakref.finalize(self, _close_all, self._pinned)
 
     def load(self) -> RegistryState:
@@ -154,9 +156,10 @@ class Registry:
         except BaseException:
             os.close(fd)
             raise
-        _close_all(self._pinned)
-        self._pinned.append(fd)
-        self._cache = (key, fd, state)
+        with self._pin_lock:  # threads of one store may load at once
+            _close_all(self._pinned)
+            self._pinned.append(fd)
+            self._cache = (key, fd, state)
         return state
 
     def update(self, change: Callable[[RegistryState], T]) -> T:
@@ -174,7 +177,7 @@ class Registry:
 
 def _close_all(fds: list[int]) -> None:
     while fds:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError):  # IndexError: emptied meanwhile
             os.close(fds.pop())
 
 

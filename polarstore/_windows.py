@@ -327,9 +327,14 @@ class _Plan:
     per stored column, per window, the functions to apply to the window's slice."""
 
     def __init__(
-        self, view: AggregationView, layout: WindowLayout, wanted: Sequence[tuple[str, str]]
+        self,
+        view: AggregationView,
+        layout: WindowLayout,
+        wanted: Sequence[tuple[str, str]],
+        raw_state: bytes | None,
     ) -> None:
         source = view.source_view
+        self.view_name, self.layout = view.name, layout
         groups: dict[int | None, dict[int, list[tuple[str, Callable[[list[Any]], Any]]]]] = {}
         self.missing: list[str] = []
         for feature, output in wanted:
@@ -346,6 +351,16 @@ class _Plan:
             (column, column is not None and layout.columns[column][2] == "valid", list(w.items()))
             for column, w in groups.items()
         ]
+        # Events at or before T - W are dropped: a window (now - w, now] is whole only from
+        # now = T - W + w on (T: the latest synced event time, W: the largest window).
+        latest = None if raw_state is None else json.loads(raw_state).get("max_event_us")
+        widest = max((w for _, _, ws in self.groups for w, _ in ws), default=0)
+        self.earliest_us = None if latest is None else latest - layout.retain_us + widest
+
+    def check_now(self, now_us: int) -> None:
+        """``ValidationError`` when the state kept cannot answer at ``now`` (too early)."""
+        if self.earliest_us is not None and now_us < self.earliest_us:
+            self._too_early(now_us)
 
     def evaluate(self, raw: bytes, now_us: int, out: dict[str, Any]) -> None:
         ts, _, _, columns = _DECODER.decode(raw)
@@ -372,6 +387,17 @@ class _Plan:
                     out[output] = function(part)
         for output in self.missing:
             out[output] = None
+
+    def _too_early(self, now_us: int) -> None:
+        assert self.earliest_us is not None
+        at = datetime.fromtimestamp(self.earliest_us / 1e6, tz=timezone.utc).isoformat()
+        msg = (
+            f"aggregation view {self.view_name!r}: the online store keeps only the events that "
+            f"the windows of the latest synced time need, so it answers for now >= {at}; got "
+            f"now={datetime.fromtimestamp(now_us / 1e6, tz=timezone.utc).isoformat()}. Use "
+            "get_historical_features for earlier moments."
+        )
+        raise ValidationError(msg)
 
 
 def _function(fn: str, dtype: str, valid: bool) -> Callable[[list[Any]], Any]:
@@ -450,7 +476,8 @@ def lookup_windows(
         rows = [empty] * frame.height
     else:
         layout = _stored_layout(raw_layout, view, where)
-        plan = _Plan(view, layout, wanted)
+        plan = _Plan(view, layout, wanted, txn.get(meta_key("state", view.name)))
+        plan.check_now(now_us)
         keys = cast_keys(frame.select(view.join_keys), layout.records, where)
         names = list(view.join_keys)
         distinct = keys.drop_nulls().unique(maintain_order=True)
@@ -494,9 +521,12 @@ class WindowVector:
             self.layout_raw, self.plan, self.encode = None, None, None
         elif raw != self.layout_raw:
             layout = _stored_layout(raw, self.view, "get_feature_vector")
-            self.plan = _Plan(self.view, layout, self.wanted)
+            self.plan = _Plan(self.view, layout, self.wanted, None)
             self.encode = layout.records.key_encoder("get_feature_vector")
             self.layout_raw = raw
+        if self.plan is not None:  # T moves with every sync, which also moves the snapshot
+            state = txn.get(meta_key("state", self.view.name))
+            self.plan = _Plan(self.view, self.plan.layout, self.wanted, state)
         self.env, self.snapshot = env, snapshot
 
     def _absent(self, txn: _Txn, entity: Mapping[str, Any], now_us: int, out: dict) -> None:
@@ -510,6 +540,7 @@ class WindowVector:
         if self.plan is None or self.encode is None:
             self._absent(txn, entity, now_us, out)
             return
+        self.plan.check_now(now_us)  # before the key: an entity may have no events kept
         key = self.encode(entity)
         raw = None if key is None else txn.get(key)
         if raw is None:

@@ -62,6 +62,7 @@ __all__ = [
     "Step",
     "aggregation_views",
     "definitions",
+    "derived_view",
     "make_data",
     "prepare_demo_path",
     "run_demo",

@@ -115,15 +115,25 @@ def test_events_after_now_never_count(spend_store: FeatureStore) -> None:
     store.write("orders", orders([(1, T0, 1.0, "a"), (1, T0 + timedelta(minutes=30), 2.0, "b")]))
     store.materialize()
     feats = ["spend:amount_sum_1h", "spend:count_1h", "spend:item_last_1h"]
-    before = T0 + timedelta(minutes=30) - US  # earlier than T: exact within the retained range
-    assert store.get_feature_vector({"user_id": 1}, feats, now=before) == {
-        "amount_sum_1h": 1.0,
-        "count_1h": 1,
-        "item_last_1h": "a",
+    # The state keeps the events after T - W (T = T0 + 30 min, W = 1 h): before T a 1-hour
+    # window could need events it dropped, so an earlier now is refused, not answered wrong.
+    before = T0 + timedelta(minutes=30) - US
+    with pytest.raises(ValidationError, match=r"answers for now >= 2024-01-01T00:30:00"):
+        store.get_feature_vector({"user_id": 1}, feats, now=before)
+    with pytest.raises(ValidationError, match=r"answers for now >= 2024-01-01T00:30:00"):
+        store.get_online_features({"user_id": [1]}, feats, now=before)
+    with pytest.raises(ValidationError, match=r"answers for now >= 2024-01-01T00:30:00"):
+        store.get_feature_vector({"user_id": 9}, feats, now=before)  # no events kept for 9
+    at = T0 + timedelta(minutes=30)
+    assert store.get_feature_vector({"user_id": 1}, feats, now=at) == {
+        "amount_sum_1h": 3.0,
+        "count_1h": 2,
+        "item_last_1h": "b",
     }
-    assert store.get_online_features({"user_id": [1]}, feats, now=before).row(0) == (1, 1.0, 1, "a")
+    later = T0 + timedelta(hours=1)  # (T0, T0 + 1 h]: the first event has left the window
+    assert store.get_online_features({"user_id": [1]}, feats, now=later).row(0) == (1, 2.0, 1, "b")
     # An entity with no events gets what an empty window gets.
-    assert store.get_feature_vector({"user_id": 9}, feats, now=before) == {
+    assert store.get_feature_vector({"user_id": 9}, feats, now=at) == {
         "amount_sum_1h": None,
         "count_1h": 0,
         "item_last_1h": None,

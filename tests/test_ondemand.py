@@ -585,10 +585,10 @@ def test_aggregation_features_feed_derived_ones_offline_and_online(tmp_path: Pat
     store.write(
         "orders",
         pl.DataFrame(
-            {"user_id": [1, 1, 2, 1], "amount": [10.0, 30.0, 5.0, 7.0], "event_timestamp": days}
+            {"user_id": [1, 1, 2, 1], "amount": [10.0, 30.0, 5.0, 20.0], "event_timestamp": days}
         ),
     )
-    now = datetime(2024, 1, 15, tzinfo=timezone.utc)  # the day-20 order is after now
+    now = datetime(2024, 1, 25, tzinfo=timezone.utc)  # online answers from T on
     spine = pl.DataFrame(
         {"user_id": [1, 2, 3], "event_timestamp": [now] * 3, "amount": [40.0, 5.0, 1.0]}
     )
