@@ -445,6 +445,7 @@ def prune_summaries(offline: OfflineStore, views: Iterable[FeatureView]) -> None
     For the purge: summaries hold values (min, max, sketch samples, category names), so the
     summaries of files gone with deleted rows must go too.
     """
+    settle()
     for view in views:
         folder = _folder(offline, view.name)
         if not folder.is_dir():
@@ -468,10 +469,12 @@ def record_rows(
 
     Given ``rows`` (a write's batch), they are summarised at once on another thread, while
     the batch is sorted, encoded and committed on this one (the summary needs no order); else
-    the callback summarises the rows it is given. It runs under the view's write lock with
-    the version the rows were committed as; their file is the one whose rows carry that
-    version's write sequence (append), or the only file of the version (rewrite). A failure
-    here loses nothing: the file is summarised from its own rows when statistics need it.
+    the callback summarises the rows it is given. The callback gets the version the rows were
+    committed as and stores the summary on a background thread (``settle`` waits for it);
+    their file is the one whose rows carry that version's write sequence (append), or the
+    only file of the version (rewrite). A failure there loses nothing: the file is summarised
+    from its own rows when statistics need it (so does another process that reads the
+    statistics before the summary is stored).
     """
     early: list[Summary | BaseException] = []
     worker = None
@@ -487,7 +490,7 @@ def record_rows(
         worker = threading.Thread(target=work, name="polarstore-statistics", daemon=True)
         worker.start()
 
-    def record(version: int, committed: pl.DataFrame) -> None:
+    def store(version: int, committed: pl.DataFrame) -> None:
         summary = None
         if worker is not None:
             worker.join()
@@ -503,7 +506,46 @@ def record_rows(
                 summary = summary or summarize(committed, view)
                 write_summary(offline, view.name, ours[0][0], summary.to_json())
 
+    def record(version: int, committed: pl.DataFrame) -> None:
+        # Stored after the write returns (the rows are committed and the file is immutable):
+        # the write pays for the summary only where it overlaps the sort and the commit.
+        _in_background(lambda: store(version, committed))
+
     return record
+
+
+# Summaries still being stored by this process, oldest first. Each runs on its own non-daemon
+# thread (the interpreter waits for them at exit; a thread pool would not survive a fork),
+# after the one before it; every reader of summaries waits for them first (``settle``).
+_PENDING: list[threading.Thread] = []
+_PENDING_LOCK = threading.Lock()
+_MAX_PENDING = 2  # bounds the batches held in memory when writes outpace their summaries
+
+
+def _in_background(job: Callable[[], None]) -> None:
+    with _PENDING_LOCK:
+        _PENDING[:] = [t for t in _PENDING if t.is_alive()]
+        before = _PENDING[-1] if _PENDING else None
+        oldest = _PENDING[0] if len(_PENDING) >= _MAX_PENDING else None
+
+        def run() -> None:
+            if before is not None:
+                before.join()
+            job()
+
+        thread = threading.Thread(target=run, name="polarstore-statistics")
+        _PENDING.append(thread)
+        thread.start()
+    if oldest is not None:
+        oldest.join()
+
+
+def settle() -> None:
+    """Wait until every summary this process started storing is stored."""
+    with _PENDING_LOCK:
+        pending = list(_PENDING)
+    for thread in pending:
+        thread.join()
 
 
 def after_compact(offline: OfflineStore, view: FeatureView, version: int) -> None:
@@ -524,6 +566,7 @@ def after_compact(offline: OfflineStore, view: FeatureView, version: int) -> Non
 
 def summary_at(offline: OfflineStore, view: FeatureView, version: int | None) -> Summary:
     """The merged summary of the table at ``version`` (None: current; -1: no data)."""
+    settle()
     if version == -1:
         return _empty(view)
     files = data_files(offline, view, version)
