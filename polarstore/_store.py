@@ -28,13 +28,14 @@ from polarstore._errors import (
 )
 from polarstore._frames import cast_keys, entity_frame, key_dtype, prepare_rows, to_polars
 from polarstore._offline import OfflineStore
-from polarstore._registry import Registry, RegistryState
+from polarstore._registry import ObjectRegistry, Registry, RegistryState
 from polarstore._retrieval import (
     EMPTY_VERSION,
     historical_features,
     resolve_features,
     service_named,
 )
+from polarstore._storage import Location, default_online_path, is_remote, open_location
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
 
@@ -50,11 +51,17 @@ class FeatureStore:
     Parameters
     ----------
     path
-        The repository folder; created if missing.
+        The repository folder (created if missing), or an object-store URI
+        (``s3://bucket/prefix``; also ``gs://``, ``az://``) holding the registry, the Delta
+        tables and the saved datasets' spines.
     storage_options
-        Passed to Delta Lake for the offline tables.
+        For an object store: credentials, endpoint, region (``{"AWS_ENDPOINT_URL": ...}``),
+        over the ``AWS_*`` (``GOOGLE_*``, ``AZURE_*``) environment variables; passed to Delta
+        Lake, Polars and the registry's client alike.
     online_path
-        Where the LMDB environment lives; default ``<path>/online``.
+        Where the LMDB environment lives (always a local folder); default ``<path>/online``,
+        for a remote repository a cache folder derived from the URI (``$POLARSTORE_CACHE``,
+        else ``~/.cache/polarstore``, ``/online/s3/<bucket>/<prefix>-<hash>``).
 
     Examples
     --------
@@ -83,13 +90,12 @@ class FeatureStore:
         online_path: str | os.PathLike[str] | None = None,
     ) -> None:
         text = os.fspath(path)
-        if "://" in text and not text.startswith("file://"):
-            msg = (
-                f"repository {text!r}: object-store repositories are not supported yet; "
-                "use a local folder (the Delta tables can be copied to S3 as they are)."
-            )
-            raise ValidationError(msg)
-        self.path = Path(text.removeprefix("file://")).resolve()
+        online = os.fspath(online_path) if online_path else None
+        if is_remote(text):
+            self._init_remote(text, storage_options, online)
+            return
+        self.path: Path | str = Path(text.removeprefix("file://")).resolve()
+        self._root: Path | Location = self.path
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:
@@ -99,17 +105,28 @@ class FeatureStore:
         except OSError as e:
             msg = f"repository {text!r}: cannot create the folder {self.path}: {e.strerror}."
             raise StorageError(e.errno, msg) from e
-        online = os.fspath(online_path) if online_path else None
-        if online is not None and "://" in online and not online.startswith("file://"):
-            msg = (
-                f"online_path {online!r}: the online store is an LMDB file on a local disk; "
-                "give a local folder."
-            )
-            raise ValidationError(msg)
+        _check_online_path(online)
         self.online_path = Path(online.removeprefix("file://")) if online else self.path / "online"
-        self._registry = Registry(self.path)
+        self._registry: Registry | ObjectRegistry = Registry(self.path)
         self._offline = OfflineStore(str(self.path), storage_options)
         self._online_store: Any = None
+        self._online_lock = threading.Lock()
+
+    def _init_remote(
+        self, uri: str, storage_options: dict[str, str] | None, online: str | None
+    ) -> None:
+        location = open_location(uri, storage_options)
+        _check_online_path(online)
+        self.path = location.uri
+        self._root = location
+        if online:
+            self.online_path = Path(online.removeprefix("file://"))
+        else:
+            self.online_path = default_online_path(location)
+        self._registry = ObjectRegistry(location)
+        self._registry.load()  # an unreachable store, a missing bucket, bad credentials: now
+        self._offline = OfflineStore(location.uri, location.options, location)
+        self._online_store = None
         self._online_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -769,7 +786,7 @@ class FeatureStore:
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
         }
-        store_dataset(self.path, self._registry, name, spine, entry, overwrite=overwrite)
+        store_dataset(self._root, self._registry, name, spine, entry, overwrite=overwrite)
         return result
 
     def load_dataset(self, name: str) -> pl.LazyFrame:
@@ -795,7 +812,7 @@ class FeatureStore:
         [3]
         """
         datasets = self._state().datasets
-        spine = read_spine(self.path, name, datasets)
+        spine = read_spine(self._root, name, datasets)
         entry = datasets[name]
         return self.get_historical_features(
             spine,
@@ -1006,3 +1023,12 @@ def _check_key_dtypes(view: FeatureView, stored: Mapping[str, pl.DataType] | Non
                 f"cannot declare {key!r} as {dtype}. Declare {have} or create a new view."
             )
             raise SchemaError(msg)
+
+
+def _check_online_path(online: str | None) -> None:
+    if online is not None and is_remote(online):
+        msg = (
+            f"online_path {online!r}: the online store is an LMDB file on a local disk; "
+            "give a local folder."
+        )
+        raise ValidationError(msg)
