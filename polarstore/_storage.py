@@ -35,6 +35,7 @@ __all__ = [
     "default_online_path",
     "is_remote",
     "open_location",
+    "sink_parquet",
 ]
 
 # What delta-rs reads and writes (gs:// and az:// untested here: no emulator in the tests).
@@ -250,3 +251,42 @@ def _no_bucket(e: BaseException) -> bool:
 def _short(text: str) -> str:
     # object_store's messages carry the whole response body and a debug dump.
     return text if len(text) <= 300 else text[:300] + "..."
+
+
+def sink_parquet(frame: Any, target: str | os.PathLike[str], what: str) -> str:
+    """Stream the lazy ``frame`` into one Parquet file at ``target``; return where it went.
+
+    Polars' streaming engine writes it batch by batch, so a training set larger than memory
+    never is in memory whole. A local file appears whole or not at all (written next to it,
+    then renamed); an object-store upload completes only at its end. A URI takes its storage
+    options from the environment (``AWS_*``), as the CLI's ``--repo`` does.
+
+    Examples
+    --------
+    >>> import tempfile, polars as pl
+    >>> path = sink_parquet(pl.LazyFrame({"x": [1, 2]}), tempfile.mkdtemp() + "/t.parquet", "x")
+    >>> pl.read_parquet(path)["x"].to_list()
+    [1, 2]
+    """
+    import polars as pl
+
+    text = os.fspath(target)
+    try:
+        if is_remote(text):
+            location = open_location(text, None)
+            frame.sink_parquet(location.uri, storage_options=location.options)
+            return location.uri
+        path = Path(text).expanduser().resolve()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            frame.sink_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(path)
+    except PolarstoreError:
+        raise
+    except (pl.exceptions.PolarsError, OSError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        msg = f"{what}: writing the training set to {text!r} failed; no file was left: {first}"
+        raise StorageError(getattr(e, "errno", None) or errno.EIO, msg) from e

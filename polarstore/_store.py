@@ -35,7 +35,13 @@ from polarstore._retrieval import (
     resolve_features,
     service_named,
 )
-from polarstore._storage import Location, default_online_path, is_remote, open_location
+from polarstore._storage import (
+    Location,
+    default_online_path,
+    is_remote,
+    open_location,
+    sink_parquet,
+)
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
 
@@ -732,11 +738,14 @@ class FeatureStore:
         as_of: AsOf = None,
         overwrite: bool = False,
         bitemporal: bool = False,
+        output: str | os.PathLike[str] | None = None,
     ) -> pl.LazyFrame:
         """Store a reproducible training set: the spine and the pinned view versions.
 
         ``load_dataset(name)`` later returns exactly the same rows, whatever was written since
-        (until old versions are vacuumed); ``bitemporal`` is kept with the dataset.
+        (until old versions are vacuumed); ``bitemporal`` is kept with the dataset. With
+        ``output`` (a local path or an ``s3://`` URI) the training set is also streamed into
+        that Parquet file, batch by batch, so one larger than memory can be written.
 
         Examples
         --------
@@ -786,6 +795,8 @@ class FeatureStore:
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
         }
+        if output is not None:  # first: if it fails, no dataset was saved either
+            sink_parquet(result, output, f"save_dataset {name!r}")
         store_dataset(self._root, self._registry, name, spine, entry, overwrite=overwrite)
         return result
 

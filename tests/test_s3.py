@@ -329,3 +329,126 @@ def test_errors_after_opening_name_the_uri(server: S3Server, uri: str) -> None:
     store._offline.storage_options["AWS_SECRET_ACCESS_KEY"] = "wrong"  # type: ignore[index]
     with pytest.raises(PolarstoreError, match=r"s3://.*/team/repo: .*refused the credentials"):
         store.versions()
+
+
+# --- the command line -------------------------------------------------------------------------
+
+DEFINITIONS = """
+from datetime import timedelta
+import polars as pl
+from polarstore import Entity, FeatureView
+user = Entity("user", join_keys="user_id")
+stats = FeatureView("stats", entities=[user], schema={"clicks": pl.Int64}, ttl=timedelta(days=3))
+"""
+
+
+def test_the_cli_on_an_s3_repository(server: S3Server, uri: str, tmp_path: Path) -> None:
+    from tests.test_cli import error, ok, run
+
+    env = server.env()
+    (tmp_path / "features.py").write_text(DEFINITIONS)
+    error(run("--repo", uri, "ls", env=env), 1, "is not a polarstore repository", uri)
+    ok(run("--repo", uri, "apply", tmp_path / "features.py", env=env))
+    (tmp_path / "rows.csv").write_text(
+        "user_id,event_timestamp,clicks\n1,2024-01-01T00:00:00Z,3\n1,2024-01-02T00:00:00Z,5\n"
+        "2,2024-01-01T00:00:00.000001Z,7\n"
+    )
+    ok(run("--repo", uri, "write", "stats", tmp_path / "rows.csv", env=env))
+    assert "stats" in ok(run("ls", env={**env, "POLARSTORE_REPO": uri}))
+    ok(run("--repo", uri, "materialize", env=env))
+    got = ok(
+        run(
+            "--repo",
+            uri,
+            "get",
+            "stats:clicks",
+            "--key",
+            "user_id=1",
+            "--json",
+            "--now",
+            "2024-01-03T00:00:00Z",
+            env=env,
+        )
+    )
+    assert '"clicks": 5' in got
+    # train-set: a CSV spine, the join streamed to a local file and to the bucket.
+    (tmp_path / "spine.csv").write_text(
+        "user_id,event_timestamp\n1,2024-01-01T12:00:00Z\n2,2024-01-01T00:00:00Z\n3,2024-01-02T00:00:00Z\n"
+    )
+    out = tmp_path / "train.parquet"
+    said = ok(
+        run(
+            "--repo",
+            uri,
+            "train-set",
+            "stats:clicks",
+            "--spine",
+            tmp_path / "spine.csv",
+            "-o",
+            out,
+            env=env,
+        )
+    )
+    assert "wrote 3 rows" in said
+    store = FeatureStore(uri, storage_options=server.options())
+    spine = pl.DataFrame(
+        {
+            "user_id": [1, 2, 3],
+            "event_timestamp": [T0 + timedelta(hours=12), T0, T0 + timedelta(days=1)],
+        }
+    )
+    want = store.get_historical_features(spine, ["stats:clicks"]).collect()
+    assert_frame_equal(pl.read_parquet(out), want)
+    assert pl.read_parquet(out)["clicks"].to_list() == [3, None, None]  # 2's row is 1 µs later
+    ok(
+        run(
+            "--repo",
+            uri,
+            "train-set",
+            "stats:clicks",
+            "--spine",
+            tmp_path / "spine.csv",
+            "-o",
+            f"{uri}/exports/train.parquet",
+            env=env,
+        )
+    )
+    exported = pl.read_parquet(f"{uri}/exports/train.parquet", storage_options=server.options())
+    assert_frame_equal(exported, want)
+
+
+def test_train_set_from_a_saved_dataset_and_save_dataset_output(
+    server: S3Server, uri: str, tmp_path: Path
+) -> None:
+    from tests.test_cli import error, ok, run
+
+    store = FeatureStore(uri, storage_options=server.options())
+    store.apply([USER, STATS])
+    store.write("stats", _rows(1))
+    spine = pl.DataFrame({"user_id": [0, 1, 2, 3], "event_timestamp": [T0 + timedelta(days=1)] * 4})
+    saved = store.save_dataset("v1", spine, ["stats:*"], output=tmp_path / "v1.parquet")
+    store.write("stats", _rows(2))  # after the save
+    want = saved.collect()
+    assert_frame_equal(pl.read_parquet(tmp_path / "v1.parquet"), want)
+    ok(
+        run(
+            "--repo",
+            uri,
+            "train-set",
+            "--dataset",
+            "v1",
+            "-o",
+            tmp_path / "again.parquet",
+            env=server.env(),
+        )
+    )
+    assert_frame_equal(pl.read_parquet(tmp_path / "again.parquet"), want)
+    error(
+        run("--repo", uri, "train-set", "stats:clicks", "-o", "x.parquet", env=server.env()),
+        2,
+        "--spine",
+    )
+    bad = tmp_path / "no" / "such" / "folder" / "t.parquet"
+    with pytest.raises(StorageError, match=r"writing the training set to .* failed; no file"):
+        store.save_dataset("v2", spine, ["stats:*"], output=bad)
+    assert "v2" not in store.list_datasets()
