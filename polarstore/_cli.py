@@ -40,8 +40,9 @@ from rich.text import Text
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._registry import REGISTRY_FILE
-from polarstore._storage import REMOTE_SCHEMES, is_remote, sink_parquet
+from polarstore._storage import REMOTE_SCHEMES, is_remote
 from polarstore._store import FeatureStore
+from polarstore._stream import sink_dataset, sink_training_set
 from polarstore._time import to_utc
 
 __all__ = ["EXAMPLE_DEFINITIONS", "REPO_ENV", "cli", "main", "parse_keys"]
@@ -956,10 +957,11 @@ def train_set(
 ) -> None:
     """Write the point-in-time join of a spine and FEATURES straight to a Parquet file.
 
-    The join streams (Polars' streaming engine): the training set is never held in memory
-    whole, so it may be larger than RAM. FEATURES are view:feature references, view:* or a
-    feature service. With --dataset NAME, the saved dataset is rebuilt exactly instead (its
-    spine, features and pinned versions; no FEATURES or --spine).
+    The join runs in time slices of the spine, each reading only the view rows of its own
+    window, and streams into the file: the views may be larger than memory. FEATURES are
+    view:feature references, view:* or a feature service. With --dataset NAME, the saved
+    dataset is rebuilt exactly instead (its spine, features and pinned versions; no FEATURES
+    or --spine).
 
     \b
     Examples:
@@ -975,21 +977,23 @@ def train_set(
     store = _open(repo)
     started = time.perf_counter()
     if dataset is not None:
-        frame = store.load_dataset(dataset)
+        where = sink_dataset(store, dataset, output)
     else:
         assert spine_file is not None
         requested: str | list[str] = features[0] if len(features) == 1 else list(features)
         key_dtypes = _key_dtypes(store, _views_of(store, features))
         spine = _read_spine(spine_file, timestamp_field, key_dtypes)
-        frame = store.get_historical_features(
+        where = sink_training_set(
+            store,
             spine,
             requested,
+            output,
             timestamp_field=timestamp_field,
             full_feature_names=full_names,
             as_of=moment,
             bitemporal=bitemporal,
+            what="train-set",
         )
-    where = sink_parquet(frame, output, "train-set")
     seconds = time.perf_counter() - started
     count = None if is_remote(where) else pl.scan_parquet(where).select(pl.len()).collect().item()
     rows = "" if count is None else f"{count:,} rows "

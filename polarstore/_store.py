@@ -40,8 +40,8 @@ from polarstore._storage import (
     default_online_path,
     is_remote,
     open_location,
-    sink_parquet,
 )
+from polarstore._stream import sink_training_set
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
 
@@ -744,8 +744,9 @@ class FeatureStore:
 
         ``load_dataset(name)`` later returns exactly the same rows, whatever was written since
         (until old versions are vacuumed); ``bitemporal`` is kept with the dataset. With
-        ``output`` (a local path or an ``s3://`` URI) the training set is also streamed into
-        that Parquet file, batch by batch, so one larger than memory can be written.
+        ``output`` (a local path or an ``s3://`` URI) the training set is also written to
+        that Parquet file, joined in time slices of the spine so that only one slice's view
+        rows are in memory at a time: views larger than memory are fine.
 
         Examples
         --------
@@ -796,7 +797,17 @@ class FeatureStore:
             "created_at": utc_now().isoformat(),
         }
         if output is not None:  # first: if it fails, no dataset was saved either
-            sink_parquet(result, output, f"save_dataset {name!r}")
+            sink_training_set(
+                self,
+                spine,
+                refs,
+                output,
+                timestamp_field=timestamp_field,
+                full_feature_names=full_feature_names,
+                as_of=versions,
+                bitemporal=bitemporal,
+                what=f"save_dataset {name!r}",
+            )
         store_dataset(self._root, self._registry, name, spine, entry, overwrite=overwrite)
         return result
 
