@@ -172,3 +172,10 @@ def report(out: Any, target: Any, *args: Any) -> None:
         out.put(target(*args))
     except BaseException:
         out.put(traceback.format_exc())
+
+
+def write_same_batches(
+    uri: str, options: dict[str, str], writer: int, batches: int, go: Any
+) -> list[tuple[int, int]]:
+    """``write_batches`` with the batches (and idempotency keys) of writer 0, whoever runs it."""
+    return write_batches(uri, options, 0, batches, go)

@@ -132,6 +132,8 @@ def test_the_workflow_on_s3_gives_what_a_local_folder_gives(
     assert got["history_ops"] == want["history_ops"]
     # Train/serve parity holds on the remote repository too.
     assert_frame_equal(got["online"], got["offline_now"])  # type: ignore[arg-type]
+    vector = remote.get_feature_vector({"user_id": 1}, ["stats:*"], now=T0 + timedelta(days=2))
+    assert vector == got["online"].filter(pl.col("user_id") == 1).drop("user_id").to_dicts()[0]  # type: ignore[attr-defined]
     assert_frame_equal(got["sunk"], got["streamed"])  # type: ignore[arg-type]
     # Everything but the online store is in the bucket; LMDB is in the derived cache folder.
     keys = {
@@ -243,6 +245,18 @@ def test_two_processes_writing_at_once_land_every_write_once(server: S3Server, u
     assert_frame_equal(online, offline.drop("event_timestamp"))
     winner = next(b for b, v in landed if v == last)  # all rows tie on time: the last write wins
     assert online["batch"].to_list() == [winner] * 5
+
+
+def test_two_processes_writing_the_same_keys_at_once_land_each_once(
+    server: S3Server, uri: str
+) -> None:
+    store = FeatureStore(uri, storage_options=server.options())
+    store.apply([USER, EVENTS])
+    per = 5
+    _run(_s3server.write_same_batches, uri, server, per)
+    assert store.versions() == {"events": per - 1}  # one commit per key, whoever landed it
+    counts = store.read("events").collect().group_by("batch").len()
+    assert sorted(counts["len"].to_list()) == [5] * per
 
 
 def test_idempotency_keys_hold_across_stores(server: S3Server, uri: str) -> None:
