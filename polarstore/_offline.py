@@ -305,7 +305,9 @@ class OfflineStore:
                 except _LostError:
                     _backoff(attempt)
                     continue
-                return version
+                if table is None:  # created by this commit, which mode="error" made version 0
+                    return version
+                return self._committed_version(view.name, expected=version, table=table)
         raise _gave_up(view.name, "write")
 
     def rewrite(
@@ -332,7 +334,7 @@ class OfflineStore:
                 except _LostError:  # rows committed meanwhile would be lost: read them, again
                     _backoff(attempt)
                     continue
-                return table.version()
+                return self._committed_version(view.name, expected=table.version(), table=table)
         raise _gave_up(view.name, operation)
 
     def _current_rows(self, view: FeatureView, operation: str) -> tuple[DeltaTable, pl.LazyFrame]:
@@ -423,7 +425,6 @@ class OfflineStore:
         # the row order inside a file is the tie order (the write sequence) readers rely on.
         data = frame.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
         target: Any = self.table_uri(view) if table is None else table
-        table_version = -1 if table is None else table.version()
         try:
             write_deltalake(
                 target,
@@ -448,18 +449,24 @@ class OfflineStore:
             self._reachable(e)
             msg = f"writing to view {view!r} failed; nothing was committed: {e}"
             raise PolarstoreError(msg) from e
-        if table is not None and table.version() != table_version + 1:  # pragma: no cover
+
+    def _committed_version(
+        self, view: str, *, expected: int, table: DeltaTable | None = None
+    ) -> int:
+        """The version the commit just made landed at (``table``: the one it was made on)."""
+        if table is None:
+            table = self._open(view)
+            assert table is not None
+            got = table.version()
+            if got < expected:  # pragma: no cover - delta-rs would have raised
+                msg = f"the write to view {view!r} did not commit (table is at version {got})."
+                raise ConflictError(msg)
+            return got
+        # Committed on ``table`` with no retry: it is now at the version of that commit.
+        if table.version() != expected:  # pragma: no cover - delta-rs would have raised
             msg = f"the write to view {view!r} landed at an unexpected version; report this."
             raise ConflictError(msg)
-
-    def _committed_version(self, view: str, *, expected: int) -> int:
-        table = self._open(view)
-        assert table is not None
-        got = table.version()
-        if got < expected:  # pragma: no cover - delta-rs would have raised
-            msg = f"the write to view {view!r} did not commit (table is at version {got})."
-            raise ConflictError(msg)
-        return got
+        return expected
 
     def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
         """Delete the data files no kept version needs; returns the files this call deleted,
