@@ -324,6 +324,7 @@ class OfflineStore:
         for attempt in range(_ATTEMPTS):
             with self._write_lock(view.name):
                 table, frame = self._current_rows(view, operation)
+                read = table.version()
                 rows = change(frame)
                 if isinstance(rows, pl.LazyFrame):
                     rows = collect(rows, view.name)
@@ -334,7 +335,7 @@ class OfflineStore:
                 except _LostError:  # rows committed meanwhile would be lost: read them, again
                     _backoff(attempt)
                     continue
-                return self._committed_version(view.name, expected=table.version(), table=table)
+                return self._committed_version(view.name, expected=read + 1, table=table)
         raise _gave_up(view.name, operation)
 
     def _current_rows(self, view: FeatureView, operation: str) -> tuple[DeltaTable, pl.LazyFrame]:
