@@ -7,8 +7,9 @@ the storage options mean the same everywhere). Updates of shared objects are con
 (``If-None-Match`` to create, ``If-Match`` on the ETag to replace): two machines updating the
 registry at once cannot both win, and the loser retries on what the winner wrote.
 
-Storage options are the environment's ``AWS_*``/``GOOGLE_*``/``AZURE_*`` variables, overridden
-by the ``storage_options`` given; every library gets the same dict.
+Storage options are the environment's credentials, region and endpoint (``AWS_ACCESS_KEY_ID``,
+``AWS_ENDPOINT_URL``, ...; ``GOOGLE_*``, ``AZURE_*``), overridden by the ``storage_options``
+given; every library gets the same dict.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ __all__ = [
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss")
 _ENV_PREFIXES = {"s3": "AWS_", "s3a": "AWS_", "gs": "GOOGLE_", "az": "AZURE_"}
 _ENV_PREFIXES |= {"abfs": "AZURE_", "abfss": "AZURE_"}
+# The AWS_* variables taken into the options. Not AWS_PROFILE and the like: each library reads
+# those from the environment itself, and Polars refuses a profile next to explicit keys.
+_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "AWS_SKIP_SIGNATURE",
+}
 # Keys only delta-rs knows; obstore refuses them.
 _DELTA_ONLY = re.compile(r"(aws_s3_|aws_conditional_put|delta_|aws_dynamo|dynamo).*", re.I)
 _CLIENT_KEYS = {"allow_http", "aws_allow_http", "google_allow_http", "azure_allow_http"}
@@ -92,7 +106,11 @@ def open_location(text: str, storage_options: dict[str, str] | None) -> Location
         raise ValidationError(msg)
     uri = f"{scheme.lower()}://{'/'.join([bucket, *parts])}"
     prefix_env = _ENV_PREFIXES[scheme.lower()]
-    options = {k: v for k, v in os.environ.items() if k.startswith(prefix_env)}
+    options = {
+        k: v
+        for k, v in os.environ.items()
+        if (k in _AWS_ENV if prefix_env == "AWS_" else k.startswith(prefix_env))
+    }
     # Explicit options win over the environment's, whatever their case.
     given = dict(storage_options or {})
     options = {k: v for k, v in options.items() if k.lower() not in {g.lower() for g in given}}
