@@ -126,11 +126,9 @@ def default_online_path(location: Location) -> Path:
 
     Examples
     --------
-    >>> import os
-    >>> os.environ["POLARSTORE_CACHE"] = "/tmp/cache"
-    >>> str(default_online_path(open_location("s3://bkt/team/repo", {}))).startswith(
-    ...     "/tmp/cache/online/s3/bkt/team/repo-")
-    True
+    >>> path = default_online_path(open_location("s3://bkt/team/repo", {}))
+    >>> path.parent.parts[-4:], path.name.startswith("repo-")
+    (('online', 's3', 'bkt', 'team'), True)
     """
     base = os.environ.get("POLARSTORE_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "polarstore"
