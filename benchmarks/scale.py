@@ -429,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=10, help="appends per view")
     parser.add_argument("--peers", default="polarstore,polarstore-plain,duckdb,naive")
     parser.add_argument("--max-rss", default="12", help="GiB; a contender above is killed")
-    parser.add_argument("--slice-rows", default=None, help="spine rows per slice (1M)")
+    parser.add_argument("--slice-rows", default=None, help="spine rows per slice (2.5M)")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the answers")
     args = parser.parse_args(argv)
     max_rss = int(float(args.max_rss) * 2**30)
