@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -40,7 +41,9 @@ from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._ondemand import OnDemandView
 from polarstore._registry import REGISTRY_FILE
+from polarstore._storage import REMOTE_SCHEMES, is_remote
 from polarstore._store import FeatureStore
+from polarstore._stream import sink_dataset, sink_training_set
 from polarstore._time import to_utc
 
 __all__ = ["EXAMPLE_DEFINITIONS", "REPO_ENV", "cli", "main", "parse_keys"]
@@ -154,18 +157,26 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
 class _Folder(click.Path):
-    """A local folder; a URI (``s3://b/r``) is refused before ``Path`` folds it into ``s3:/b/r``."""
+    """A local folder; a URI (``s3://b/r``) is refused before ``Path`` folds it into ``s3:/b/r``.
 
-    def __init__(self, *, file_okay: bool = False) -> None:
+    With ``remote``, an object-store URI is taken as it is (a str), for ``--repo``.
+    """
+
+    def __init__(self, *, file_okay: bool = False, remote: bool = False) -> None:
         super().__init__(file_okay=file_okay, path_type=Path)
+        self.remote = remote
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.startswith("file://"):
             value = value.removeprefix("file://")  # a local folder, as FeatureStore reads it
+        if self.remote and isinstance(value, str) and value.split("://")[0] in REMOTE_SCHEMES:
+            return value
         if isinstance(value, str) and _URI.match(value):
+            kinds = ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+            where = f"local folders or (with --repo) {kinds} URIs" if self.remote else "a folder"
             self.fail(
-                f"{value!r} is a URI; repositories are local folders for now (object storage "
-                "is not supported yet). Pass a folder path.",
+                f"{value!r} is a URI; this takes {where}. Pass a folder path"
+                + ("." if self.remote else " (an object-store repository: --repo s3://...)."),
                 param,
                 ctx,
             )
@@ -175,22 +186,47 @@ class _Folder(click.Path):
 def _repo_option(func: F) -> F:
     return click.option(
         "--repo",
-        type=_Folder(),
+        type=_Folder(remote=True),
         default=None,
         help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
     )(func)
 
 
-def _repo_path(repo: Path | None) -> Path:
-    """The repository: the command's ``--repo``, else the group's (or the env var), else ."""
+def _repo_path(repo: Path | str | None) -> Path | str:
+    """The repository: the command's ``--repo``, else the group's (or the env var), else .
+
+    An object-store URI stays a str.
+    """
     if repo is not None:
         return repo
     group_repo = click.get_current_context().find_root().params.get("repo")
+    if isinstance(group_repo, str) and is_remote(group_repo):
+        return group_repo
     return Path(group_repo) if group_repo else Path()
 
 
-def _open(repo: Path | None, *, must_exist: bool = True) -> FeatureStore:
+def _local_repo(repo: Path | str | None, command: str) -> Path:
     path = _repo_path(repo)
+    if isinstance(path, str):
+        msg = (
+            f"{command} needs a local folder, not {path!r}. For an object-store repository, "
+            f"run 'polarstore --repo {path} apply features.py' (the first apply creates it)."
+        )
+        raise click.UsageError(msg)
+    return path
+
+
+def _open(repo: Path | str | None, *, must_exist: bool = True) -> FeatureStore:
+    path = _repo_path(repo)
+    if isinstance(path, str):  # storage options from AWS_* (GOOGLE_*, AZURE_*)
+        store = FeatureStore(path)
+        if must_exist and store._registry.location.get(REGISTRY_FILE) is None:  # type: ignore[union-attr]
+            msg = (
+                f"{path!r} is not a polarstore repository (it has no {REGISTRY_FILE}). "
+                f"Run 'polarstore --repo {path} apply FILE' first, or check the URI."
+            )
+            raise click.ClickException(msg)
+        return store
     if must_exist and not (path / REGISTRY_FILE).is_file():
         msg = (
             f"{str(path)!r} is not a polarstore repository (it has no {REGISTRY_FILE}). "
@@ -405,7 +441,7 @@ def _ttl(value: timedelta | None) -> str:
 )
 @click.option(
     "--repo",
-    type=_Folder(),
+    type=_Folder(remote=True),
     envvar=REPO_ENV,
     default=None,
     help=f"The repository folder (default: ${REPO_ENV}, else the current folder).",
@@ -438,7 +474,7 @@ def init(path: Path | None, repo: Path | None) -> None:
       polarstore init my_repo
       polarstore --repo my_repo apply my_repo/features.py
     """
-    target = path if path is not None else _repo_path(repo)
+    target = path if path is not None else _local_repo(repo, "init")
     existed = (target / REGISTRY_FILE).is_file()
     store = FeatureStore(target)
     if not existed:
@@ -912,14 +948,101 @@ def demo(path: Path | None, users: int, repo: Path | None) -> None:
     """
     from polarstore.demo import run_demo
 
-    target = path or repo
+    target = path or (None if repo is None else _local_repo(repo, "demo"))
     if target is None:
         root = click.get_current_context().find_root()
         if root.get_parameter_source("repo") == ParameterSource.COMMANDLINE:
-            target = Path(root.params["repo"])
+            target = _local_repo(root.params["repo"], "demo")
     if users < 1:
         raise click.BadParameter(f"must be at least 1, got {users}.", param_hint="--users")
     run_demo(target or Path(DEFAULT_DEMO_PATH), _console(), n_users=users)
+
+
+@cli.command(name="train-set", short_help="Stream a point-in-time training set to Parquet.")
+@click.argument("features", nargs=-1)
+@click.option(
+    "--spine",
+    "spine_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A Parquet or CSV file of join keys and timestamps (one training row each).",
+)
+@click.option("--dataset", default=None, help="Rebuild this saved dataset instead.")
+@click.option("--output", "-o", required=True, help="The Parquet file to write (or s3://...).")
+@click.option("--timestamp-field", default="event_timestamp", show_default=True)
+@click.option("--as-of", default=None, help="Time travel: every view as it was at this time.")
+@click.option("--bitemporal", is_flag=True, help="Only rows known at each spine time.")
+@click.option("--full-names", is_flag=True, help="Name outputs view__feature.")
+@_repo_option
+def train_set(
+    features: tuple[str, ...],
+    spine_file: Path | None,
+    dataset: str | None,
+    output: str,
+    timestamp_field: str,
+    as_of: str | None,
+    bitemporal: bool,
+    full_names: bool,
+    repo: Path | None,
+) -> None:
+    """Write the point-in-time join of a spine and FEATURES straight to a Parquet file.
+
+    The join runs in time slices of the spine, each reading only the view rows of its own
+    window, and streams into the file: the views may be larger than memory. FEATURES are
+    view:feature references, view:* or a feature service. With --dataset NAME, the saved
+    dataset is rebuilt exactly instead (its spine, features and pinned versions; no FEATURES
+    or --spine).
+
+    \b
+    Examples:
+      polarstore --repo my_repo train-set churn_model --spine labels.parquet -o train.parquet
+      polarstore --repo s3://bucket/repo train-set --dataset train_v1 -o train_v1.parquet
+    """
+    if (dataset is None) == (spine_file is None) or (dataset is not None and features):
+        msg = "give either --spine FILE and FEATURES, or --dataset NAME (alone)."
+        raise click.UsageError(msg)
+    if dataset is None and not features:
+        raise click.UsageError("name the FEATURES to join (view:feature, view:* or a service).")
+    moment = _parse_time(as_of, "--as-of")
+    store = _open(repo)
+    started = time.perf_counter()
+    if dataset is not None:
+        where = sink_dataset(store, dataset, output)
+    else:
+        assert spine_file is not None
+        requested: str | list[str] = features[0] if len(features) == 1 else list(features)
+        key_dtypes = _key_dtypes(store, _views_of(store, features))
+        spine = _read_spine(spine_file, timestamp_field, key_dtypes)
+        where = sink_training_set(
+            store,
+            spine,
+            requested,
+            output,
+            timestamp_field=timestamp_field,
+            full_feature_names=full_names,
+            as_of=moment,
+            bitemporal=bitemporal,
+            what="train-set",
+        )
+    seconds = time.perf_counter() - started
+    count = None if is_remote(where) else pl.scan_parquet(where).select(pl.len()).collect().item()
+    rows = "" if count is None else f"{count:,} rows "
+    _console().print(Text(f"wrote {rows}to {where} in {seconds:.2f} s", style="green"))
+
+
+def _read_spine(path: Path, timestamp_field: str, keys: dict[str, pl.DataType]) -> pl.DataFrame:
+    """A spine file: Parquet as it is; CSV with keys as their dtypes and ISO-8601 times."""
+    try:
+        if path.suffix.lower() != ".csv":
+            return pl.read_parquet(path)
+        text_keys = {k: pl.String() for k, t in keys.items() if t == pl.String}
+        frame = pl.read_csv(path, schema_overrides=text_keys, infer_schema_length=10_000)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        msg = f"{str(path)!r} cannot be read as a Parquet or CSV spine: {_one_line(str(e))}"
+        raise click.ClickException(msg) from e
+    if timestamp_field in frame.columns and frame[timestamp_field].dtype == pl.String:
+        parsed = _parse_column(frame[timestamp_field], path, want_date=False)
+        frame = frame.with_columns(parsed)
+    return frame
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,12 +34,13 @@ from deltalake import (
     WriterProperties,
     write_deltalake,
 )
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._errors import ConflictError, NotFoundError, PolarstoreError, SchemaError
 from polarstore._registry import atomic_write_text, file_lock
+from polarstore._storage import Location
 from polarstore._time import to_utc
 
 __all__ = ["OfflineStore", "seq_floor"]
@@ -51,6 +53,12 @@ _LAST_US = timedelta(microseconds=999)
 # categories) at no measurable read or write cost; ZSTD (level 1) gains another 15% there but
 # costs ~15% more CPU per join (benchmarks/README.md); every Parquet reader knows Snappy.
 _COMPRESSION: Final = "SNAPPY"
+# Commits that lost to a concurrent one are retried this many times (reading the table anew).
+_ATTEMPTS: Final = 50
+
+
+class _LostError(Exception):
+    """The commit lost to a concurrent one; nothing of it is in the table."""
 
 
 def seq_floor(version: int) -> int:
@@ -79,10 +87,17 @@ class _File:
 class OfflineStore:
     """Delta tables under ``<root>/views/<view>``; writes to one table are serialised."""
 
-    def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        storage_options: dict[str, str] | None = None,
+        location: Location | None = None,
+    ) -> None:
         self.root = root.rstrip("/")
         self.storage_options = storage_options
         self._local = "://" not in root or root.startswith("file://")
+        # A remote repository's small-object client: file checks, metadata, error diagnosis.
+        self.location = location
 
     # --- locations ------------------------------------------------------------------------
 
@@ -108,10 +123,21 @@ class OfflineStore:
                 raise self._no_version(view, version) from None
             return None
         except DeltaError as e:
-            if version is not None:
+            if version is not None and self._reachable(e):
                 raise self._no_version(view, version) from e
             msg = f"cannot open the Delta table of view {view!r}: {e}"
             raise PolarstoreError(msg) from e
+        except OSError as e:  # delta-rs's "Kernel error": the object store failed
+            self._reachable(e)
+            msg = f"cannot open the Delta table of view {view!r}: {e}"
+            raise PolarstoreError(msg) from e
+
+    def _reachable(self, e: BaseException) -> bool:
+        """True if the object store answers; else raise its problem (named by the URI)."""
+        problem = None if self.location is None else self.location.diagnose()
+        if problem is not None:
+            raise problem from e
+        return True
 
     def open_table(self, view: str, version: int | None = None) -> DeltaTable | None:
         """The view's table at ``version`` (latest if None), for ``scan`` and ``commit_times``
@@ -161,11 +187,23 @@ class OfflineStore:
         """
         kept: dict[int, int] = {}
         path = self._commit_times_path(view)
-        if path is not None and path.exists():
+        text: str | None = None
+        where = str(path)
+        if self.location is not None:
+            where = self.location.url(f".polarstore/commit_times/{view}.json")
+            got = self.location.get(f".polarstore/commit_times/{view}.json")
+            text = None if got is None else got[0].decode("utf-8", "replace")
+        elif path is not None and path.exists():
             try:
-                kept = {int(v): int(ms) for v, ms in json.loads(path.read_text()).items()}
-            except (OSError, ValueError, AttributeError) as e:
-                msg = f"view {view!r}: the commit times in {str(path)!r} cannot be read: {e}"
+                text = path.read_text()
+            except OSError as e:
+                msg = f"view {view!r}: the commit times in {where!r} cannot be read: {e}"
+                raise PolarstoreError(msg) from e
+        if text is not None:
+            try:
+                kept = {int(v): int(ms) for v, ms in json.loads(text).items()}
+            except (ValueError, AttributeError) as e:
+                msg = f"view {view!r}: the commit times in {where!r} cannot be read: {e}"
                 raise PolarstoreError(msg) from e
         table = self._open(view) if table is None else table
         if table is not None:
@@ -174,7 +212,7 @@ class OfflineStore:
         return kept
 
     def _commit_times_path(self, view: str) -> Path | None:
-        if not self._local:  # object stores: nothing purges the log there
+        if not self._local:  # object stores: read through self.location (purge is local)
             return None
         root = self.root.removeprefix("file://")
         return Path(root, ".polarstore", "commit_times", f"{view}.json")
@@ -245,36 +283,47 @@ class OfflineStore:
         order = [*view.join_keys, view.timestamp_field]
         if view.created_timestamp_field:
             order.append(view.created_timestamp_field)
-        with self._write_lock(view.name):
-            table = self._open(view.name)
-            app_id = f"polarstore-write:{view.name}:{idempotency_key}"
-            if (
-                table is not None
-                and idempotency_key is not None
-                and table.transaction_version(app_id) is not None
-            ):
-                return table.version()
-            version = 0 if table is None else table.version() + 1
-            frame = frame.with_columns(
-                (pl.int_range(pl.len(), dtype=pl.Int64) + seq_floor(version)).alias(SEQ_COLUMN)
-            )
-            # Rows kept in (event time, created time, write order) make every file a sorted
-            # run: readers then need no sort, and Polars' as-of join no dedupe. The sequence is
-            # the row number, so a stable sort on the times alone gives that order, cheaper.
-            frame = frame.sort(order[len(view.join_keys) :], maintain_order=True)
-            columns = [*order, SEQ_COLUMN, *view.feature_names]
-            if table is not None:
-                existing = list(_check_schema(view, _polars_schema(table)))
-                columns = [c for c in existing if c in frame.columns] + [
-                    c for c in columns if c not in existing
-                ]
-            metadata = {_OPERATION_KEY: "write", "polarstore.rows": str(frame.height)}
-            transactions = [Transaction(app_id, 1)] if idempotency_key is not None else None
-            self._commit(view.name, frame.select(columns), "append", metadata, transactions)
-            got = self._committed_version(view.name, expected=version)
-            if on_commit is not None and got == version:
-                on_commit(got, frame)
-            return got
+        # Rows kept in (event time, created time, write order) make every file a sorted run:
+        # readers then need no sort, and Polars' as-of join no dedupe. The sequence is the row
+        # number, so a stable sort on the times alone gives that order, cheaper.
+        frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(SEQ_COLUMN))
+        frame = frame.sort(order[len(view.join_keys) :], maintain_order=True)
+        app_id = f"polarstore-write:{view.name}:{idempotency_key}"
+        metadata = {_OPERATION_KEY: "write", "polarstore.rows": str(frame.height)}
+        transactions = [Transaction(app_id, 1)] if idempotency_key is not None else None
+        for attempt in range(_ATTEMPTS):
+            with self._write_lock(view.name):
+                table = self._open(view.name)
+                if (
+                    table is not None
+                    and idempotency_key is not None
+                    and table.transaction_version(app_id) is not None
+                ):
+                    return table.version()
+                # The commit below lands at exactly this version or fails (no delta-rs retry):
+                # the sequence then always names the version that holds the rows.
+                version = 0 if table is None else table.version() + 1
+                columns = [*order, SEQ_COLUMN, *view.feature_names]
+                if table is not None:
+                    existing = list(_check_schema(view, _polars_schema(table)))
+                    columns = [c for c in existing if c in frame.columns] + [
+                        c for c in columns if c not in existing
+                    ]
+                rows = frame.select(columns).with_columns(pl.col(SEQ_COLUMN) + seq_floor(version))
+                try:
+                    self._commit(view.name, rows, "append", metadata, transactions, table)
+                except _LostError:
+                    _backoff(attempt)
+                    continue
+                got = (  # a first commit used mode="error": it is version 0 or it failed
+                    version
+                    if table is None
+                    else self._committed_version(view.name, expected=version, table=table)
+                )
+                if on_commit is not None and got == version:
+                    on_commit(got, rows)
+                return got
+        raise _gave_up(view.name, "write")
 
     def rewrite(
         self,
@@ -289,17 +338,25 @@ class OfflineStore:
         the same for every row ``change`` keeps. Returns the new version; ``on_commit`` as in
         ``append``.
         """
-        with self._write_lock(view.name):
-            table, frame = self._current_rows(view, operation)
-            version = table.version() + 1
-            rows = change(frame)
-            if isinstance(rows, pl.LazyFrame):
-                rows = collect(rows, view.name)
-            self._commit(view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None)
-            got = self._committed_version(view.name, expected=version)
-            if on_commit is not None and got == version:
-                on_commit(got, rows)
-            return got
+        for attempt in range(_ATTEMPTS):
+            with self._write_lock(view.name):
+                table, frame = self._current_rows(view, operation)
+                read = table.version()
+                rows = change(frame)
+                if isinstance(rows, pl.LazyFrame):
+                    rows = collect(rows, view.name)
+                try:
+                    self._commit(
+                        view.name, rows, "overwrite", {_OPERATION_KEY: operation}, None, table
+                    )
+                except _LostError:  # rows committed meanwhile would be lost: read them, again
+                    _backoff(attempt)
+                    continue
+                got = self._committed_version(view.name, expected=read + 1, table=table)
+                if on_commit is not None and got == read + 1:
+                    on_commit(got, rows)
+                return got
+        raise _gave_up(view.name, operation)
 
     def _current_rows(self, view: FeatureView, operation: str) -> tuple[DeltaTable, pl.LazyFrame]:
         """The current table and its rows in tie-breaking order; NotFoundError if it has none."""
@@ -378,37 +435,59 @@ class OfflineStore:
         mode: str,
         metadata: dict[str, str],
         transactions: list[Transaction] | None,
+        table: DeltaTable | None,
     ) -> None:
+        """Commit ``frame`` as the version after ``table`` (version 0 if None), or raise _LostError.
+
+        delta-rs would retry a commit that lost as the next version, with the rows' write
+        sequence naming the version it first tried: no retries here, the caller retries.
+        """
         # One chunk: delta-rs may write the batches of a multi-chunk table out of order, and
         # the row order inside a file is the tie order (the write sequence) readers rely on.
         data = frame.rechunk().to_arrow(compat_level=pl.CompatLevel.oldest())
+        target: Any = self.table_uri(view) if table is None else table
         try:
             write_deltalake(
-                self.table_uri(view),
+                target,
                 data,
-                mode=mode,  # type: ignore[arg-type,call-overload]
+                # A first write must create the table: "error" if another writer did first.
+                mode="error" if table is None else mode,  # type: ignore[arg-type,call-overload]
                 schema_mode="merge" if mode == "append" else "overwrite",
                 # One file per write: each file is then one sorted run, which is what lets
                 # readers skip the sort when files don't overlap in time.
                 target_file_size=_ONE_FILE,
                 writer_properties=_writer_properties(frame.schema),
-                storage_options=self.storage_options,
+                storage_options=self.storage_options if table is None else None,
                 commit_properties=CommitProperties(
-                    custom_metadata=metadata, app_transactions=transactions
+                    custom_metadata=metadata, app_transactions=transactions, max_commit_retries=0
                 ),
             )
+        except CommitFailedError as e:
+            raise _LostError(view) from e
         except (DeltaError, pa.ArrowException, OSError) as e:
+            if table is None and "already exists" in str(e):
+                raise _LostError(view) from e
+            self._reachable(e)
             msg = f"writing to view {view!r} failed; nothing was committed: {e}"
             raise PolarstoreError(msg) from e
 
-    def _committed_version(self, view: str, *, expected: int) -> int:
-        table = self._open(view)
-        assert table is not None
-        got = table.version()
-        if got < expected:  # pragma: no cover - delta-rs would have raised
-            msg = f"the write to view {view!r} did not commit (table is at version {got})."
+    def _committed_version(
+        self, view: str, *, expected: int, table: DeltaTable | None = None
+    ) -> int:
+        """The version the commit just made landed at (``table``: the one it was made on)."""
+        if table is None:
+            table = self._open(view)
+            assert table is not None
+            got = table.version()
+            if got < expected:  # pragma: no cover - delta-rs would have raised
+                msg = f"the write to view {view!r} did not commit (table is at version {got})."
+                raise ConflictError(msg)
+            return got
+        # Committed on ``table`` with no retry: it is now at the version of that commit.
+        if table.version() != expected:  # pragma: no cover - delta-rs would have raised
+            msg = f"the write to view {view!r} landed at an unexpected version; report this."
             raise ConflictError(msg)
-        return got
+        return expected
 
     def vacuum(self, view: str, *, retention_hours: int, keep_versions: Sequence[int]) -> list[str]:
         """Delete the data files no kept version needs; returns the files this call deleted,
@@ -429,16 +508,21 @@ class OfflineStore:
             # delta-rs lists files it already deleted (the log keeps their tombstones), as
             # absolute paths: report only what exists before and is gone after.
             candidates = [self._table_relative(p, self.table_uri(view)) for p in run(True)]
-            before = [p for p in candidates if not self._local or self._exists(view, p)]
+            before = self._existing(view, candidates)
             run(False)
         except (DeltaError, OSError) as e:
             msg = f"vacuum of view {view!r} failed: {e}"
             raise PolarstoreError(msg) from e
-        gone = [p for p in before if not self._local or not self._exists(view, p)]
+        gone = set(before) - set(self._existing(view, before))
         return sorted(f"views/{view}/{p}" for p in gone)
 
-    def _exists(self, view: str, relative: str) -> bool:
-        return (Path(self.table_uri(view).removeprefix("file://")) / relative).exists()
+    def _existing(self, view: str, relative: Sequence[str]) -> list[str]:
+        """Those of the table's files ``relative`` (to its folder) that exist."""
+        if self.location is not None:  # one listing, not one request per file
+            present = set(self.location.sizes(f"views/{view}"))
+            return [p for p in relative if p in present]
+        folder = Path(self.table_uri(view).removeprefix("file://"))
+        return [p for p in relative if (folder / p).exists()]
 
     @staticmethod
     def _table_relative(path: str, table_uri: str) -> str:
@@ -512,6 +596,22 @@ class OfflineStore:
 
     # --- reading --------------------------------------------------------------------------
 
+    def check_data_files(
+        self, view: str, table: DeltaTable, files: Sequence[_File], version: int | None
+    ) -> None:
+        """Raise a clear error if a data file the log lists (of ``table``, opened at the
+        pinned ``version`` or the latest if None) is missing or visibly damaged."""
+        base = self.table_uri(view)
+
+        def current() -> int:  # the latest version, not the pinned one
+            latest = table.version() if version is None else self.current_version(view)
+            return table.version() if latest is None else latest
+
+        if self._local:
+            _check_files(view, base.removeprefix("file://"), files, version, current)
+        elif self.location is not None:
+            _check_remote_files(view, self.location, files, version, current)
+
     def scan(
         self,
         view: FeatureView,
@@ -561,8 +661,7 @@ class OfflineStore:
             else:
                 sort.append(SEQ_COLUMN)
         base = self.table_uri(view.name)
-        if self._local:
-            _check_files(view.name, base.removeprefix("file://"), keep, version, table.version())
+        self.check_data_files(view.name, table, keep, version)
         if keep:
             frame = pl.scan_parquet(
                 [f"{base}/{f.path}" for f in keep],
@@ -606,7 +705,7 @@ def collect(frame: pl.LazyFrame, view: str, engine: Any = "in-memory") -> pl.Dat
 
 
 def _check_files(
-    view: str, folder: str, files: Sequence[_File], pinned: int | None, current: int
+    view: str, folder: str, files: Sequence[_File], pinned: int | None, latest: Callable[[], int]
 ) -> None:
     """Raise if a data file the Delta log lists is missing or visibly damaged.
 
@@ -614,7 +713,6 @@ def _check_files(
     file. A stat and an 8-byte read per file (tens of microseconds) catch a missing file, a
     truncated one and a broken footer; damage inside a file still surfaces at ``collect()``.
     """
-    version = current if pinned is None else pinned
     gone: list[str] = []
     for f in files:
         path = Path(folder, f.path)
@@ -634,13 +732,16 @@ def _check_files(
         if (f.size is not None and size != f.size) or tail != b"PAR1":
             recorded = "" if f.size is None else f", the Delta log recorded {f.size}"
             msg = (
-                f"view {view!r}: data file {str(path)!r} of version {version} is damaged "
+                f"view {view!r}: data file {str(path)!r} of version "
+                f"{latest() if pinned is None else pinned} is damaged "
                 f"({size} bytes{recorded}; not a complete Parquet file). Restore it from a "
                 "backup; reading the view fails until then."
             )
             raise PolarstoreError(msg)
     if not gone:
         return
+    current = latest()
+    version = current if pinned is None else pinned
     if version < current:
         msg = (
             f"view {view!r} version {version} can no longer be read: {len(gone)} of its data "
@@ -656,6 +757,61 @@ def _check_files(
             "removes missing files from the table."
         )
     raise NotFoundError(msg)
+
+
+def _check_remote_files(
+    view: str,
+    location: Location,
+    files: Sequence[_File],
+    pinned: int | None,
+    latest: Callable[[], int],
+) -> None:
+    """``_check_files`` on an object store: one listing of the table's folder, sizes compared.
+
+    (A listing returns up to 1000 objects per request; reading each file's footer would cost
+    one request per file.)
+    """
+    folder = f"views/{view}"
+    sizes = location.sizes(folder)
+    gone = [f.path for f in files if f.path not in sizes]
+    for f in files:
+        if f.path in sizes and f.size is not None and sizes[f.path] != f.size:
+            msg = (
+                f"view {view!r}: data file {location.url(folder + '/' + f.path)!r} is damaged "
+                f"({sizes[f.path]} bytes, the Delta log recorded {f.size}). Restore it from a "
+                "backup; reading the view fails until then."
+            )
+            raise PolarstoreError(msg)
+    if not gone:
+        return
+    current = latest()
+    version = current if pinned is None else pinned
+    if version < current:
+        msg = (
+            f"view {view!r} version {version} can no longer be read: {len(gone)} of its data "
+            f"files were removed from {location.url(folder)} by vacuum(). Pin a newer version "
+            "(datasets pinned to this one must be saved again)."
+        )
+    else:
+        msg = (
+            f"view {view!r}: the current version {version} needs {len(gone)} data file(s) "
+            f"missing from {location.url(folder)!r} (first: {gone[0]!r}); vacuum() never "
+            "removes those, so they were deleted by something else. Restore them from a backup."
+        )
+    raise NotFoundError(msg)
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep a little before retrying a lost commit: random, so the losers spread out."""
+    time.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 7)))
+
+
+def _gave_up(view: str, operation: str) -> ConflictError:
+    msg = (
+        f"{operation} on view {view!r}: {_ATTEMPTS} concurrent commits landed first; nothing "
+        "of this one was committed. Try again."
+    )
+    return ConflictError(msg)
 
 
 def _file_order(f: _File) -> tuple[datetime, datetime, int]:

@@ -6,9 +6,11 @@ import contextlib
 import errno
 import json
 import os
+import random
 import re
 import secrets
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,10 +31,11 @@ from polarstore._definitions import (
     dtype_from_str,
     dtype_to_str,
 )
-from polarstore._errors import PolarstoreError, SchemaError, StorageError
+from polarstore._errors import ConflictError, PolarstoreError, SchemaError, StorageError
 from polarstore._ondemand import OnDemandView, on_demand_from_json, on_demand_to_json
+from polarstore._storage import PreconditionError
 
-__all__ = ["REGISTRY_FILE", "Registry", "RegistryState", "file_lock"]
+__all__ = ["REGISTRY_FILE", "ObjectRegistry", "Registry", "RegistryState", "file_lock"]
 
 REGISTRY_FILE = "registry.json"
 FORMAT = "polarstore.registry"
@@ -207,7 +210,7 @@ def _encode(state: RegistryState) -> str:
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
-def _decode(raw: bytes, path: Path) -> RegistryState:
+def _decode(raw: bytes, path: Path | str) -> RegistryState:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -365,3 +368,56 @@ def _service_to_json(service: FeatureService) -> dict[str, Any]:
         "owner": service.owner,
         "tags": service.tags,
     }
+
+
+class ObjectRegistry:
+    """``registry.json`` on an object store: updates are conditional puts, retried on a loss.
+
+    An update reads the object and its ETag, applies the change, and puts the result only if
+    the ETag is still the one read (``If-Match``; ``If-None-Match: *`` for the first one). A
+    concurrent update from another process or machine makes the put fail: the change is then
+    applied again to what that update wrote, so no ``apply`` is lost. Reads re-fetch the
+    object only when its ETag changed.
+    """
+
+    _ATTEMPTS = 50
+
+    def __init__(self, location: Any) -> None:
+        self.location = location
+        self.path = location.url(REGISTRY_FILE)
+        # (ETag, unused, parsed state): the shape of Registry._cache the online store reads.
+        self._cache: tuple[str | None, int, RegistryState] | None = None
+
+    def _fetch(self) -> tuple[RegistryState, str | None]:
+        got = self.location.get(REGISTRY_FILE)
+        if got is None:
+            return RegistryState(), None
+        raw, etag = got
+        if self._cache is not None and etag is not None and self._cache[0] == etag:
+            return self._cache[2], etag
+        return _decode(raw, self.path), etag
+
+    def load(self) -> RegistryState:
+        state, etag = self._fetch()
+        self._cache = (etag, -1, state)
+        return state
+
+    def update(self, change: Callable[[RegistryState], T]) -> T:
+        """Apply ``change`` to the current state and save it, unless someone saved first."""
+        for attempt in range(self._ATTEMPTS):
+            self._cache = None  # a fresh copy: change() mutates it
+            state, etag = self._fetch()
+            result = change(state)  # may raise half-way: then nothing is saved
+            try:
+                self.location.put(REGISTRY_FILE, _encode(state).encode("utf-8"), expect=etag)
+            except PreconditionError:
+                time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))
+                continue
+            finally:
+                self._cache = None
+            return result
+        msg = (
+            f"the registry {self.path} kept changing under this update ({self._ATTEMPTS} "
+            "concurrent updates won first); nothing was saved. Try again."
+        )
+        raise ConflictError(msg)

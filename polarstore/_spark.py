@@ -30,7 +30,6 @@ from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._frames import declared_key, lossless_cast, to_polars
 from polarstore._offline import (
     OfflineStore,
-    _check_files,
     _check_schema,
     _files_of,
     _polars_schema,
@@ -430,8 +429,7 @@ def _view_rows(
         and not (until is not None and f.min_ts is not None and f.min_ts > until)
     ]
     base = offline.table_uri(view.name)
-    if offline._local:
-        _check_files(view.name, base.removeprefix("file://"), files, version, table.version())
+    offline.check_data_files(view.name, table, files, version)
     if not files:
         return None
     schema = _check_schema(view, _polars_schema(table))

@@ -416,13 +416,23 @@ def _file_name(path: str) -> str:
     return path.replace("/", "~") + ".json"
 
 
+def _relative(view: str, path: str) -> str:
+    return f".polarstore/stats/{view}/{_file_name(path)}"
+
+
 def read_summary(offline: OfflineStore, view: str, path: str) -> dict[str, Any] | None:
     """The stored summary of data file ``path`` of ``view``, or None if there is none."""
     try:
-        text = (_folder(offline, view) / _file_name(path)).read_text()
+        if offline.location is not None:  # an object store
+            got = offline.location.get(_relative(view, path))
+            if got is None:
+                return None
+            text = got[0].decode()
+        else:
+            text = (_folder(offline, view) / _file_name(path)).read_text()
     except FileNotFoundError:
         return None
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         msg = f"view {view!r}: the statistics of data file {path!r} cannot be read: {e}"
         raise PolarstoreError(msg) from e
     try:
@@ -434,16 +444,20 @@ def read_summary(offline: OfflineStore, view: str, path: str) -> dict[str, Any] 
 
 def write_summary(offline: OfflineStore, view: str, path: str, doc: Mapping[str, Any]) -> None:
     """Store the summary of data file ``path`` of ``view`` (replacing any)."""
+    text = json.dumps(doc, separators=(",", ":"))
+    if offline.location is not None:
+        offline.location.put(_relative(view, path), text.encode(), expect=True)
+        return
     folder = _folder(offline, view)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / _file_name(path), json.dumps(doc, separators=(",", ":")))
+    atomic_write_text(folder / _file_name(path), text)
 
 
 def prune_summaries(offline: OfflineStore, views: Iterable[FeatureView]) -> None:
     """Delete every summary but those of the current data files of each view.
 
     For the purge: summaries hold values (min, max, sketch samples, category names), so the
-    summaries of files gone with deleted rows must go too.
+    summaries of files gone with deleted rows must go too. (Purges are local: see _vacuum.)
     """
     settle()
     for view in views:

@@ -40,7 +40,7 @@ from polarstore._ondemand import (
     online_with_derived,
     resolve_on_demand,
 )
-from polarstore._registry import Registry, RegistryState
+from polarstore._registry import ObjectRegistry, Registry, RegistryState
 from polarstore._retrieval import (
     EMPTY_VERSION,
     historical_with_derived,
@@ -49,6 +49,13 @@ from polarstore._retrieval import (
     service_named,
 )
 from polarstore._stats import after_compact, prune_summaries, record_rows, statistics
+from polarstore._storage import (
+    Location,
+    default_online_path,
+    is_remote,
+    open_location,
+)
+from polarstore._stream import sink_training_set
 from polarstore._time import STORED_DTYPE, to_utc, utc_now
 from polarstore._vacuum import vacuum_repository
 
@@ -68,11 +75,17 @@ class FeatureStore:
     Parameters
     ----------
     path
-        The repository folder; created if missing.
+        The repository folder (created if missing), or an object-store URI
+        (``s3://bucket/prefix``; also ``gs://``, ``az://``) holding the registry, the Delta
+        tables and the saved datasets' spines.
     storage_options
-        Passed to Delta Lake for the offline tables.
+        For an object store: credentials, endpoint, region (``{"AWS_ENDPOINT_URL": ...}``),
+        over the ``AWS_*`` (``GOOGLE_*``, ``AZURE_*``) environment variables; passed to Delta
+        Lake, Polars and the registry's client alike.
     online_path
-        Where the LMDB environment lives; default ``<path>/online``.
+        Where the LMDB environment lives (always a local folder); default ``<path>/online``,
+        for a remote repository a cache folder derived from the URI (``$POLARSTORE_CACHE``,
+        else ``~/.cache/polarstore``, ``/online/s3/<bucket>/<prefix>-<hash>``).
 
     Examples
     --------
@@ -101,13 +114,12 @@ class FeatureStore:
         online_path: str | os.PathLike[str] | None = None,
     ) -> None:
         text = os.fspath(path)
-        if "://" in text and not text.startswith("file://"):
-            msg = (
-                f"repository {text!r}: object-store repositories are not supported yet; "
-                "use a local folder (the Delta tables can be copied to S3 as they are)."
-            )
-            raise ValidationError(msg)
-        self.path = Path(text.removeprefix("file://")).resolve()
+        online = os.fspath(online_path) if online_path else None
+        if is_remote(text):
+            self._init_remote(text, storage_options, online)
+            return
+        self.path: Path | str = Path(text.removeprefix("file://")).resolve()
+        self._root: Path | Location = self.path
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:
@@ -117,17 +129,28 @@ class FeatureStore:
         except OSError as e:
             msg = f"repository {text!r}: cannot create the folder {self.path}: {e.strerror}."
             raise StorageError(e.errno, msg) from e
-        online = os.fspath(online_path) if online_path else None
-        if online is not None and "://" in online and not online.startswith("file://"):
-            msg = (
-                f"online_path {online!r}: the online store is an LMDB file on a local disk; "
-                "give a local folder."
-            )
-            raise ValidationError(msg)
+        _check_online_path(online)
         self.online_path = Path(online.removeprefix("file://")) if online else self.path / "online"
-        self._registry = Registry(self.path)
+        self._registry: Registry | ObjectRegistry = Registry(self.path)
         self._offline = OfflineStore(str(self.path), storage_options)
         self._online_store: Any = None
+        self._online_lock = threading.Lock()
+
+    def _init_remote(
+        self, uri: str, storage_options: dict[str, str] | None, online: str | None
+    ) -> None:
+        location = open_location(uri, storage_options)
+        _check_online_path(online)
+        self.path = location.uri
+        self._root = location
+        if online:
+            self.online_path = Path(online.removeprefix("file://"))
+        else:
+            self.online_path = default_online_path(location)
+        self._registry = ObjectRegistry(location)
+        self._registry.load()  # an unreachable store, a missing bucket, bad credentials: now
+        self._offline = OfflineStore(location.uri, location.options, location)
+        self._online_store = None
         self._online_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -904,11 +927,15 @@ class FeatureStore:
         as_of: AsOf = None,
         overwrite: bool = False,
         bitemporal: bool = False,
+        output: str | os.PathLike[str] | None = None,
     ) -> pl.LazyFrame:
         """Store a reproducible training set: the spine and the pinned view versions.
 
         ``load_dataset(name)`` later returns exactly the same rows, whatever was written since
-        (until old versions are vacuumed); ``bitemporal`` is kept with the dataset.
+        (until old versions are vacuumed); ``bitemporal`` is kept with the dataset. With
+        ``output`` (a local path or an ``s3://`` URI) the training set is also written to
+        that Parquet file, joined in time slices of the spine so that only one slice's view
+        rows are in memory at a time: views larger than memory are fine.
 
         Examples
         --------
@@ -966,7 +993,19 @@ class FeatureStore:
             "rows": spine.height,
             "created_at": utc_now().isoformat(),
         }
-        store_dataset(self.path, self._registry, name, spine, entry, overwrite=overwrite)
+        if output is not None:  # first: if it fails, no dataset was saved either
+            sink_training_set(
+                self,
+                spine,
+                refs,
+                output,
+                timestamp_field=timestamp_field,
+                full_feature_names=full_feature_names,
+                as_of=versions,
+                bitemporal=bitemporal,
+                what=f"save_dataset {name!r}",
+            )
+        store_dataset(self._root, self._registry, name, spine, entry, overwrite=overwrite)
         return result
 
     def load_dataset(self, name: str) -> pl.LazyFrame:
@@ -992,7 +1031,7 @@ class FeatureStore:
         [3]
         """
         datasets = self._state().datasets
-        spine = read_spine(self.path, name, datasets)
+        spine = read_spine(self._root, name, datasets)
         entry = datasets[name]
         saved = {  # absent in datasets saved without derived features
             n: on_demand_from_json(n, d, where=f"dataset {name!r}")
@@ -1350,3 +1389,12 @@ def _apply_aggregations(state: RegistryState, aggregations: list[AggregationView
         raise ValidationError(msg)
     for name, agg in list(state.aggregations.items()):
         state.aggregations[name] = agg.resolve(state.views)
+
+
+def _check_online_path(online: str | None) -> None:
+    if online is not None and is_remote(online):
+        msg = (
+            f"online_path {online!r}: the online store is an LMDB file on a local disk; "
+            "give a local folder."
+        )
+        raise ValidationError(msg)

@@ -607,21 +607,22 @@ def test_csv_times_parse_like_fromisoformat(texts: list[str], uniform: bool) -> 
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "says"),
     [
-        ["--repo", "s3://bucket/repo", "ls"],
-        ["--repo", "s3://bucket/repo", "init"],
-        ["init", "s3://bucket/repo"],
-        ["ls", "--repo", "gs://bucket/repo"],
-        ["demo", "az://container/repo"],
-        ["--repo", "http://example.com/repo", "ls"],
+        (["--repo", "s3://bucket/repo", "init"], "init needs a local folder"),
+        (["init", "s3://bucket/repo"], "is a URI"),
+        (["demo", "az://container/repo"], "is a URI"),
+        (["--repo", "gs://bucket/repo", "demo"], "demo needs a local folder"),
+        (["--repo", "http://example.com/repo", "ls"], "is a URI"),
+        (["ls", "--repo", "ftp://example.com/repo"], "is a URI"),
     ],
 )
-def test_uri_repositories_are_refused_and_create_no_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+def test_uris_where_a_local_folder_is_needed_are_refused_and_create_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], says: str
 ) -> None:
+    # --repo takes object-store URIs (tests/test_s3.py); init, demo and other schemes do not.
     monkeypatch.chdir(tmp_path)
-    error(run(*args), 2, "is a URI", "local folders")
+    error(run(*args), 2, says)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -634,7 +635,7 @@ def test_a_file_uri_is_a_local_folder(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_uri_in_the_env_var_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    error(run("init", env={"POLARSTORE_REPO": "s3://bucket/repo"}), 2, "is a URI")
+    error(run("init", env={"POLARSTORE_REPO": "s3://bucket/repo"}), 2, "needs a local folder")
     assert list(tmp_path.iterdir()) == []
 
 

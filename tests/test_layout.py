@@ -16,6 +16,7 @@ PACKAGE = Path(polarstore.__file__).parent
 OWNERS = {
     "deltalake": {"polarstore._offline"},
     "lmdb": {"polarstore._online"},
+    "obstore": {"polarstore._storage"},
     "pyspark": {"polarstore._spark"},
     "polarstore._cli": {"polarstore._cli", "polarstore.__main__"},
 }
