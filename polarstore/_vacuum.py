@@ -41,6 +41,12 @@ def vacuum_repository(store: Any, *, retention: timedelta, force: bool) -> dict[
     if not isinstance(retention, timedelta) or retention < timedelta(0):
         msg = f"vacuum: retention must be a timedelta of 0 or more, got {retention!r}."
         raise ValidationError(msg)
+    if force and retention == timedelta(0) and store._offline.location is not None:
+        msg = (  # refused before anything is vacuumed, not half-way
+            f"vacuum(retention=timedelta(0), force=True) purges the Delta logs, which needs a "
+            f"local repository, not {store._offline.root}; vacuum with a retention instead."
+        )
+        raise ValidationError(msg)
     state = store._state()
     pinned: dict[str, set[int]] = {}
     if not force:

@@ -475,3 +475,17 @@ def test_train_set_from_a_saved_dataset_and_save_dataset_output(
     with pytest.raises(StorageError, match=r"writing the training set to .* failed; no file"):
         store.save_dataset("v2", spine, ["stats:*"], output=bad)
     assert "v2" not in store.list_datasets()
+
+
+def test_a_purge_is_refused_up_front_on_s3(server: S3Server, uri: str) -> None:
+    from polarstore import ValidationError
+
+    store = FeatureStore(uri, storage_options=server.options())
+    store.apply([USER, STATS])
+    store.write("stats", _rows(1))
+    store.write("stats", _rows(2))
+    before = store.history("stats")
+    with pytest.raises(ValidationError, match="needs a local repository"):
+        store.vacuum(retention=timedelta(0), force=True)
+    assert_frame_equal(store.history("stats"), before)
+    assert store.read("stats", as_of=0).collect().height == 60  # version 0 still readable
