@@ -738,25 +738,12 @@ def _check_files(
                 "backup; reading the view fails until then."
             )
             raise PolarstoreError(msg)
-    if not gone:
-        return
-    current = latest()
-    version = current if pinned is None else pinned
-    if version < current:
-        msg = (
-            f"view {view!r} version {version} can no longer be read: {len(gone)} of its data "
-            "files were removed by vacuum(). Pin a newer version (datasets pinned to this one "
-            "must be saved again)."
+    if gone:
+        repair = (
+            f"; or, to give up their rows, run deltalake.DeltaTable({folder!r}).repair(), "
+            "which removes missing files from the table"
         )
-    else:
-        msg = (
-            f"view {view!r}: the current version {version} needs {len(gone)} data file(s) "
-            f"missing from {folder!r} (first: {gone[0]!r}); vacuum() never removes those, so "
-            "they were deleted or moved by something else. Restore them from a backup; or, to "
-            f"give up their rows, run deltalake.DeltaTable({folder!r}).repair(), which "
-            "removes missing files from the table."
-        )
-    raise NotFoundError(msg)
+        raise _gone(view, gone, pinned, latest, removed="", where=repr(folder), repair=repair)
 
 
 def _check_remote_files(
@@ -782,23 +769,38 @@ def _check_remote_files(
                 "backup; reading the view fails until then."
             )
             raise PolarstoreError(msg)
-    if not gone:
-        return
+    if gone:
+        url = location.url(folder)
+        raise _gone(view, gone, pinned, latest, removed=f" from {url}", where=repr(url), repair="")
+
+
+def _gone(
+    view: str,
+    gone: Sequence[str],
+    pinned: int | None,
+    latest: Callable[[], int],
+    *,
+    removed: str,
+    where: str,
+    repair: str,
+) -> NotFoundError:
+    """The error for data files the log lists but the store no longer has: vacuumed (the
+    version is older than the current one) or deleted by something else."""
     current = latest()
     version = current if pinned is None else pinned
     if version < current:
         msg = (
             f"view {view!r} version {version} can no longer be read: {len(gone)} of its data "
-            f"files were removed from {location.url(folder)} by vacuum(). Pin a newer version "
-            "(datasets pinned to this one must be saved again)."
+            f"files were removed{removed} by vacuum(). Pin a newer version (datasets pinned to "
+            "this one must be saved again)."
         )
     else:
         msg = (
             f"view {view!r}: the current version {version} needs {len(gone)} data file(s) "
-            f"missing from {location.url(folder)!r} (first: {gone[0]!r}); vacuum() never "
-            "removes those, so they were deleted by something else. Restore them from a backup."
+            f"missing from {where} (first: {gone[0]!r}); vacuum() never removes those, so "
+            f"they were deleted or moved by something else. Restore them from a backup{repair}."
         )
-    raise NotFoundError(msg)
+    return NotFoundError(msg)
 
 
 def _backoff(attempt: int) -> None:
