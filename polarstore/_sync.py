@@ -125,6 +125,16 @@ class _SyncState:
         self.segments = merged
         self.materialized_at = datetime.now(timezone.utc).isoformat()
 
+    def synced(self, current: int, end: int | None, latest_event: int | None) -> None:
+        """Record a sync through version ``current`` (up to ``end``): its deletes are
+        applied, and ``latest_event`` (the newest event time it read) raises the high mark."""
+        self.advance(current, end)
+        self.deletes_through = current
+        self.deletes_applied = [v for v in self.deletes_applied if v > current]
+        if latest_event is not None:
+            known = self.max_event
+            self.max_event = latest_event if known is None else max(known, latest_event)
+
 
 @dataclass(frozen=True)
 class _Pending:
@@ -302,12 +312,7 @@ def sync_view(
                 keys, values = _newer_only(txn, layout, keys, values, state.max_event)
             with txn.cursor() as cursor:
                 _, written = cursor.putmulti(zip(keys, values, strict=True))
-    state.advance(current, end_us)
-    state.deletes_through = current
-    state.deletes_applied = [v for v in state.deletes_applied if v > current]
-    if latest_event is not None:
-        known = state.max_event
-        state.max_event = latest_event if known is None else max(known, latest_event)
+    state.synced(current, end_us, latest_event)
     txn.put(state_key, state.to_json())
     return read, written, current
 

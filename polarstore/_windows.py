@@ -28,7 +28,7 @@ import bisect
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
-from datetime import date, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import msgspec
@@ -39,7 +39,8 @@ from polarstore._definitions import SEQ_COLUMN, dtype_from_str, dtype_to_str
 from polarstore._errors import SchemaError, ValidationError
 from polarstore._frames import key_dtype
 from polarstore._offline import OfflineStore
-from polarstore._records import Layout, cast_keys
+from polarstore._records import Layout, _physical, cast_keys
+from polarstore._records import _python_converter as _converter
 from polarstore._sync import (
     _next_id,
     _SyncState,
@@ -58,31 +59,10 @@ __all__ = [
 ]
 
 _US = timedelta(microseconds=1)
-_EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_EPOCH = datetime(1970, 1, 1)
-_EPOCH_DATE = date(1970, 1, 1)
 _NO_CREATED = -(1 << 63)
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
 _Txn = Any
-
-
-def _physical(dtype: pl.DataType) -> pl.DataType:
-    if isinstance(dtype, pl.Datetime):
-        return pl.Int64()
-    if isinstance(dtype, pl.Date):
-        return pl.Int32()
-    return dtype
-
-
-def _converter(text: str) -> Callable[[Any], Any] | None:
-    if text == "Date":
-        return lambda days: _EPOCH_DATE + timedelta(days=days)
-    if text == "Datetime(us, UTC)":
-        return lambda us: _EPOCH_UTC + timedelta(microseconds=us)
-    if text == "Datetime(us)":
-        return lambda us: _EPOCH + timedelta(microseconds=us)
-    return None
 
 
 class WindowLayout:
@@ -198,12 +178,7 @@ def sync_windows(
             if rows.height:
                 report(f"{view.name}: merging {rows.height:,} events")
                 written = _merge(txn, layout, rows, cutoff, fresh=rebuild)
-    state.advance(current, end_us)
-    state.deletes_through = current
-    state.deletes_applied = [v for v in state.deletes_applied if v > current]
-    if latest_event is not None:
-        known = state.max_event
-        state.max_event = latest_event if known is None else max(known, latest_event)
+    state.synced(current, end_us, latest_event)
     txn.put(state_key, state.to_json())
     return read, written, current
 
