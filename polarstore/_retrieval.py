@@ -151,16 +151,7 @@ def historical_features(
         stored = None if version == EMPTY_VERSION else offline.table_schema(table_of(view))
         temp_keys: dict[str, pl.DataType] = {}
         for key in view.join_keys:
-            given = declared_key(spine, key, view.key_dtypes, where=where)
-            target = stored[key] if stored and key in stored else given
-            if target == pl.Null:
-                target = pl.Int64()
-            if given not in (target, pl.Null()):
-                msg = (
-                    f"{where}: entity_df column {key!r} is {spine.schema[key]} but view "
-                    f"{view_name!r} stores {key!r} as {target}."
-                )
-                raise ValidationError(msg)
+            target = spine_key_dtype(spine, key, view, stored or {}, where=where)
             # One spine column per (key, dtype): views sharing a key share the cast column.
             temp = f"__polarstore_key_{key}_{target}"
             key_columns[temp] = lossless_cast(spine, key, target, where)
@@ -226,6 +217,29 @@ def historical_features(
         features = rows.join(features, on=_ROW, how="left")
     features = features.sort(_ROW).select(outputs)
     return pl.concat([spine.lazy(), features], how="horizontal")
+
+
+def spine_key_dtype(
+    spine: pl.DataFrame,
+    key: str,
+    view: FeatureView | AggregationView,
+    stored: Mapping[str, pl.DataType],
+    *,
+    where: str,
+) -> pl.DataType:
+    """The dtype the spine's ``key`` is joined as: the view's stored (else declared, else
+    the spine's own) key dtype; a spine column of another kind is a ``ValidationError``."""
+    given = declared_key(spine, key, view.key_dtypes, where=where)
+    target = stored.get(key) or given
+    if target == pl.Null:
+        target = pl.Int64()
+    if given not in (target, pl.Null()):
+        msg = (
+            f"{where}: entity_df column {key!r} is {spine.schema[key]} but view "
+            f"{view.name!r} stores {key!r} as {target}."
+        )
+        raise ValidationError(msg)
+    return target
 
 
 def _view_rows(

@@ -27,7 +27,7 @@ import polars as pl
 
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
-from polarstore._frames import declared_key, lossless_cast, to_polars
+from polarstore._frames import lossless_cast, to_polars
 from polarstore._offline import (
     OfflineStore,
     _check_schema,
@@ -36,7 +36,7 @@ from polarstore._offline import (
     seq_floor,
 )
 from polarstore._ondemand import Plan
-from polarstore._retrieval import EMPTY_VERSION, Requested
+from polarstore._retrieval import EMPTY_VERSION, Requested, spine_key_dtype
 from polarstore._time import check_range, to_utc_expr, warn_nanoseconds
 
 if TYPE_CHECKING:
@@ -223,16 +223,7 @@ def _polars_spine(
         assert isinstance(view, FeatureView)  # others are refused on entry
         stored = _stored_keys(offline, view, versions.get(view_name))
         for key in view.join_keys:
-            given = declared_key(spine, key, view.key_dtypes, where=_WHERE)
-            target = stored.get(key) or given
-            if target == pl.Null:
-                target = pl.Int64()
-            if given not in (target, pl.Null()):
-                msg = (
-                    f"{_WHERE}: entity_df column {key!r} is {spine.schema[key]} but view "
-                    f"{view_name!r} stores {key!r} as {target}."
-                )
-                raise ValidationError(msg)
+            target = spine_key_dtype(spine, key, view, stored, where=_WHERE)
             temp = _temp_key(key, target)
             extra[temp] = lossless_cast(spine, key, target, _WHERE)
             keys[temp] = "long" if target == pl.Int64 else "string"
