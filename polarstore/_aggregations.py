@@ -5,20 +5,22 @@ sliding windows ending (``forward=False``) or starting (``forward=True``) at eac
 ``(t - window, t]`` or ``(t, t + window]``, exactly — no tiles, no hops.
 
 The offline query never compares every spine row with every event. The events of the read
-range are sorted by key (stable, so each key's events stay in tie order) and numbered; for
-each spine row and window bound one as-of join finds the number of the first or last event
-inside the window, so each window is a contiguous range of positions. The range of the
-largest window is exploded once per direction and every aggregate of a smaller window masks
-it (windows with the same end nest), then one ``group_by`` over the spine rows computes them
-all with Polars' own aggregations. The online state (``_windows``) answers the same question
-per entity.
+range come in tie order; sorted by key (stably) and numbered, each key's events are a run
+of positions, and two binary searches per spine row and window edge turn every window into
+a range ``[start, end)`` of positions (``_positions``). Each aggregate is then computed over
+those ranges with numpy (``_Ranked``): counts and integer sums as differences of running
+totals, float sums and extremes by one ``reduceat`` over the ranges, first/last as the
+nearest non-null position, std/var and count_distinct by visiting each range's events.
+The online state (``_windows``) answers the same question per entity.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -491,11 +493,8 @@ def aggregation_view_from_json(
 
 # --- offline: the windowed point-in-time query ----------------------------------------------
 
-_POS = "__polarstore_pos"
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"
-# ``code * span + time`` must fit an Int64 (a test lowers it to reach the ranks fallback).
-_COMBINED_LIMIT = 2**62
 
 
 def _bound(moment: datetime, delta: timedelta) -> datetime | None:
@@ -534,44 +533,45 @@ def window_features(
     else:
         frame = events.with_columns(pl.col(_TS).cast(pl.Int64)).collect(engine="in-memory")
     times = spine[_TS].cast(pl.Int64)
-    back = sorted({a.span // _US for a, _ in aggs if not a.forward})
-    ahead = sorted({a.span // _US for a, _ in aggs if a.forward})
-    edges = sorted({0, *(-w for w in back), *ahead})
-    order, position = _positions(frame, spine.select(key_list), times, key_list, edges)
-    rows = spine.select(pl.col(_ROW).set_sorted())
-    out = rows
-    for forward, windows in ((False, back), (True, ahead)):
-        if not windows:
-            continue
-        group = [(a, o) for a, o in aggs if a.forward is forward]
-        # Backward windows share their end (after the last event <= t) and start after the
-        # last event <= t - w; forward ones share their start and end after t + w. Positions
-        # are in (key, tie order): a window is the range [start, end).
-        if forward:
-            bounds = {f"__end_{w}": position[w] for w in windows}
-            start, end = position[0], position[windows[-1]]
-        else:
-            bounds = {f"__start_{w}": position[-w] for w in windows}
-            start, end = position[-windows[-1]], position[0]
-        ranged = rows.with_columns(pl.int_ranges(start, end, dtype=pl.Int64).alias(_POS), **bounds)
-        exploded = ranged.explode(_POS, empty_as_null=True)
-        pos = exploded[_POS]
-        rows_of = order.gather(pos)
-        exploded = exploded.with_columns(frame[c].gather(rows_of) for c in columns)
-        masks: dict[int, pl.Expr] = {}
-        for w in windows:
-            bound = pl.col(f"__end_{w}" if forward else f"__start_{w}")
-            inside = pl.col(_POS) < bound if forward else pl.col(_POS) >= bound
-            masks[w] = inside.fill_null(False)
-        exprs = [_aggregate(a, o, masks[a.span // _US], schema[a.feature]) for a, o in group]
-        result = exploded.group_by(_ROW, maintain_order=True).agg(exprs)
-        picks = [(a, o) for a, o in group if a.function in ("first", "last")]
-        result = result.with_columns(
-            frame[a.column].gather(order.gather(result[o])).alias(o)  # type: ignore[index]
-            for a, o in picks
-        )
-        out = out.hstack(result.drop(_ROW))
-    return out.select(_ROW, *(pl.col(o).cast(schema[f]) for f, o in features))
+    edges = sorted({0, *(-(a.span // _US) if not a.forward else a.span // _US for a, _ in aggs)})
+    order, keys_in_order, perm, position = _positions(
+        frame, spine.select(key_list), times, key_list, edges
+    )
+    ranked = _Ranked(frame, order, keys_in_order)
+
+    def compute(group: list[tuple[Aggregation, str]]) -> dict[str, pl.Series]:
+        values = {}
+        for agg, output in group:
+            w = agg.span // _US
+            start, end = (position[0], position[w]) if agg.forward else (position[-w], position[0])
+            values[output] = ranked.aggregate(agg, start, end).cast(schema[agg.feature])
+        return values
+
+    # One task per column (they share its arrays); numpy releases the GIL, so two threads
+    # run on two cores. The heaviest columns go first.
+    by_column: dict[str | None, list[tuple[Aggregation, str]]] = {}
+    for agg, output in aggs:
+        by_column.setdefault(agg.column, []).append((agg, output))
+    groups = sorted(by_column.values(), key=_weight, reverse=True)
+    values: dict[str, pl.Series] = {}
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        for done in pool.map(compute, groups):
+            values.update(done)
+    # Rows were computed in (key, time) order: back to the spine's.
+    back = np.empty_like(perm)
+    back[perm] = np.arange(perm.size)
+    places = pl.Series(back)
+    out = spine.select(pl.col(_ROW))
+    return out.with_columns(values[o].gather(places).alias(o) for _, o in features)
+
+
+_THREADS = min(2, os.cpu_count() or 1)
+_COST = {"count": 1, "first": 1, "last": 1, "sum": 2, "mean": 2, "min": 2, "max": 2}
+
+
+def _weight(group: list[tuple[Aggregation, str]]) -> int:
+    """A rough cost of a column's aggregates: expanding ranges (std, var, distinct) is dear."""
+    return sum(_COST.get(a.function, 6) for a, _ in group)
 
 
 def _positions(
@@ -580,46 +580,50 @@ def _positions(
     times: pl.Series,
     keys: list[str],
     edges: list[int],
-) -> tuple[pl.Series, dict[int, pl.Series]]:
-    """The events in (key, tie order), and for each spine row and edge ``e`` (µs) the number
-    of events before its key's first event after ``t + e``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """The events in (key, tie order), the spine rows in (key, time) order, and for each of
+    those rows and edge ``e`` (µs) the number of events before its key's first event after
+    ``t + e``.
 
-    Keys are numbered densely (an integer key by its offset from the smallest, when that is
-    dense enough) and the events, already in tie order, are sorted stably by that code (two
-    16-bit radix passes). Each event is then ``code * span + time``, one Int64 in ascending
-    order whose binary search finds a window edge inside its key's segment; ``span`` covers
-    every event and query time. When ``codes x span`` would not fit an Int64, times are
-    replaced by their ranks among all those times (same order, same ties). Returns ``order``
-    (the row of ``frame`` at each position) and the positions per edge.
+    The frame's rows are in tie order, event time first, so row ``r`` is the ``r``-th event
+    in time and a moment ``t`` splits them at ``r(t)`` (a binary search). Keys are numbered
+    densely; the sorted values of ``code * n + row`` put the events in (key, tie order) —
+    all distinct, so a plain sort does it — and a window edge is found by searching
+    ``code * n + r(t + e)`` in them. Returns ``order`` (the row of ``frame`` at each
+    position), the key code at each position (ascending), ``perm`` (the spine row at each
+    place) and the positions per edge, by place. A spine row whose key has no event gets
+    the empty range ``[0, 0)`` at every edge.
+
+    In that order every window's start and end ascend, which bounds the work of
+    :func:`_reduce`.
     """
-    code_ev, code_sp, n_codes = _codes(frame, spine_keys, keys)
+    code_ev, code_sp, _ = _codes(frame, spine_keys, keys)
+    shift = max(frame.height, 1).bit_length()  # code << shift | row: row in the low bits
+    n = 1 << shift
     ev_ts = frame[_TS].to_numpy()
     t = times.to_numpy()
-    queries = {e: t + e for e in edges}
-    lo = min([*([ev_ts.min()] if ev_ts.size else []), *(q.min() for q in queries.values())])
-    hi = max([*([ev_ts.max()] if ev_ts.size else []), *(q.max() for q in queries.values())])
-    span = int(hi) - int(lo) + 2
-    if (n_codes + 1) * span < _COMBINED_LIMIT:
-        ev_rel, rel = ev_ts - lo, {e: q - lo for e, q in queries.items()}
-    else:  # ranks: as many values as times, whatever their spread
-        every = np.unique(np.concatenate([ev_ts, *queries.values()]))
-        ev_rel = np.searchsorted(every, ev_ts)
-        rel = {e: np.searchsorted(every, q) for e, q in queries.items()}
-        span = every.size + 1
-    order = _stable_order(code_ev)
-    combined = code_ev[order] * span + ev_rel[order]
+    ranked = np.sort((code_ev << shift) | np.arange(frame.height))
+    order, keys_in_order = ranked & (n - 1), ranked >> shift
     known = code_sp >= 0
-    base = np.where(known, code_sp * span, -1)
-    # Queries in ascending order make the binary searches walk the array forwards; the same
-    # order serves every edge (t + e keeps the order of t within a key).
-    perm = np.argsort(np.where(known, base + rel[0], -1), kind="stable")
-    position: dict[int, pl.Series] = {}
-    for e, r in rel.items():
-        query = np.where(known, base + r, -1)[perm]
-        found = np.empty(t.size, dtype=np.int64)
-        found[perm] = np.searchsorted(combined, query, side="right")
-        position[e] = pl.Series(found).set(pl.Series(~known), None)  # type: ignore[arg-type]
-    return pl.Series(order), position
+    by_time = np.argsort(t, kind="stable")  # ascending queries walk each search forwards
+    t_sorted = t[by_time]
+    query = np.where(known, code_sp * n, -1)
+
+    def split(e: int) -> np.ndarray:
+        at = np.empty_like(t)
+        at[by_time] = np.searchsorted(ev_ts, t_sorted + e, side="right")
+        return np.where(known, query + at, -1)
+
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        splits = dict(zip(edges, pool.map(split, edges), strict=True))
+        perm = np.argsort(splits[0], kind="stable")
+        placed = known[perm]
+
+        def find(e: int) -> np.ndarray:
+            return np.where(placed, np.searchsorted(ranked, splits[e][perm], side="left"), 0)
+
+        position = dict(zip(edges, pool.map(find, edges), strict=True))
+    return order, keys_in_order, perm, position
 
 
 def _codes(
@@ -634,7 +638,7 @@ def _codes(
             inside = given.is_between(low, high).fill_null(False)
             code = pl.select(pl.when(inside).then(given.cast(pl.Int64) - low).otherwise(-1))
             return (
-                (column - low).cast(pl.Int64).to_numpy(),
+                column.cast(pl.Int64).to_numpy() - low,
                 code.to_series().to_numpy(),
                 high - low + 1,
             )
@@ -648,45 +652,210 @@ def _codes(
     )
 
 
-def _stable_order(code: np.ndarray) -> np.ndarray:
-    """``argsort(code, kind="stable")`` for codes below 2**32, as two 16-bit radix passes."""
-    if code.size == 0 or code.max() >= 2**32:
-        return np.argsort(code, kind="stable")
-    low = (code & 0xFFFF).astype(np.uint16)
-    first = np.argsort(low, kind="stable")
-    high = (code[first] >> 16).astype(np.uint16)
-    return first[np.argsort(high, kind="stable")]
+def _reduce(ufunc: np.ufunc, values: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """``ufunc`` over ``values[start[i]:end[i]]`` for each i; anything where the range is empty.
+
+    One ``reduceat`` over the interleaved bounds: it also reduces the gaps from each end to
+    the next start, whose total length is at most ``len(values)`` when the starts ascend.
+    """
+    padded = np.concatenate([values, values[-1:] if values.size else np.zeros(1, values.dtype)])
+    bounds = np.empty(2 * start.size, dtype=np.intp)
+    bounds[0::2], bounds[1::2] = start, end
+    if not bounds.size:
+        return np.empty(0, dtype=values.dtype)
+    return ufunc.reduceat(padded, bounds)[0::2]
 
 
-def _aggregate(agg: Aggregation, output: str, inside: pl.Expr, dtype: pl.DataType) -> pl.Expr:
-    if agg.column is None:
-        return inside.sum().cast(pl.Int64).alias(output)
-    raw = pl.col(agg.column)
-    fn = agg.function
-    if fn in ("first", "last"):
-        # The position of the first/last non-null value; gathered after the group_by.
-        at = pl.when(inside & raw.is_not_null()).then(pl.col(_POS))
-        return (at.min() if fn == "first" else at.max()).alias(output)
-    if fn in ("sum", "mean", "std", "var") and isinstance(raw, pl.Expr):
-        base = raw.cast(pl.Float64) if fn != "sum" or dtype == pl.Float64 else raw.cast(pl.Int64)
-    else:
-        base = raw
-    x = pl.when(inside).then(base)
-    if fn == "count":
-        return x.count().cast(pl.Int64).alias(output)
-    if fn == "count_distinct":
-        return (x.n_unique() - (x.null_count() > 0)).cast(pl.Int64).alias(output)
-    if fn == "sum":
-        return pl.when(x.count() > 0).then(x.sum()).alias(output)
-    if fn == "mean":
-        return x.mean().alias(output)
-    if fn == "std":
-        return x.std(ddof=1).alias(output)
-    if fn == "var":
-        return x.var(ddof=1).alias(output)
-    if fn == "min":
-        return x.min().alias(output)
-    return x.max().alias(output)
+class _Ranked:
+    """The read events in (key, tie order), and each aggregate over ranges of positions.
+
+    Counts and integer sums are differences of running totals (integer sums wrap as Polars'
+    do, so the difference is the window's own wrapped sum); float sums, minima and maxima
+    reduce each range once (``_reduce``); first/last are the nearest non-null position
+    inside the range; std/var (two passes: mean, then squared deviations) and count_distinct
+    (a value counts at its first occurrence inside the range) visit every event of every
+    range. Per-column arrays are built once, in the frame's order by Polars and put in
+    position order by numpy, and shared by every window.
+    """
+
+    def __init__(self, frame: pl.DataFrame, order: np.ndarray, keys: np.ndarray) -> None:
+        self._frame = frame
+        self._order = order
+        self._keys = keys
+        self._n = frame.height
+        self._cache: dict[tuple[str, str], np.ndarray] = {}
+
+    def _array(self, column: str, what: str, build: Callable[[pl.Series], pl.Series]) -> np.ndarray:
+        """``build(column)`` as a numpy array in position order (built once)."""
+        key = (column, what)
+        if key not in self._cache:
+            self._cache[key] = build(self._frame[column]).to_numpy()[self._order]
+        return self._cache[key]
+
+    def present(self, name: str) -> np.ndarray:
+        if not self._frame[name].null_count():
+            return self._array(name, "present", lambda s: pl.repeat(True, s.len(), eager=True))
+        return self._array(name, "present", pl.Series.is_not_null)
+
+    def _running(self, values: np.ndarray) -> np.ndarray:
+        total = np.zeros(values.size + 1, dtype=np.int64)
+        np.cumsum(values, out=total[1:])
+        return total
+
+    def aggregate(self, agg: Aggregation, start: np.ndarray, end: np.ndarray) -> pl.Series:
+        fn = agg.function
+        if agg.column is None:
+            return pl.Series(end - start)
+        name = agg.column
+        dtype = self._frame.schema[name]
+        counts = self._running_count(name)
+        count = counts[end] - counts[start]
+        if fn == "count":
+            return pl.Series(count)
+        if fn == "count_distinct":
+            return pl.Series(self._distinct(name, start, end))
+        some = count > 0
+        if not some.any():  # also when there is no event to gather from
+            return pl.repeat(None, count.size, dtype=dtype, eager=True)
+        if fn in ("first", "last"):
+            at = self._nearest(name, start, end, first=fn == "first")
+            rows = self._order[np.where(some, at, 0)]
+            found = self._frame[name].gather(pl.Series(rows))
+            return found.set(pl.Series(~some), None)  # type: ignore[arg-type]
+        if fn in ("min", "max"):
+            return self._extreme(name, dtype, start, end, some, largest=fn == "max")
+        if fn == "sum" and not dtype.is_float():
+            x = self._array(name, "int64", lambda s: s.cast(pl.Int64).fill_null(0))
+            running = self._running(x)
+            return _masked(running[end] - running[start], some)
+        x = self._floats(name, 0.0)
+        key = (name, f"total {id(start)} {id(end)}")  # mean and std of one window share it
+        if key not in self._cache:
+            self._cache[key] = _reduce(np.add, x, start, end)
+        total = self._cache[key]
+        if fn == "sum":
+            return _masked(total, some)
+        mean = total / np.maximum(count, 1)
+        if fn == "mean":
+            return _masked(mean, some)
+        inside, offsets = _expanded(start, end)
+        deviation = x[inside] - np.repeat(mean, end - start)
+        deviation[~self.present(name)[inside]] = 0.0
+        squares = _reduce(np.add, deviation * deviation, offsets[:-1], offsets[1:])
+        var = squares / np.maximum(count - 1, 1)
+        return _masked(np.sqrt(var) if fn == "std" else var, count > 1)
+
+    def _floats(self, name: str, null: float) -> np.ndarray:
+        """The column as float64, nulls as ``null`` (one array when there are none)."""
+        fill = "none" if not self._frame[name].null_count() else str(null)
+        return self._array(name, f"floats {fill}", lambda s: s.cast(pl.Float64).fill_null(null))
+
+    def _running_count(self, name: str) -> np.ndarray:
+        key = (name, "running count")
+        if key not in self._cache:
+            self._cache[key] = self._running(self.present(name))
+        return self._cache[key]
+
+    def _nearest(self, name: str, start: np.ndarray, end: np.ndarray, *, first: bool) -> np.ndarray:
+        """The first non-null position at or after ``start`` / the last before ``end``."""
+        key = (name, "next" if first else "previous")
+        if key not in self._cache:
+            present, where = self.present(name), np.arange(self._n + 1, dtype=np.int64)
+            if first:
+                at = np.where(np.append(present, True), where, self._n)
+                self._cache[key] = np.minimum.accumulate(at[::-1])[::-1]
+            else:
+                at = np.where(np.append(False, present), where - 1, -1)
+                self._cache[key] = np.maximum.accumulate(at)
+        return self._cache[key][start if first else end]
+
+    def _extreme(
+        self,
+        name: str,
+        dtype: pl.DataType,
+        start: np.ndarray,
+        end: np.ndarray,
+        some: np.ndarray,
+        *,
+        largest: bool,
+    ) -> pl.Series:
+        pick = np.maximum if largest else np.minimum
+        if dtype.is_float():
+            # fmin/fmax skip NaN unless all is NaN, as Polars' min/max do; nulls are NaN here.
+            x = self._floats(name, float("nan"))
+            return _masked(_reduce(np.fmax if largest else np.fmin, x, start, end), some)
+        if dtype == pl.String:
+            # A string's rank is where it first appears in the sorted column: reduce ranks.
+            ranks = self._array(
+                name, "ranks", lambda s: (s.rank("min") - 1).cast(pl.Int64).fill_null(0)
+            )
+            codes = np.where(self.present(name), ranks, -1 if largest else self._n)
+            at = pl.Series(np.where(some, _reduce(pick, codes, start, end), 0))
+            found = self._frame[name].sort(nulls_last=True).gather(at)
+            return found.set(pl.Series(~some), None)  # type: ignore[arg-type]
+        info = np.iinfo(np.int64)
+        fill = info.min if largest else info.max
+        x = self._array(name, f"fill {fill}", lambda s: _physical(s).fill_null(fill))
+        return _masked(_reduce(pick, x, start, end), some).cast(dtype)
+
+    def _distinct(self, name: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        """How many distinct non-null values each range holds: the positions whose previous
+        occurrence (same key, same value) lies before the range's start."""
+        key = (name, "previous same")
+        if key not in self._cache:
+            self._cache[key] = self._previous_same(name)
+        inside, offsets = _expanded(start, end)
+        first_inside = self._cache[key][inside] < np.repeat(start, end - start)
+        running = self._running(first_inside)
+        return running[offsets[1:]] - running[offsets[:-1]]
+
+    def _previous_same(self, name: str) -> np.ndarray:
+        """For each position, the last earlier position with the same key and value (-1: none;
+        for a null, which never counts, ``n``: never before a start)."""
+        series = _physical(self._frame[name])
+        if series.dtype.is_integer() and series.null_count() < series.len():
+            low, high = int(series.min()), int(series.max())  # type: ignore[arg-type]
+            dense = high - low < 2**31
+        else:
+            dense = False
+        if dense:
+            value = series.fill_null(low).to_numpy()[self._order] - low
+            value[~self.present(name)] = high - low + 1  # nulls apart from every value
+        else:  # NaN == NaN and 0.0 == -0.0 in ranks, as in n_unique
+            value = series.rank("dense").cast(pl.Int64).fill_null(0).to_numpy()[self._order]
+        # Sorted, ``value * n + position`` orders by (value, position), and positions ascend
+        # by key: equal neighbours with equal keys are occurrences in a row.
+        shift = self._n.bit_length()
+        ranked = np.sort((value << shift) | np.arange(self._n))
+        by, ordered_value = ranked & ((1 << shift) - 1), ranked >> shift
+        ordered_key = self._keys[by]
+        same = (ordered_value[1:] == ordered_value[:-1]) & (ordered_key[1:] == ordered_key[:-1])
+        previous = np.full(self._n, -1, dtype=np.int64)
+        previous[by[1:][same]] = by[:-1][same]
+        previous[~self.present(name)] = self._n
+        return previous
+
+
+def _physical(series: pl.Series) -> pl.Series:
+    """Integers, booleans and temporal values as Int64 (same order); anything else as is."""
+    if series.dtype.is_integer() or series.dtype.is_temporal() or series.dtype == pl.Boolean:
+        return series.to_physical().cast(pl.Int64)
+    return series
+
+
+def _expanded(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every position of every range, range after range, and where each range begins."""
+    lengths = end - start
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    inside = np.arange(offsets[-1], dtype=np.int64)
+    inside += np.repeat(start - offsets[:-1], lengths)
+    return inside, offsets
+
+
+def _masked(values: np.ndarray, keep: np.ndarray) -> pl.Series:
+    """``values`` as a Series, null where ``keep`` is False."""
+    return pl.Series(values).set(pl.Series(~keep), None)  # type: ignore[arg-type]
 
 
 def aggregated_rows(

@@ -403,14 +403,32 @@ def test_matches_reference(
             assert _close(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
 
 
-@pytest.mark.parametrize("ranks", [False, True])
-def test_compound_string_keys_and_the_ranks_fallback(
-    store: FeatureStore, monkeypatch: pytest.MonkeyPatch, ranks: bool
-) -> None:
-    """Keys numbered by a join (strings, compound keys); with ``ranks`` the times are replaced
-    by their ranks (what a key count times a time span beyond an Int64 needs): same answers."""
-    if ranks:
-        monkeypatch.setattr("polarstore._aggregations._COMBINED_LIMIT", 0)
+def test_count_distinct_counts_a_value_after_nulls(store: FeatureStore) -> None:
+    """Nulls never count and never hide a value: a null just before the column's smallest
+    value, inside the window, once made that value look like a repeat (found by the online
+    parity property)."""
+    aggs = [Aggregation(c, "count_distinct", "1ms", name=c) for c in ("qty", "amount", "item")]
+    store.apply([USER, ORDERS, AggregationView("d", "orders", aggs)])
+    rows = [(1, T0, None, None), (1, T0 + 500 * US, None, None), (1, T0 + 501 * US, 0.0, "a")]
+    rows += [(2, T0 + 600 * US, 3.0, "b")]
+    store.write("orders", orders(rows))
+    spine = pl.DataFrame(
+        {"user_id": [1, 1, 2], "event_timestamp": [T0 + 501 * US, T0 + 500 * US, T0 + 600 * US]}
+    )
+    got = store.get_historical_features(spine, ["d:*"]).collect()
+    ref_view = RefView("orders", ("user_id",), tuple(ORDERS.schema))
+    written = orders(rows).to_dicts()
+    for column in ("qty", "amount", "item"):
+        ref = RefAggregation(column, "count_distinct", timedelta(milliseconds=1), False)
+        want = [
+            window_aggregate(ref_view, written, [r["user_id"]], r["event_timestamp"], ref)
+            for r in spine.to_dicts()
+        ]
+        assert got[column].to_list() == want == [1, 0, 1], column
+
+
+def test_compound_string_keys(store: FeatureStore) -> None:
+    """Keys numbered by a join (strings, compound keys): same answers as integer keys."""
     pair = Entity("pair", join_keys=["user_id", "shop"])
     visits = FeatureView("visits", entities=[pair], schema={"amount": pl.Float64})
     aggs = [Aggregation("amount", f, "1h", name=f) for f in ("sum", "count", "last")]
