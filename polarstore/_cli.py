@@ -37,6 +37,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from polarstore._aggregations import AggregationView
 from polarstore._definitions import Entity, FeatureService, FeatureView
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._ondemand import OnDemandView
@@ -51,7 +52,7 @@ __all__ = ["EXAMPLE_DEFINITIONS", "REPO_ENV", "cli", "main", "parse_keys"]
 REPO_ENV = "POLARSTORE_REPO"
 DEFAULT_DEMO_PATH = "demo_repo"
 F = TypeVar("F", bound=Callable[..., Any])
-Definition = Entity | FeatureView | FeatureService | OnDemandView
+Definition = Entity | FeatureView | FeatureService | OnDemandView | AggregationView
 
 EXAMPLE_DEFINITIONS = '''\
 """Feature definitions of this repository.
@@ -520,15 +521,15 @@ def _load_definitions(path: Path) -> list[Definition]:
             sys.path.remove(folder)
     found: dict[int, Definition] = {}
     for value in vars(module).values():
-        if isinstance(value, (Entity, FeatureView, FeatureService, OnDemandView)):
+        if isinstance(value, (Entity, FeatureView, FeatureService, OnDemandView, AggregationView)):
             found.setdefault(id(value), value)
     if not found:
         msg = (
-            f"the definitions file {str(path)!r} defines no Entity, FeatureView or "
-            "FeatureService at module level."
+            f"the definitions file {str(path)!r} defines no Entity, FeatureView, "
+            "AggregationView, OnDemandView or FeatureService at module level."
         )
         raise click.ClickException(msg)
-    rank = {Entity: 0, FeatureView: 1, OnDemandView: 2, FeatureService: 3}
+    rank = {Entity: 0, FeatureView: 1, AggregationView: 2, OnDemandView: 3, FeatureService: 4}
     return sorted(found.values(), key=lambda d: rank[type(d)])
 
 
@@ -538,6 +539,7 @@ def _registered(store: FeatureStore) -> dict[tuple[str, str], Definition]:
         *store.list_feature_views(),
         *store.list_feature_services(),
         *store.list_on_demand_views(),
+        *store.list_aggregation_views(),
     ]
     return {(type(d).__name__, d.name): d for d in items}
 
@@ -546,7 +548,7 @@ def _registered(store: FeatureStore) -> dict[tuple[str, str], Definition]:
 @click.argument("defs", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @_repo_option
 def apply(defs: Path, repo: Path | None) -> None:
-    """Register every Entity, FeatureView and FeatureService defined in DEFS (a .py file).
+    """Register every Entity, view and FeatureService defined in DEFS (a .py file).
 
     The file is imported; its module-level definitions are applied in one go. Applying
     the same definitions again changes nothing.
@@ -635,6 +637,24 @@ def ls_(repo: Path | None) -> None:
                 [(d.name, list(d.schema), list(d.request_schema or {}), d.owner) for d in derived],
             )
         )
+    windows = store.list_aggregation_views()
+    if windows:
+        console.print(
+            _table(
+                "Aggregation views",
+                ["name", "source", "aggregates", "online", "owner"],
+                [
+                    (
+                        w.name,
+                        w.source_name,
+                        list(w.feature_names),
+                        "yes" if w.online else "no",
+                        w.owner,
+                    )
+                    for w in windows
+                ],
+            )
+        )
 
 
 @cli.command(short_help="Show a feature view's schema and state.")
@@ -652,6 +672,9 @@ def describe(view: str, repo: Path | None) -> None:
     schema = info.pop("schema")
     if info.get("kind") == "on_demand":
         _describe_on_demand(view, info, schema)
+        return
+    if info.get("kind") == "aggregation":
+        _describe_aggregation(view, info, schema)
         return
     info["ttl"] = _ttl(info["ttl"])
     console = _console()
@@ -1153,6 +1176,18 @@ def _describe_on_demand(name: str, info: dict[str, Any], schema: dict[str, Any])
             [(n, str(t), expressions.get(n, "")) for n, t in schema.items()],
         )
     )
+
+
+def _describe_aggregation(name: str, info: dict[str, Any], schema: dict[str, Any]) -> None:
+    console = _console()
+    aggregations = {a["name"]: a for a in info.pop("aggregations")}
+    console.print(_table(f"Aggregation view {name}", ["property", "value"], list(info.items())))
+    rows = []
+    for feature, dtype in schema.items():
+        a = aggregations[feature]
+        window = f"{'next' if a['forward'] else 'last'} {_ttl(a['window'])}"
+        rows.append((feature, str(dtype), a["function"], a["column"] or "(rows)", window))
+    console.print(_table("Schema", ["feature", "dtype", "function", "column", "window"], rows))
 
 
 def _with_requests(

@@ -222,7 +222,7 @@ def test_apply_imports_sibling_modules(tmp_path: Path, repo: Path) -> None:
             "from polarstore import Entity\nu = Entity('a b', join_keys='id')\n",
             ["ValidationError", "entity name 'a b' is invalid"],
         ),
-        ("x = 1\n", ["defines no Entity, FeatureView or FeatureService"]),
+        ("x = 1\n", ["defines no Entity, FeatureView, AggregationView, OnDemandView or"]),
     ],
 )
 def test_apply_rejects_a_bad_definitions_file(
@@ -271,6 +271,26 @@ def test_describe_shows_schema_rows_and_online_state(loaded: Path) -> None:
     for text in ("Schema", "orders_7d", "Int64", "spend_7d", "Float64", "rows", "3"):
         assert text in out
     assert "2024-05-03 08:00:00+00:00" in out  # the latest event time, in UTC
+
+
+def test_ls_and_describe_show_aggregation_views(loaded: Path, tmp_path: Path) -> None:
+    defs = tmp_path / "windows.py"
+    defs.write_text(
+        "from polarstore import Aggregation, AggregationView\n"
+        "spend = AggregationView('spend', 'user_stats', [\n"
+        "    Aggregation('spend_7d', 'sum', '30d'),\n"
+        "    Aggregation(None, 'count', '1h', forward=True, name='next_hour'),\n"
+        "])\n"
+    )
+    ok(run("--repo", loaded, "apply", defs))
+    listed = ok(run("--repo", loaded, "ls"))
+    assert "Aggregation views" in listed
+    assert "spend_7d_sum_30d" in listed
+    out = ok(run("--repo", loaded, "describe", "spend"))
+    for text in ("Aggregation view spend", "user_stats", "spend_7d_sum_30d", "last 30d"):
+        assert text in out
+    assert "next 1:00:00" in out
+    assert "(rows)" in out
 
 
 def test_tables_show_every_microsecond(repo: Path, tmp_path: Path) -> None:
