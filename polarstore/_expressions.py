@@ -418,9 +418,9 @@ def check_row_wise(expr: pl.Expr, *, where: str) -> None:
         _walk(tree)
     except _NotRowWiseError as e:
         msg = (
-            f"{where}: {e.what} is refused: {e.reason or _UNKNOWN}. A derived value must "
-            "depend on its own row alone, so that it is the same in a training set, a batch "
-            "lookup and a one-row request."
+            f"{where}: {e.what} is refused: {e.reason or _UNKNOWN}. The expression must "
+            "depend on its own row alone, so that it gives the same answer in a training set, "
+            "a batch lookup and a one-row request."
         )
         raise SchemaError(msg) from None
 
