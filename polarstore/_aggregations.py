@@ -602,8 +602,6 @@ def _positions(
     n = 1 << shift
     ev_ts = frame[_TS].to_numpy()
     t = times.to_numpy()
-    ranked = np.sort((code_ev << shift) | np.arange(frame.height))
-    order, keys_in_order = ranked & (n - 1), ranked >> shift
     known = code_sp >= 0
     by_time = np.argsort(t, kind="stable")  # ascending queries walk each search forwards
     t_sorted = t[by_time]
@@ -615,14 +613,18 @@ def _positions(
         return np.where(known, query + at, -1)
 
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        splits = dict(zip(edges, pool.map(split, edges), strict=True))
+        # The events' sort and the searches in time are independent: one thread each.
+        sorting = pool.submit(np.sort, (code_ev << shift) | np.arange(frame.height))
+        splits = dict(zip(edges, map(split, edges), strict=True))
         perm = np.argsort(splits[0], kind="stable")
         placed = known[perm]
+        ranked = sorting.result()
 
         def find(e: int) -> np.ndarray:
             return np.where(placed, np.searchsorted(ranked, splits[e][perm], side="left"), 0)
 
         position = dict(zip(edges, pool.map(find, edges), strict=True))
+    order, keys_in_order = ranked & (n - 1), ranked >> shift
     return order, keys_in_order, perm, position
 
 
