@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--no-pandas", action="store_true")
     parser.add_argument("--no-online", action="store_true")
+    parser.add_argument("--no-offline", action="store_true", help="only the online part")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args(argv)
     from polarstore import FeatureStore
@@ -362,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
             latest = history["event_timestamp"].max()
             assert isinstance(latest, datetime)
             online = _online(store, increment, latest + timedelta(hours=1), args.calls)
+            if args.no_offline:
+                store.close()
+                _print_online(online)
+                return 0
         else:
             store.write("orders", increment)
         store.close()
@@ -406,36 +411,40 @@ def main(argv: list[str] | None = None) -> int:
         peak = results["polarstore"].peak_rss / 2**30
         print(f"polarstore peak RSS (whole process): {peak:.2f} GiB")
         if online:
-            inc = online["inc_s"] / online["full_s"]
-            inc_cpu = online["inc_cpu"] / online["full_cpu"]
-            p50 = online["p50_us"] / online["raw_plain_us"]
-            print("\n| online | value | target |")
-            print("|---|---:|---|")
-            print(
-                f"| full materialize ({online['full_rows']:,} rows) | {online['full_s']:.2f} s "
-                f"({online['full_cpu']:.2f} CPU s) | |"
-            )
-            print(
-                f"| incremental after +1% ({online['inc_rows']:,} rows, "
-                f"{online['inc_entities']:,} entities) | {online['inc_s']:.3f} s = "
-                f"{inc:.1%} of full (CPU: {inc_cpu:.1%}) | <= 10% "
-                f"{'met' if inc <= TARGETS['incremental'] else 'MISSED'} |"
-            )
-            print(
-                f"| get_feature_vector, 9 aggregates, p50 / p99 | {online['p50_us']:.1f} / "
-                f"{online['p99_us']:.1f} µs | |"
-            )
-            print(
-                f"| raw LMDB get + decode p50: plain record / window value | "
-                f"{online['raw_plain_us']:.2f} / {online['raw_window_us']:.2f} µs | |"
-            )
-            print(
-                f"| p50 / raw plain get+decode | {p50:.1f}x | <= 10x "
-                f"{'met' if p50 <= TARGETS['p50'] else 'MISSED'} |"
-            )
+            _print_online(online)
     if failures:
         print("\nSOME ANSWERS DIFFER")
     return 1 if failures else 0
+
+
+def _print_online(online: dict[str, Any]) -> None:
+    inc = online["inc_s"] / online["full_s"]
+    inc_cpu = online["inc_cpu"] / online["full_cpu"]
+    p50 = online["p50_us"] / online["raw_plain_us"]
+    print("\n| online | value | target |")
+    print("|---|---:|---|")
+    print(
+        f"| full materialize ({online['full_rows']:,} rows) | {online['full_s']:.2f} s "
+        f"({online['full_cpu']:.2f} CPU s) | |"
+    )
+    print(
+        f"| incremental after +1% ({online['inc_rows']:,} rows, "
+        f"{online['inc_entities']:,} entities) | {online['inc_s']:.3f} s = "
+        f"{inc:.1%} of full (CPU: {inc_cpu:.1%}) | <= 10% "
+        f"{'met' if inc <= TARGETS['incremental'] else 'MISSED'} |"
+    )
+    print(
+        f"| get_feature_vector, 9 aggregates, p50 / p99 | {online['p50_us']:.1f} / "
+        f"{online['p99_us']:.1f} µs | |"
+    )
+    print(
+        f"| raw LMDB get + decode p50: plain record / window value | "
+        f"{online['raw_plain_us']:.2f} / {online['raw_window_us']:.2f} µs | |"
+    )
+    print(
+        f"| p50 / raw plain get+decode | {p50:.1f}x | <= 10x "
+        f"{'met' if p50 <= TARGETS['p50'] else 'MISSED'} |"
+    )
 
 
 if __name__ == "__main__":
