@@ -34,6 +34,7 @@ import gc
 import itertools
 import json
 import math
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -71,7 +72,7 @@ _NO_CREATED = -(1 << 63)
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
 # A lookup needs the times and columns only: the tie-breaking keys stay undecoded.
-_READ = msgspec.msgpack.Decoder(tuple[list[int], list[Any], msgspec.Raw]).decode
+_READ = msgspec.msgpack.Decoder(tuple[list[int], list[Any], msgspec.Raw, int]).decode
 _FORMAT = 2  # values [times, columns, [created, seq]] + tails; an older state is rebuilt
 _TAIL_EVENTS = 16  # a tail longer than this is merged into its entity's main value
 _Txn = Any
@@ -213,6 +214,11 @@ def sync_windows(
     return read, written, current
 
 
+def _bit(column: int) -> int:
+    """A column's bit in a value's null mask (columns past the 62nd share the last bit)."""
+    return 1 << min(column, 62)
+
+
 @contextlib.contextmanager
 def _gc_paused() -> Iterator[None]:
     """No cyclic garbage collection while merging: the merge allocates a few lists per
@@ -288,12 +294,20 @@ def _merge(
     keys = [k for k, _ in layout.keys]
     rows = cast_keys(rows.select(keys), layout.records, "materialize").hstack(rows.drop(keys))
     rows = rows.sort([*keys, "__ts", "__created", "__seq"])
+    # Bit j of a value's null mask: column j may hold nulls (lookups filter only those).
+    masks = [
+        pl.col(c).is_null().any().cast(pl.Int64) * _bit(j)
+        for j, (c, _, _) in enumerate(layout.columns)
+    ]
     groups = rows.group_by(keys, maintain_order=True).agg(
-        pl.len().alias("__n"), pl.col("__ts").first().alias("__first")
+        pl.len().alias("__n"),
+        pl.col("__ts").first().alias("__first"),
+        functools.reduce(operator.or_, masks, pl.lit(0, pl.Int64)).alias("__nulls"),
     )
     encoded = layout.records.encode_keys(groups.select(keys))
     ends = list(itertools.accumulate(groups["__n"].to_list()))
     starts = [0, *ends[:-1]]
+    nulls = groups["__nulls"].to_list()
     # Flat lists, sliced per entity: ``to_list`` of list columns after a group_by is slower.
     ts, created, seq = (rows[c].to_list() for c in ("__ts", "__created", "__seq"))
     cols = [rows[c].to_list() for c, _, _ in layout.columns]
@@ -301,37 +315,38 @@ def _merge(
     tail = layout.tail_prefix
     mains: dict[bytes, bytes] = {}
     tails: dict[bytes, bytes] = {}
-    merging: list[tuple[bytes, list[Any] | None, int, int]] = []
+    merging: list[tuple[bytes, list[Any] | None, int, int, int]] = []
     if fresh or max_event is None:
-        for key, a, b in zip(encoded, starts, ends, strict=True):
-            mains[key] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]]])
+        for key, a, b, n in zip(encoded, starts, ends, nulls, strict=True):
+            mains[key] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
     else:
         late = (groups["__first"] <= max_event).to_list()
         with txn.cursor() as cursor:
             found = dict(cursor.getmulti([tail + k[4:] for k in encoded]))
-        for key, a, b, is_late in zip(encoded, starts, ends, late, strict=True):
+        for key, a, b, n, is_late in zip(encoded, starts, ends, nulls, late, strict=True):
             raw = found.get(tail + key[4:])
             old = None if raw is None else decode(raw)
             if is_late or (old is not None and len(old[0]) + b - a > _TAIL_EVENTS):
-                merging.append((key, old, a, b))
+                merging.append((key, old, a, b, n))
             elif old is None:
                 tails[tail + key[4:]] = encode(
-                    [ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]]]
+                    [ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n]
                 )
             else:
-                t0, c0, (r0, s0) = old
+                t0, c0, (r0, s0), n0 = old
                 i = bisect.bisect_right(t0, cutoff)
                 tails[tail + key[4:]] = encode(
                     [
                         t0[i:] + ts[a:b],
                         [x[i:] + c[a:b] for x, c in zip(c0, cols, strict=True)],
                         [r0[i:] + created[a:b], s0[i:] + seq[a:b]],
+                        n0 | n,
                     ]
                 )
     if merging:
         with txn.cursor() as cursor:
-            stored = dict(cursor.getmulti([key for key, _, _, _ in merging]))
-        for key, old, a, b in merging:
+            stored = dict(cursor.getmulti([key for key, _, _, _, _ in merging]))
+        for key, old, a, b, n in merging:
             parts = [decode(raw) for raw in (stored.get(key),) if raw is not None]
             if old is not None:
                 parts.append(old)
@@ -349,7 +364,9 @@ def _merge(
                 t, r, q = [t[e] for e in order], [r[e] for e in order], [q[e] for e in order]
                 c = [[x[e] for e in order] for x in c]
             i = bisect.bisect_right(t, cutoff)
-            mains[key] = encode([t[i:], [x[i:] for x in c], [r[i:], q[i:]]])
+            for p in parts:
+                n |= p[3]
+            mains[key] = encode([t[i:], [x[i:] for x in c], [r[i:], q[i:]], n])
     with txn.cursor() as cursor:
         _, written = cursor.putmulti(mains.items())
     with txn.cursor() as cursor:
@@ -415,14 +432,14 @@ class _Plan:
     def evaluate(self, raw: bytes | None, tail: bytes | None, now_us: int, out: dict) -> None:
         """The aggregates of an entity's main value and tail (not both None) at ``now``."""
         if tail is None:
-            ts, columns, _ = _READ(raw)  # type: ignore[arg-type]
+            ts, columns, _, nulls = _READ(raw)  # type: ignore[arg-type]
         else:
-            ts, columns, _ = _READ(tail)
+            ts, columns, _, nulls = _READ(tail)
             if raw is not None:  # every tail event comes after every main one
-                ts0, columns0, _ = _READ(raw)
-                ts = ts0 + ts
+                ts0, columns0, _, nulls0 = _READ(raw)
+                ts, nulls = ts0 + ts, nulls0 | nulls
                 columns = [a + b for a, b in zip(columns0, columns, strict=True)]
-        self.run(ts, columns, now_us, out)
+        self.run(ts, columns, nulls, now_us, out)
 
     def _too_early(self, now_us: int) -> None:
         assert self.earliest_us is not None
@@ -453,10 +470,10 @@ def _deviation(part: list[Any], total: float) -> float | None:
 @functools.lru_cache(maxsize=256)
 def _compile(
     specs: tuple[tuple[str, int | None, str, str, bool, int], ...],
-) -> Callable[[list[int], list[Any], int, dict[str, Any]], None]:
+) -> Callable[[list[int], list[Any], int, int, dict[str, Any]], None]:
     """One function evaluating every aggregate of ``specs`` — (output, stored column or
     None to count rows or -1 when not stored yet, function, dtype, validity only, window
-    µs) — on an entity's times and columns at ``now``, into ``out``.
+    µs) — on an entity's times, columns and null mask at ``now``, into ``out``.
 
     Generated (names come in as ``repr`` literals only): each window's range is found once
     (two ``bisect``), each (column, window) slice taken, cleared of nulls and summed once,
@@ -469,24 +486,24 @@ def _compile(
         "variance": _variance,
         "deviation": _deviation,
     }
-    lines = ["def run(ts, columns, now, out):", "    hi = right(ts, now)"]
+    lines = ["def run(ts, columns, nulls, now, out):", "    hi = right(ts, now)"]
+    # Widest window first: each narrower one is searched only from where the wider starts.
     windows: dict[int, str] = {}
+    start = "0"
+    for w in sorted({w for _, c, _, _, _, w in specs if c != -1}, reverse=True):
+        windows[w] = f"lo{len(windows)}"
+        lines.append(f"    {windows[w]} = right(ts, now - {w}, {start}, hi)")
+        start = windows[w]
     slices: dict[tuple[int, int], str] = {}
     totals: dict[str, str] = {}
-
-    def window(w: int) -> str:
-        if w not in windows:
-            windows[w] = f"lo{len(windows)}"
-            lines.append(f"    {windows[w]} = right(ts, now - {w}, 0, hi)")
-        return windows[w]
 
     def part(column: int, w: int, valid: bool) -> str:
         if (column, w) not in slices:
             name = slices[column, w] = f"p{len(slices)}"
-            lines.append(f"    {name} = columns[{column}][{window(w)}:hi]")
-            if not valid:  # null values are ignored
+            lines.append(f"    {name} = columns[{column}][{windows[w]}:hi]")
+            if not valid:  # null values are ignored; the value's mask says where there are any
                 kept = f"[v for v in {name} if v is not None]"
-                lines.append(f"    if None in {name}: {name} = {kept}")
+                lines.append(f"    if nulls & {_bit(column)}: {name} = {kept}")
         return slices[column, w]
 
     def total(p: str) -> str:
@@ -499,7 +516,7 @@ def _compile(
         if column == -1:  # added to the view after the last sync
             value = "None"
         elif column is None:
-            value = f"hi - {window(w)}"
+            value = f"hi - {windows[w]}"
         else:
             p = part(column, w, valid)
             if valid or fn == "count":

@@ -351,7 +351,7 @@ def test_tails_compaction_late_events_and_deletes(spend_store: FeatureStore) -> 
         sync([(1, T0 + 10 * minute, 4.0, "c"), (3, T0 + 10 * minute, 8.0, None)])
         assert tails() == 2  # later events: tails, for a known and a new entity
         check()
-        sync([(1, T0 + 20 * minute, 16.0, None), (1, T0 + 20 * minute, 32.0, "d")])
+        sync([(1, T0 + 20 * minute, 16.0, "d"), (1, T0 + 20 * minute, 32.0, None)])
         assert tails() == 2  # appended
         check()
         sync([(1, T0 + 30 * minute, 64.0, "e"), (3, T0 + 70 * minute, 128.0, "f")])
