@@ -321,21 +321,22 @@ def _merge(
             mains[key] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
     else:
         late = (groups["__first"] <= max_event).to_list()
+        tail_keys = [tail + k[4:] for k in encoded]
         with txn.cursor() as cursor:
-            found = dict(cursor.getmulti([tail + k[4:] for k in encoded]))
-        for key, a, b, n, is_late in zip(encoded, starts, ends, nulls, late, strict=True):
-            raw = found.get(tail + key[4:])
+            found = dict(cursor.getmulti(tail_keys))
+        for key, tkey, a, b, n, is_late in zip(
+            encoded, tail_keys, starts, ends, nulls, late, strict=True
+        ):
+            raw = found.get(tkey)
             old = None if raw is None else decode(raw)
             if is_late or (old is not None and len(old[0]) + b - a > _TAIL_EVENTS):
                 merging.append((key, old, a, b, n))
             elif old is None:
-                tails[tail + key[4:]] = encode(
-                    [ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n]
-                )
+                tails[tkey] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
             else:
                 t0, c0, (r0, s0), n0 = old
                 i = bisect.bisect_right(t0, cutoff)
-                tails[tail + key[4:]] = encode(
+                tails[tkey] = encode(
                     [
                         t0[i:] + ts[a:b],
                         [x[i:] + c[a:b] for x, c in zip(c0, cols, strict=True)],
