@@ -46,7 +46,7 @@ from polarstore._aggregations import Aggregation, AggregationView
 from polarstore._definitions import SEQ_COLUMN, dtype_from_str, dtype_to_str
 from polarstore._errors import SchemaError, ValidationError
 from polarstore._frames import key_dtype
-from polarstore._offline import OfflineStore
+from polarstore._offline import OfflineStore, _polars_schema
 from polarstore._records import Layout, _physical, cast_keys
 from polarstore._records import _python_converter as _converter
 from polarstore._sync import (
@@ -164,10 +164,11 @@ def sync_windows(
     """Bring the view's window state up to the source's current version (events <= end);
     returns rows read, entities written and the version synced."""
     source = view.source_view
-    current = offline.current_version(source.name)
-    schema = offline.table_schema(source.name)
-    if current is None or schema is None:
+    # One open of the table for its version, schema and scan (each open reads the log).
+    table = offline.open_table(source.name)
+    if table is None:
         return 0, 0, None
+    current, schema = table.version(), _polars_schema(table)
     state_key, layout_key = meta_key("state", view.name), meta_key("layout", view.name)
     raw_layout = txn.get(layout_key)
     old = None
@@ -196,7 +197,7 @@ def sync_windows(
     read = written = 0
     latest_event = None
     if pending is not None:
-        rows = _pending_rows(offline, view, layout, current, pending)
+        rows = _pending_rows(offline, view, layout, table, pending)
         read = rows.height
         if read:
             latest_event = int(rows["__ts"].max())  # type: ignore[arg-type]
@@ -234,14 +235,14 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _pending_rows(
-    offline: OfflineStore, view: AggregationView, layout: WindowLayout, version: int, pending: Any
+    offline: OfflineStore, view: AggregationView, layout: WindowLayout, table: Any, pending: Any
 ) -> pl.DataFrame:
     """The unsynced source rows: keys, time, created time, sequence and stored columns."""
     source = view.source_view
     created = source.created_timestamp_field
     scan = offline.scan(
         source,
-        version=version,
+        version=table.version(),
         columns=[
             *source.join_keys,
             source.timestamp_field,
@@ -251,6 +252,7 @@ def _pending_rows(
         ],
         since=pending.since,
         min_seq=pending.min_seq,
+        table=table,
     )
     assert scan is not None
     return (
