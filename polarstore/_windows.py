@@ -103,6 +103,7 @@ class WindowLayout:
         # Tails (see _merge) live under their own id, keyed like the main values.
         self.tail_id = tail_id
         self.tail_prefix = b"" if tail_id is None else tail_id.to_bytes(4, "big")
+        self.tails = Layout(tail_id or 0, self.keys, [])
         windows = {"columns": self.columns, "retain_us": retain_us, "format": _FORMAT}
         doc = {
             "id": view_id,
@@ -323,7 +324,7 @@ def _merge(
             mains[key] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
     else:
         late = (groups["__first"] <= max_event).to_list()
-        tail_keys = [tail + k[4:] for k in encoded]
+        tail_keys = layout.tails.encode_keys(groups.select(keys))  # tail + key[4:]
         with txn.cursor() as cursor:
             found = dict(cursor.getmulti(tail_keys))
         for key, tkey, a, b, n, is_late in zip(
