@@ -3,12 +3,14 @@ the evaluation of every backward aggregate at a lookup's ``now``.
 
 Per entity, the state holds the source events that can still fall in a window: those after
 ``T - W``, where ``T`` is the latest synced event time of the view and ``W`` its largest
-backward window (for any ``now >= T``, ``(now - w, now]`` starts after ``T - W``). Values are
-msgpack (no pickle) of ``[times, columns, [created times, write sequences]]``, events in
-tie-breaking order; a column is its values (physical: temporal values as integers), or only
-their validity when it is just counted. An entity has a main value, and maybe a *tail*: the
-events of later syncs, each after every event of the main value, in a key range of its own
-(see ``_merge``). A lookup decodes both (not the tie-breaking keys) and runs the view's
+backward window (for any ``now >= T``, ``(now - w, now]`` starts after ``T - W``). An
+entity has a main value, msgpack (no pickle) of ``[times, columns, [created times, write
+sequences], null mask]``, events in tie-breaking order; a column is its values (physical:
+temporal values as integers), or only their validity when it is just counted; bit j of the
+mask is set when column j may hold nulls. It may also have a *tail*: the events of later
+syncs, each after every event of the main value, row-major (``[[time, created, seq,
+*values] per event, null mask]``) in a key range of its own (see ``_merge``). A lookup
+decodes both (not the tie-breaking keys of the main value) and runs the view's
 compiled evaluation (``_compile``): each window's range by two binary searches on the event
 times (``bisect``), then exactly that slice aggregated: sums with ``math.fsum``, deviations
 in two passes over it. No tiles or hops: the answer is the aggregate of exactly the events
@@ -75,6 +77,7 @@ _DECODER = msgspec.msgpack.Decoder()
 _READ = msgspec.msgpack.Decoder(tuple[list[int], list[Any], msgspec.Raw, int]).decode
 _FORMAT = 2  # values [times, columns, [created, seq]] + tails; an older state is rebuilt
 _TAIL_EVENTS = 16  # a tail longer than this is merged into its entity's main value
+_TIME, _ORDER = operator.itemgetter(0), operator.itemgetter(0, 1, 2)  # of a row-major event
 _Txn = Any
 
 
@@ -318,11 +321,14 @@ def _merge(
     tail = layout.tail_prefix
     mains: dict[bytes, bytes] = {}
     tails: dict[bytes, bytes] = {}
-    merging: list[tuple[bytes, list[Any] | None, int, int, int]] = []
+    merging: list[tuple[bytes, list[Any], bool, int]] = []
     if fresh or max_event is None:
         for key, a, b, n in zip(encoded, starts, ends, nulls, strict=True):
             mains[key] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
     else:
+        # Tails are row-major, [[time, created, seq, *values] per event, null mask]: one slice
+        # per entity to write (column-major took three times as long), transposed at lookup.
+        events = list(zip(ts, created, seq, *cols, strict=True))
         late = (groups["__first"] <= max_event).to_list()
         tail_keys = layout.tails.encode_keys(groups.select(keys))  # tail + key[4:]
         with txn.cursor() as cursor:
@@ -331,46 +337,34 @@ def _merge(
             encoded, tail_keys, starts, ends, nulls, late, strict=True
         ):
             raw = found.get(tkey)
-            old = None if raw is None else decode(raw)
-            if is_late or (old is not None and len(old[0]) + b - a > _TAIL_EVENTS):
-                merging.append((key, old, a, b, n))
-            elif old is None:
-                tails[tkey] = encode([ts[a:b], [c[a:b] for c in cols], [created[a:b], seq[a:b]], n])
+            if raw is None and not is_late:
+                tails[tkey] = encode((events[a:b], n))
+                continue
+            new = events[a:b]
+            if raw is not None:
+                old, n0 = decode(raw)
+                n |= n0
+                new = old[bisect.bisect_right(old, cutoff, key=_TIME) :] + new
+            if is_late or len(new) > _TAIL_EVENTS:
+                merging.append((key, new, is_late, n))
             else:
-                t0, c0, (r0, s0), n0 = old
-                i = bisect.bisect_right(t0, cutoff)
-                tails[tkey] = encode(
-                    [
-                        t0[i:] + ts[a:b],
-                        [x[i:] + c[a:b] for x, c in zip(c0, cols, strict=True)],
-                        [r0[i:] + created[a:b], s0[i:] + seq[a:b]],
-                        n0 | n,
-                    ]
-                )
+                tails[tkey] = encode((new, n))
     if merging:
         with txn.cursor() as cursor:
-            stored = dict(cursor.getmulti([key for key, _, _, _, _ in merging]))
-        for key, old, a, b, n in merging:
-            parts = [decode(raw) for raw in (stored.get(key),) if raw is not None]
-            if old is not None:
-                parts.append(old)
-                txn.delete(tail + key[4:])
-            t = [v for p in parts for v in p[0]] + ts[a:b]
-            r = [v for p in parts for v in p[2][0]] + created[a:b]
-            q = [v for p in parts for v in p[2][1]] + seq[a:b]
-            c = [[v for p in parts for v in p[1][j]] + x[a:b] for j, x in enumerate(cols)]
-            if parts and (t[-(b - a) - 1], r[-(b - a) - 1], q[-(b - a) - 1]) >= (
-                ts[a],
-                created[a],
-                seq[a],
-            ):
-                order = sorted(range(len(t)), key=lambda e: (t[e], r[e], q[e]))
-                t, r, q = [t[e] for e in order], [r[e] for e in order], [q[e] for e in order]
-                c = [[x[e] for e in order] for x in c]
-            i = bisect.bisect_right(t, cutoff)
-            for p in parts:
-                n |= p[3]
-            mains[key] = encode([t[i:], [x[i:] for x in c], [r[i:], q[i:]], n])
+            stored = dict(cursor.getmulti([key for key, _, _, _ in merging]))
+        for key, new, is_late, n in merging:
+            txn.delete(tail + key[4:])  # no-op without one
+            raw = stored.get(key)
+            merged: list[Any] = []
+            if raw is not None:
+                t0, c0, (r0, s0), n0 = decode(raw)
+                merged, n = list(zip(t0, r0, s0, *c0, strict=True)), n | n0
+            merged += new
+            if is_late:  # else every new event comes after every stored one
+                merged.sort(key=_ORDER)
+            merged = merged[bisect.bisect_right(merged, cutoff, key=_TIME) :]
+            t, r, q, *c = (list(x) for x in zip(*merged, strict=True))
+            mains[key] = encode([t, c, [r, q], n])
     with txn.cursor() as cursor:
         _, written = cursor.putmulti(mains.items())
     with txn.cursor() as cursor:
@@ -435,14 +429,17 @@ class _Plan:
 
     def evaluate(self, raw: bytes | None, tail: bytes | None, now_us: int, out: dict) -> None:
         """The aggregates of an entity's main value and tail (not both None) at ``now``."""
+        ts: Sequence[int]
+        columns: Sequence[Sequence[Any]]
         if tail is None:
             ts, columns, _, nulls = _READ(raw)  # type: ignore[arg-type]
         else:
-            ts, columns, _, nulls = _READ(tail)
+            events, nulls = _DECODER.decode(tail)
+            ts, _, _, *columns = zip(*events, strict=True)  # tuples: sliced like lists
             if raw is not None:  # every tail event comes after every main one
                 ts0, columns0, _, nulls0 = _READ(raw)
-                ts, nulls = ts0 + ts, nulls0 | nulls
-                columns = [a + b for a, b in zip(columns0, columns, strict=True)]
+                ts, nulls = [*ts0, *ts], nulls0 | nulls
+                columns = [[*a, *b] for a, b in zip(columns0, columns, strict=True)]
         self.run(ts, columns, nulls, now_us, out)
 
     def _too_early(self, now_us: int) -> None:
@@ -457,24 +454,10 @@ class _Plan:
         raise ValidationError(msg)
 
 
-def _variance(part: list[Any], total: float) -> float | None:
-    """Sample variance in two passes (exact sums: ``fsum``), given ``fsum(part)``."""
-    n = len(part)
-    if n < 2:
-        return None
-    mean = total / n
-    return math.fsum([(v - mean) * (v - mean) for v in part]) / (n - 1)
-
-
-def _deviation(part: list[Any], total: float) -> float | None:
-    var = _variance(part, total)
-    return None if var is None else math.sqrt(var)
-
-
 @functools.lru_cache(maxsize=256)
 def _compile(
     specs: tuple[tuple[str, int | None, str, str, bool, int], ...],
-) -> Callable[[list[int], list[Any], int, int, dict[str, Any]], None]:
+) -> Callable[[Sequence[int], Sequence[Any], int, int, dict[str, Any]], None]:
     """One function evaluating every aggregate of ``specs`` — (output, stored column or
     None to count rows or -1 when not stored yet, function, dtype, validity only, window
     µs) — on an entity's times, columns and null mask at ``now``, into ``out``.
@@ -487,8 +470,7 @@ def _compile(
     names: dict[str, Any] = {
         "right": bisect.bisect_right,
         "fsum": math.fsum,
-        "variance": _variance,
-        "deviation": _deviation,
+        "sqrt": math.sqrt,
     }
     lines = ["def run(ts, columns, nulls, now, out):", "    hi = right(ts, now)"]
     # Widest window first: each narrower one is searched only from where the wider starts.
@@ -533,8 +515,15 @@ def _compile(
                 value = f"(sum({p}) if {p} else None)"
             elif fn == "mean":
                 value = f"({total(p)} / len({p}) if {p} else None)"
-            elif fn in ("std", "var"):
-                value = f"{'deviation' if fn == 'std' else 'variance'}({p}, {total(p)})"
+            elif fn in ("std", "var"):  # two passes, inlined; ddof=1, null below two values
+                n, m, d = f"n{p}", f"m{p}", f"d{p}"
+                if n not in totals:
+                    totals[n] = n
+                    lines.append(f"    {n} = len({p})")
+                    lines.append(f"    {m} = {total(p)} / {n} if {n} > 1 else 0.0")
+                    kept = f"fsum([(v - {m}) * (v - {m}) for v in {p}])"
+                    lines.append(f"    {d} = {kept} / ({n} - 1) if {n} > 1 else None")
+                value = f"(sqrt({d}) if {n} > 1 else None)" if fn == "std" else d
             else:
                 pick = {"min": f"min({p})", "max": f"max({p})", "first": f"{p}[0]"}
                 value = pick.get(fn, f"{p}[-1]")
@@ -650,13 +639,18 @@ class WindowVector:
         if self.plan is None or self.encode is None:
             self._absent(txn, entity, now_us, out)
             return
-        self.plan.check_now(now_us)  # before the key: an entity may have no events kept
+        plan = self.plan
+        if plan.earliest_us is not None and now_us < plan.earliest_us:
+            plan.check_now(now_us)  # before the key: an entity may have no events kept
         key = self.encode(entity)
         if key is None:
             out.update(self.empty)
             return
         raw, tail = txn.get(key), txn.get(self.tail + key[4:]) if self.tail else None
-        if raw is None and tail is None:
+        if tail is None and raw is not None:  # the usual case, inlined: this is request time
+            ts, columns, _, nulls = _READ(raw)
+            plan.run(ts, columns, nulls, now_us, out)
+        elif raw is None and tail is None:
             out.update(self.empty)
-            return
-        self.plan.evaluate(raw, tail, now_us, out)
+        else:
+            plan.evaluate(raw, tail, now_us, out)

@@ -348,16 +348,16 @@ def test_tails_compaction_late_events_and_deletes(spend_store: FeatureStore) -> 
     with mock.patch.object(_windows, "_TAIL_EVENTS", 3):
         sync([(1, T0, 1.0, "a"), (2, T0, 2.0, "b")])
         assert tails() == 0  # a first sync writes main values
-        sync([(1, T0 + 10 * minute, 4.0, "c"), (3, T0 + 10 * minute, 8.0, None)])
+        sync([(1, T0 + 10 * minute, 4.0, "c"), (3, T0 + 10 * minute, None, None)])
         assert tails() == 2  # later events: tails, for a known and a new entity
         check()
         sync([(1, T0 + 20 * minute, 16.0, "d"), (1, T0 + 20 * minute, 32.0, None)])
         assert tails() == 2  # appended
         check()
-        sync([(1, T0 + 30 * minute, 64.0, "e"), (3, T0 + 70 * minute, 128.0, "f")])
+        sync([(1, T0 + 30 * minute, 64.0, "e"), (3, T0 + 40 * minute, 128.0, "f")])
         assert tails() == 1  # user 1's tail (4 events) merged into its main value
         check()
-        sync([(3, T0 + 50 * minute, 256.0, "g"), (3, T0 + 75 * minute, 512.0, "h")])
+        sync([(3, T0 + 35 * minute, 256.0, "g"), (3, T0 + 75 * minute, 512.0, "h")])
         assert tails() == 0  # a late event: user 3 merged, sorted
         check()
         sync([(2, T0 + 80 * minute, 1024.0, "i")])
