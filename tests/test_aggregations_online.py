@@ -365,3 +365,27 @@ def test_tails_compaction_late_events_and_deletes(spend_store: FeatureStore) -> 
         store.delete_entities("orders", {"user_id": [2]})
         assert tails() == 0
         check()
+
+
+def test_a_view_that_stops_being_online_leaves_no_tails(spend_store: FeatureStore) -> None:
+    store = spend_store
+    store.write("orders", orders([(1, T0, 1.0, "a")]))
+    store.materialize()
+    store.write("orders", orders([(1, T0 + timedelta(minutes=1), 2.0, "b")]))
+    store.materialize()  # user 1 now has a tail
+    online = store._online()
+    with online._env.begin() as txn:
+        layout = _windows.WindowLayout.from_json(txn.get(b"\0\0\0\0layout/spend"))
+    prefixes = [layout.records.prefix, layout.tail_prefix]
+
+    def entries() -> list[int]:
+        with online._env.begin() as txn, txn.cursor() as cursor:
+            keys = list(cursor.iternext(values=False))
+        return [sum(k[:4] == p for k in keys) for p in prefixes]
+
+    assert entries() == [1, 1]
+    store.apply(
+        AggregationView("spend", "orders", [Aggregation(None, "count", "1h")], online=False)
+    )
+    store.materialize()  # drops the view's online data: main values and tails
+    assert entries() == [0, 0]
