@@ -107,7 +107,9 @@ class WindowLayout:
         self.tail_id = tail_id
         self.tail_prefix = b"" if tail_id is None else tail_id.to_bytes(4, "big")
         self.tails = Layout(tail_id or 0, self.keys, [])
-        windows = {"columns": self.columns, "retain_us": retain_us, "format": _FORMAT}
+        # No tail id: read from a state of an older format (rebuilt by the next sync).
+        fmt = None if tail_id is None else _FORMAT
+        windows = {"columns": self.columns, "retain_us": retain_us, "format": fmt}
         doc = {
             "id": view_id,
             "keys": self.keys,
@@ -543,6 +545,12 @@ def _stored_layout(raw: bytes, view: AggregationView, where: str) -> WindowLayou
     except (KeyError, TypeError, ValueError) as e:
         msg = f"{where}: the online data of {view.name!r} is not window state; run materialize()."
         raise SchemaError(msg) from e
+    if layout.tail_id is None:
+        msg = (
+            f"{where}: the online data of {view.name!r} was materialized by an older polarstore "
+            f"(window state format < {_FORMAT}); run materialize() to rebuild it."
+        )
+        raise SchemaError(msg)
     if [k for k, _ in layout.keys] != list(view.join_keys):
         msg = (
             f"{where}: the online data of {view.name!r} was materialized with join keys "

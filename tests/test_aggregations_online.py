@@ -10,6 +10,7 @@ side, and later — by both online paths, compared with the offline answer at ``
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
@@ -28,6 +29,7 @@ from polarstore import (
     AggregationView,
     FeatureStore,
     FeatureView,
+    SchemaError,
     ValidationError,
     _windows,
 )
@@ -389,3 +391,22 @@ def test_a_view_that_stops_being_online_leaves_no_tails(spend_store: FeatureStor
     )
     store.materialize()  # drops the view's online data: main values and tails
     assert entries() == [0, 0]
+
+
+def test_window_state_of_an_older_format_asks_for_materialize(spend_store: FeatureStore) -> None:
+    store = spend_store
+    store.write("orders", orders([(1, T0, 1.0, "a")]))
+    store.materialize()
+    online = store._online()
+    key = b"\0\0\0\0layout/spend"
+    with online._env.begin(write=True) as txn:  # as the first version of the format wrote it
+        doc = json.loads(txn.get(key))
+        del doc["windows"]["format"], doc["windows"]["tail_id"], doc["extra_ids"]
+        txn.put(key, json.dumps(doc).encode())
+    feats = ["spend:count_1h"]
+    with pytest.raises(SchemaError, match=r"older polarstore .* run materialize\(\)"):
+        store.get_feature_vector({"user_id": 1}, feats, now=T0)
+    with pytest.raises(SchemaError, match=r"older polarstore .* run materialize\(\)"):
+        store.get_online_features({"user_id": [1]}, feats, now=T0)
+    store.materialize()  # rebuilds the state in the current format
+    assert store.get_feature_vector({"user_id": 1}, feats, now=T0) == {"count_1h": 1}
