@@ -54,6 +54,7 @@ __all__ = ["OnlineStore"]
 _INITIAL_MAP_SIZE = 1 << 30  # virtual address space only; the file grows as pages are used
 _EPOCH_UTC = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
+_ZERO = timedelta(0)
 _PROGRESS_ROWS = 1_000_000
 _FOREVER = 1 << 80  # µs, more than any two representable times are apart
 
@@ -654,7 +655,10 @@ class OnlineStore:
             msg = f"get_feature_vector: entity must be a dict of join keys, got {entity!r}."
             raise ValidationError(msg)
         plan = self._plan(store, features, full_feature_names)
-        now_us = time.time_ns() // 1000 if now is None else micros(to_utc(now, what="now"))
+        if type(now) is datetime and now.utcoffset() == _ZERO:  # UTC already: no to_utc
+            now_us = (now - _EPOCH_UTC) // _US
+        else:
+            now_us = time.time_ns() // 1000 if now is None else micros(to_utc(now, what="now"))
         out: dict[str, Any] = {}
         env = self._env if self._generation == _generation else None
         if env is None:

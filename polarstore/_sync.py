@@ -28,6 +28,7 @@ __all__ = [
     "Progress",
     "delete_synced",
     "drop_view",
+    "extra_prefixes",
     "meta_key",
     "micros",
     "settle_deletes",
@@ -296,6 +297,8 @@ def sync_view(
         # New or changed layout, a table older than what was synced, or a delete that never
         # reached the online store: start over from the current table.
         delete_prefix(txn, layout.prefix)
+        for prefix in extra_prefixes(raw_layout) if raw_layout else ():
+            delete_prefix(txn, prefix)
         state = _SyncState(None)
         txn.put(layout_key, layout.json)
     pending = state.pending(view, current, end_us)
@@ -368,7 +371,13 @@ def delete_synced(
         # since for the same entities): deleting now would remove those.
         return 0
     frame = cast_keys(keys.drop_nulls().unique(), layout, "delete_entities")
-    removed = sum(txn.delete(k) for k in layout.encode_keys(frame))
+    extra = extra_prefixes(raw)
+    removed = 0
+    for k in layout.encode_keys(frame):
+        gone = txn.delete(k)
+        for prefix in extra:
+            gone = txn.delete(prefix + k[4:]) or gone
+        removed += gone
     state.deletes_applied.append(version)
     txn.put(meta_key("state", view.name), state.to_json())
     return removed
@@ -379,7 +388,14 @@ def drop_view(txn: _Txn, name: str) -> bool:
     raw = txn.get(meta_key("layout", name))
     if raw is None:
         return False
-    delete_prefix(txn, Layout.from_json(raw).prefix)
+    for prefix in (Layout.from_json(raw).prefix, *extra_prefixes(raw)):
+        delete_prefix(txn, prefix)
     txn.delete(meta_key("layout", name))
     txn.delete(meta_key("state", name))
     return True
+
+
+def extra_prefixes(raw_layout: bytes) -> list[bytes]:
+    """The other id prefixes a layout's entries live under, keyed like its values (the
+    tails of an aggregation view, ``_windows``): they go with the view and its entities."""
+    return [i.to_bytes(4, "big") for i in json.loads(raw_layout).get("extra_ids", [])]

@@ -10,19 +10,29 @@ side, and later — by both online paths, compared with the offline answer at ``
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polarstore import Aggregation, AggregationView, FeatureStore, FeatureView, ValidationError
+from polarstore import (
+    Aggregation,
+    AggregationView,
+    FeatureStore,
+    FeatureView,
+    SchemaError,
+    ValidationError,
+    _windows,
+)
 
 from . import _online_procs as procs
 from ._procs import T0, USER, Log, kill_after
@@ -40,37 +50,56 @@ def _same(online: Any, offline: Any, function: str) -> bool:
 
 
 @settings(
-    max_examples=20,
+    max_examples=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
-    batches=st.lists(st.lists(events, min_size=1, max_size=10), min_size=1, max_size=3),
-    sync_after=st.sets(st.integers(0, 2)),
+    batches=st.lists(st.lists(events, min_size=1, max_size=10), min_size=1, max_size=4),
+    unsynced=st.sets(st.integers(0, 3), max_size=2),
+    delete_after=st.sets(st.integers(0, 3), max_size=1),
     picked=st.lists(aggregations, min_size=1, max_size=5),
     nows=st.lists(
         st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=3, max_size=3
     ),
     compact=st.booleans(),
+    tail_events=st.sampled_from([0, 1, 3, 16]),
+    in_order=st.booleans(),
 )
 def test_online_equals_offline_at_now(
     batches: list[list[tuple[int, datetime, float | None, str | None]]],
-    sync_after: set[int],
+    unsynced: set[int],
+    delete_after: set[int],
     picked: list[tuple[str | None, str, timedelta, bool]],
     nows: list[tuple[int, int]],
     compact: bool,
+    tail_events: int,
+    in_order: bool,
 ) -> None:
+    """Incremental syncs append to tails (merged into the main value past ``tail_events``;
+    0: always), late events merge, a delete of user 1 reaches main values and tails. With
+    ``in_order``, the events are sorted by time and dealt into batches of the same sizes, so
+    syncs bring mostly events after the synced ones (the tail path)."""
+    if in_order:
+        flat = iter(sorted((e for batch in batches for e in batch), key=lambda e: e[1]))
+        batches = [[next(flat) for _ in batch] for batch in batches]
     aggs = [
         Aggregation(c, f, w, name=f"a{i}")  # type: ignore[arg-type]
         for i, (c, f, w, _) in enumerate(picked)
     ]
     features = [f"w:{a.feature}" for a in aggs]
-    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        FeatureStore(tmp) as store,
+        mock.patch.object(_windows, "_TAIL_EVENTS", tail_events),
+    ):
         store.apply([USER, ORDERS, AggregationView("w", "orders", aggs)])
         for b, batch in enumerate(batches):
             store.write("orders", orders(batch))
-            if b in sync_after:
+            if b not in unsynced:
                 store.materialize()
+            if b in delete_after:
+                store.delete_entities("orders", {"user_id": [1]})
         if compact:
             store.compact("orders")
         store.materialize()
@@ -272,3 +301,112 @@ def test_demo_forward_label_equals_the_hand_written_one(tmp_path: Path) -> None:
     assert figures["aggregation_parity_checked"] == 400
     assert figures["aggregation_parity_mismatches"] == 0
     assert figures["aggregation_materialize"]["order_windows"]["rows_read"] > 0
+
+
+def test_tails_compaction_late_events_and_deletes(spend_store: FeatureStore) -> None:
+    """The storage paths one by one, each checked against the offline answer at window edges:
+    a first sync (main values), syncs of later events (appended to a tail), a tail past
+    ``_TAIL_EVENTS`` (merged into the main value), a late event (merged and sorted), and
+    deletes, which must reach the tail too."""
+    store = spend_store
+    feats = ["spend:amount_sum_1h", "spend:count_1h", "spend:item_last_1h"]
+    minute = timedelta(minutes=1)
+    env = store._online
+    written: list[datetime] = []
+
+    def sync(rows: list[tuple[int, datetime, float | None, str | None]]) -> None:
+        store.write("orders", orders(rows))
+        store.materialize()
+        written.extend(t for _, t, _, _ in rows)
+
+    def tails() -> int:
+        online = env()
+        with online._env.begin() as txn:
+            layout = _windows.WindowLayout.from_json(txn.get(b"\0\0\0\0layout/spend"))
+            with txn.cursor() as cursor:
+                if not cursor.set_range(layout.tail_prefix):
+                    return 0
+                return sum(1 for k in cursor.iternext(values=False) if k[:4] == layout.tail_prefix)
+
+    def check() -> None:
+        latest = max(written)
+        for now in {
+            latest,
+            latest + US,
+            *(t + timedelta(hours=1) + d for t in written for d in (-US, 0 * US, US)),
+        }:
+            if now < latest:
+                continue
+            users = [{"user_id": u} for u in (1, 2, 3)]
+            online = store.get_online_features(users, feats, now=now).drop("user_id")
+            spine = pl.DataFrame({"user_id": [1, 2, 3], "event_timestamp": [now] * 3})
+            offline = store.get_historical_features(spine, feats).collect()
+            assert online.rows() == offline.drop("user_id", "event_timestamp").rows(), now
+            for i, user in enumerate(users):
+                assert tuple(
+                    store.get_feature_vector(user, feats, now=now).values()
+                ) == offline.drop("user_id", "event_timestamp").row(i)
+
+    with mock.patch.object(_windows, "_TAIL_EVENTS", 3):
+        sync([(1, T0, 1.0, "a"), (2, T0, 2.0, "b")])
+        assert tails() == 0  # a first sync writes main values
+        sync([(1, T0 + 10 * minute, 4.0, "c"), (3, T0 + 10 * minute, None, None)])
+        assert tails() == 2  # later events: tails, for a known and a new entity
+        check()
+        sync([(1, T0 + 20 * minute, 16.0, "d"), (1, T0 + 20 * minute, 32.0, None)])
+        assert tails() == 2  # appended
+        check()
+        sync([(1, T0 + 30 * minute, 64.0, "e"), (3, T0 + 40 * minute, 128.0, "f")])
+        assert tails() == 1  # user 1's tail (4 events) merged into its main value
+        check()
+        sync([(3, T0 + 35 * minute, 256.0, "g"), (3, T0 + 75 * minute, 512.0, "h")])
+        assert tails() == 0  # a late event: user 3 merged, sorted
+        check()
+        sync([(2, T0 + 80 * minute, 1024.0, "i")])
+        assert tails() == 1
+        store.delete_entities("orders", {"user_id": [2]})
+        assert tails() == 0
+        check()
+
+
+def test_a_view_that_stops_being_online_leaves_no_tails(spend_store: FeatureStore) -> None:
+    store = spend_store
+    store.write("orders", orders([(1, T0, 1.0, "a")]))
+    store.materialize()
+    store.write("orders", orders([(1, T0 + timedelta(minutes=1), 2.0, "b")]))
+    store.materialize()  # user 1 now has a tail
+    online = store._online()
+    with online._env.begin() as txn:
+        layout = _windows.WindowLayout.from_json(txn.get(b"\0\0\0\0layout/spend"))
+    prefixes = [layout.records.prefix, layout.tail_prefix]
+
+    def entries() -> list[int]:
+        with online._env.begin() as txn, txn.cursor() as cursor:
+            keys = list(cursor.iternext(values=False))
+        return [sum(k[:4] == p for k in keys) for p in prefixes]
+
+    assert entries() == [1, 1]
+    store.apply(
+        AggregationView("spend", "orders", [Aggregation(None, "count", "1h")], online=False)
+    )
+    store.materialize()  # drops the view's online data: main values and tails
+    assert entries() == [0, 0]
+
+
+def test_window_state_of_an_older_format_asks_for_materialize(spend_store: FeatureStore) -> None:
+    store = spend_store
+    store.write("orders", orders([(1, T0, 1.0, "a")]))
+    store.materialize()
+    online = store._online()
+    key = b"\0\0\0\0layout/spend"
+    with online._env.begin(write=True) as txn:  # as the first version of the format wrote it
+        doc = json.loads(txn.get(key))
+        del doc["windows"]["format"], doc["windows"]["tail_id"], doc["extra_ids"]
+        txn.put(key, json.dumps(doc).encode())
+    feats = ["spend:count_1h"]
+    with pytest.raises(SchemaError, match=r"older polarstore .* run materialize\(\)"):
+        store.get_feature_vector({"user_id": 1}, feats, now=T0)
+    with pytest.raises(SchemaError, match=r"older polarstore .* run materialize\(\)"):
+        store.get_online_features({"user_id": [1]}, feats, now=T0)
+    store.materialize()  # rebuilds the state in the current format
+    assert store.get_feature_vector({"user_id": 1}, feats, now=T0) == {"count_1h": 1}
