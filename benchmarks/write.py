@@ -15,8 +15,8 @@ round-robin, every run into a fresh directory; best wall time, max peak RSS:
 - ``write_deltalake``: ``deltalake.write_deltalake(path, frame)`` with the Polars frame as it
   is (Arrow C stream), default options. Timed: the call.
 - ``polarstore_no_stats``: ``store.write`` with the statistics summary switched off (the
-  callback that summarises the batch replaced by None): the cost of keeping statistics is
-  polarstore's time over this one's, less 1 (target <= 15%). After each polarstore write,
+  recorder that summarises the batch replaced by one that does nothing): the cost of keeping
+  statistics is polarstore's time over this one's, less 1 (target <= 15%). After each write,
   ``store.statistics`` is timed too (not part of the write's time; target <= 1 s at 10M).
 
 Two cases: **new table** (the view / table has no data yet) and **existing table** (an append to
@@ -55,6 +55,19 @@ FIRST = 0.01  # existing table: the rows of the first write, as a fraction of N
 # --- tasks (run in a fresh process by benchmarks._harness) ----------------------------------
 
 
+class _NoStatistics:
+    """Stands for ``record_rows(offline, view)``: a recorder that summarises nothing."""
+
+    def __init__(self, *_: Any) -> None:
+        pass
+
+    def start(self, rows: pl.DataFrame) -> None:
+        pass
+
+    def __call__(self, version: int, rows: pl.DataFrame) -> None:
+        pass
+
+
 def write_task(contender: str, data_path: str, target: str, first_path: str | None) -> Any:
     """Timed: the one write of the rows in ``data_path`` into ``target`` (a fresh path).
 
@@ -68,7 +81,7 @@ def write_task(contender: str, data_path: str, target: str, first_path: str | No
         if contender == "polarstore_no_stats":
             import polarstore._store
 
-            polarstore._store.record_rows = lambda *_: None  # type: ignore[assignment]
+            polarstore._store.record_rows = _NoStatistics  # type: ignore[assignment]
 
         store = ps.FeatureStore(target)
         view = user_stats(10)  # the definition (the frame is not used)
