@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 from uuid import uuid4
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from deltalake import (
@@ -288,10 +289,9 @@ class OfflineStore:
             order.append(view.created_timestamp_field)
         # Rows kept in (event time, created time, write order) make every file a sorted run:
         # readers then need no sort, and Polars' as-of join no dedupe. The sequence is the row
-        # number, so sorting on the times, then on it, gives that order; the sequence being
-        # unique, the sort needs not be stable, which makes it ~30% faster.
+        # number, so sorting on the times, ties in row order, gives that order.
         frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(SEQ_COLUMN))
-        frame = frame.sort([*order[len(view.join_keys) :], SEQ_COLUMN])
+        frame = sorted_by_times(frame, order[len(view.join_keys) :])
         if on_sorted is not None:
             on_sorted(frame)
         app_id = f"polarstore-write:{view.name}:{idempotency_key}"
@@ -982,3 +982,54 @@ def read_files(
     )
     present = [name for name in view.feature_names if name in schema]
     return collect(frame.select(present), view.name)
+
+
+def sorted_by_times(frame: pl.DataFrame, times: Sequence[str]) -> pl.DataFrame:
+    """``frame`` sorted by the non-null integer or temporal columns ``times``, ties in row order.
+
+    Polars sorts the row numbers by the three keys at ~0.13 s per 2M rows. Here the event
+    time (less its minimum, shifted right if need be) and the row number are packed into one
+    64-bit integer, whose sort is a vectorised sort of plain integers (~0.02 s per 2M rows):
+    that orders the rows by event time then row number. Runs of rows the packed time cannot
+    tell apart (equal times, and with a shift, times that close), which the later keys must
+    order, are then sorted by all the keys, alone; when they are many, the whole frame is.
+
+    Examples
+    --------
+    >>> frame = pl.DataFrame({"t": [3, 1, 3, 2], "c": [2, 9, 1, 0]})
+    >>> sorted_by_times(frame, ["t", "c"])["c"].to_list()
+    [9, 0, 1, 2]
+    """
+    n = frame.height
+    if n < 2:
+        return frame
+    # A gather from one chunk is ~2x faster than from many (frames read from Parquet come in
+    # a chunk per page or so); the commit wants one chunk anyway.
+    frame = frame.rechunk()
+    first = frame[times[0]].to_physical().cast(pl.Int64).to_numpy()
+    low = int(first.min())
+    position_bits = (n - 1).bit_length()
+    shift = max(0, (int(first.max()) - low).bit_length() + position_bits - 64)
+    # The difference wraps in int64 but is exact as uint64: it is below 2^64.
+    key = np.subtract(first, np.int64(low)).view(np.uint64)
+    np.right_shift(key, np.uint64(shift), out=key)
+    np.left_shift(key, np.uint64(position_bits), out=key)
+    np.bitwise_or(key, np.arange(n, dtype=np.uint64), out=key)
+    key.sort()
+    order = np.bitwise_and(key, np.uint64((1 << position_bits) - 1)).view(np.int64)
+    if shift or len(times) > 1:
+        packed = np.right_shift(key, np.uint64(position_bits))
+        same = packed[1:] == packed[:-1]
+        tied = np.zeros(n, dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        runs = np.flatnonzero(tied)
+        if runs.size > n // 4:
+            return frame.sort([*times, pl.int_range(pl.len())])
+        if runs.size:
+            # The runs are in order of their packed time: sorting their rows together by
+            # every key sorts each run and keeps the runs in place.
+            rows = order[runs]
+            tie = frame.select(times)[rows].with_columns(pl.Series("_row", rows))
+            order[runs] = tie.sort([*times, "_row"])["_row"].to_numpy()
+    return frame[order]
