@@ -72,6 +72,7 @@ _C2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
 _MASK = np.uint64((1 << _P) - 1)
 _CHUNK = 1 << 15
+_NAN = 0x7FF8000000000000  # the bits every NaN is hashed as
 
 
 def _kind(dtype: pl.DataType) -> str:
@@ -89,6 +90,8 @@ def _kind(dtype: pl.DataType) -> str:
 
 def _registers(values: np.ndarray, *, mix: bool = True) -> np.ndarray:
     """HyperLogLog registers of 64-bit ``values`` (hashed first unless ``mix`` is False).
+
+    uint64 values are hashed as they are, float64 ones by their bits, -0.0 as 0.0 (one value).
 
     The hash is stable (Polars' own changes between versions): MurmurHash3's 64-bit
     finaliser, whose avalanche structured values need (a cheaper two-multiply hash
@@ -119,6 +122,9 @@ def _hashed(values: np.ndarray, mix: bool) -> Iterator[tuple[np.ndarray, np.ndar
     for i in range(0, values.size, step):
         part = values[i : i + step]
         hh, tt = h[: part.size], scratch[: part.size]
+        if values.dtype == np.float64:  # here, not in a copy of all the values: in the cache
+            np.add(part, 0.0, out=hh.view(np.float64))
+            part = hh
         if mix:  # MurmurHash3's fmix64
             np.bitwise_xor(part, np.right_shift(part, _S33, out=tt), out=hh)
             np.multiply(hh, _C1, out=hh)
@@ -336,28 +342,28 @@ def _summarize_column(column: pl.Series, kind: str) -> FeatureSummary:
     nan = values.dtype.is_float() and bool(values.is_nan().any())
     if nan:  # counted, and one distinct value, but left out of moments and quantiles
         values = values.filter(values.is_not_nan())
+    # The values as they are (no copy for a column of one chunk): int64 or float64 ones, whose
+    # -0.0 is hashed as 0.0 by _registers and turned into it in the sketch's input below.
     if kind == "temporal" or values.dtype.is_integer() or values.dtype == pl.Boolean:
-        bits = values.to_physical().cast(pl.Int64).to_numpy().view(np.uint64)
-        floats = values.to_physical().cast(pl.Float64).to_numpy()
+        raw = values.to_physical().cast(pl.Int64).to_numpy().view(np.uint64)
+        real = raw.view(np.int64)
     else:
-        floats = values.cast(pl.Float64).to_numpy() + 0.0  # -0.0 and 0.0 are one value
-        bits = floats.view(np.uint64)
-    out.n = floats.size
+        raw = real = values.cast(pl.Float64).to_numpy()
+    out.n = raw.size
     if out.n:
         as_float = values.to_physical().cast(pl.Float64)
         out.mean, out.m2 = float(as_float.mean()), float(as_float.var(ddof=0)) * out.n  # type: ignore[arg-type]
         out.min, out.max = float(as_float.min()), float(as_float.max())  # type: ignore[arg-type]
         sketch = ds.kll_doubles_sketch(_K)
         sampled = out.n > _SAMPLE
-        if sampled:  # iid with replacement: the DKW bound holds for it
-            pick = np.random.default_rng(out.n).integers(0, out.n, _SAMPLE)
-            sketch.update(floats[pick])
-        else:
-            sketch.update(np.require(floats, np.float64, ["C", "W"]))
+        # A sample iid with replacement (the DKW bound holds for it) of a large batch.
+        pick = np.random.default_rng(out.n).integers(0, out.n, _SAMPLE) if sampled else None
+        chosen = real if pick is None else real[pick]
+        sketch.update(np.add(chosen, 0.0, dtype=np.float64))  # a float64 copy, -0.0 as 0.0
         out.parts = [_Part(out.n, sketch, sampled)]
+    out.registers = _registers(raw)
     if nan:
-        bits = np.append(bits, np.uint64(0x7FF8000000000000))
-    out.registers = _registers(bits)
+        out.registers = np.maximum(out.registers, _registers(np.array([_NAN], np.uint64)))
     return out
 
 

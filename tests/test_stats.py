@@ -396,3 +396,19 @@ def test_registers_of_many_chunks_match_the_reference() -> None:
     values[::7] = np.arange(values[::7].size)  # structured values too
     got = stats._registers(values)  # chunks of 2^15 values: the last one is short
     assert got.tolist() == hll_registers(values.tolist(), P)
+
+
+def test_minus_zero_is_zero_and_every_nan_one_value(store: FeatureStore) -> None:
+    view = FeatureView("z", entities=[USER], schema={"x": pl.Float64, "y": pl.Float32})
+    store.apply([USER, view])
+    x = [0.0, -0.0, 1.0, float("nan"), -float("nan"), -0.0, None]
+    store.write(
+        "z",
+        pl.DataFrame(
+            {"user_id": [1] * 7, "event_timestamp": [T0] * 7, "x": x, "y": x},
+            schema_overrides={"x": pl.Float64, "y": pl.Float32},
+        ),
+    )
+    got = store.statistics("z")
+    assert got["n_unique"].to_list() == [3, 3]  # 0, 1 and NaN: three registers, no collision
+    assert got["count"].to_list() == [6, 6]
