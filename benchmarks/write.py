@@ -15,12 +15,15 @@ round-robin, every run into a fresh directory; best wall time, max peak RSS:
 - ``write_deltalake``: ``deltalake.write_deltalake(path, frame)`` with the Polars frame as it
   is (Arrow C stream), default options. Timed: the call.
 - ``polarstore_no_stats``: ``store.write`` with the statistics summary switched off (the
-  callback that summarises the batch replaced by None): the cost of keeping statistics is
-  polarstore's time over this one's, less 1 (target <= 15%). After each polarstore write,
+  recorder that summarises the batch replaced by one that does nothing): the cost of keeping
+  statistics is polarstore's time over this one's, less 1 (target <= 15%). After each write,
   ``store.statistics`` is timed too (not part of the write's time; target <= 1 s at 10M).
 
-Two cases: **new table** (the view / table has no data yet) and **existing table** (an append to
-a table that already holds a first write of 1% of the rows, written before timing). Throughput =
+Three cases: **new table** (the view / table has no data yet), **existing table** (an append to
+a table that already holds a first write of 1% of the rows, written before timing) and **back to
+back** (the rows as 5 consecutive writes of a fifth each into a new table; for polarstore the
+time includes the wait for the last summaries to be stored, so work a write leaves to a
+background thread is counted where it slows the next write or the end). Throughput =
 ``N`` / best wall time; the ratio is polarstore's throughput over the bare write's (target
 ≥ 0.8). The written tables are checked to hold the ``N`` rows (plus the first 1%).
 """
@@ -46,7 +49,8 @@ from benchmarks._harness import Measurement, run_task, summarize
 
 VIEW = "user_stats"
 CONTENDERS = ("polarstore", "write_deltalake", "polarstore_no_stats")
-CASES = ("new table", "existing table")
+CASES = ("new table", "existing table", "back to back")
+BACK_TO_BACK = 5  # the back-to-back case: the rows as this many consecutive writes
 TARGET = 0.8  # polarstore rows/s over write_deltalake's, at least
 STATS_TARGET = 0.15  # keeping statistics: at most this much more write time
 FIRST = 0.01  # existing table: the rows of the first write, as a fraction of N
@@ -55,20 +59,40 @@ FIRST = 0.01  # existing table: the rows of the first write, as a fraction of N
 # --- tasks (run in a fresh process by benchmarks._harness) ----------------------------------
 
 
-def write_task(contender: str, data_path: str, target: str, first_path: str | None) -> Any:
+class _NoStatistics:
+    """Stands for ``record_rows(offline, view)``: a recorder that summarises nothing."""
+
+    def __init__(self, *_: Any) -> None:
+        pass
+
+    def start(self, rows: pl.DataFrame) -> None:
+        pass
+
+    def __call__(self, version: int, rows: pl.DataFrame) -> None:
+        pass
+
+
+def write_task(
+    contender: str, data_path: str, target: str, first_path: str | None, writes: int = 1
+) -> Any:
     """Timed: the one write of the rows in ``data_path`` into ``target`` (a fresh path).
 
     With ``first_path``, those rows are written first, not timed (the existing-table case).
+    With ``writes`` > 1, the rows are written as that many consecutive slices, and the timed
+    part ends once polarstore stored every summary (``settle``): the work it leaves to a
+    background thread after a write is paid for by the next write, or by this wait.
     """
     frame = pl.read_parquet(data_path)
     first = pl.read_parquet(first_path) if first_path else None
+    size = -(-frame.height // writes)
+    slices = [frame.slice(i, size) for i in range(0, frame.height, size)]
     if contender.startswith("polarstore"):
         import polarstore as ps
 
         if contender == "polarstore_no_stats":
             import polarstore._store
 
-            polarstore._store.record_rows = lambda *_: None  # type: ignore[assignment]
+            polarstore._store.record_rows = _NoStatistics  # type: ignore[assignment]
 
         store = ps.FeatureStore(target)
         view = user_stats(10)  # the definition (the frame is not used)
@@ -77,7 +101,13 @@ def write_task(contender: str, data_path: str, target: str, first_path: str | No
             store.write(VIEW, first)
 
         def run() -> Any:
-            return store.write(VIEW, frame)
+            if writes == 1:
+                return store.write(VIEW, frame)
+            from polarstore._stats import settle
+
+            versions = [store.write(VIEW, part) for part in slices]
+            settle()
+            return versions[-1]
 
         def finish(version: Any) -> dict[str, Any]:
             t0 = time.perf_counter()
@@ -99,7 +129,8 @@ def write_task(contender: str, data_path: str, target: str, first_path: str | No
         write_deltalake(target, first)
 
     def run_bare() -> Any:
-        write_deltalake(target, frame, mode="append")
+        for part in slices:
+            write_deltalake(target, part, mode="append")
 
     def finish_bare(_: Any) -> dict[str, Any]:
         table = DeltaTable(target)
@@ -171,6 +202,7 @@ def run(args: argparse.Namespace, n: int, work: Path) -> list[Row]:
                     "data_path": str(data_path),
                     "target": str(target),
                     "first_path": str(first_path) if case == "existing table" else None,
+                    "writes": BACK_TO_BACK if case == "back to back" else 1,
                 },
             )
             runs[case, contender].append(m)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 from uuid import uuid4
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from deltalake import (
@@ -273,21 +274,28 @@ class OfflineStore:
         *,
         idempotency_key: str | None = None,
         on_commit: Callable[[int, pl.DataFrame], None] | None = None,
+        on_sorted: Callable[[pl.DataFrame], None] | None = None,
     ) -> int:
         """Append validated rows in one commit; return the new version.
 
         With ``idempotency_key``, a Delta application transaction records the key in the same
         commit, and a retry of the same key commits nothing and returns the current version.
-        ``on_commit(version, rows)`` runs under the lock once the rows are committed.
+        ``on_commit(version, rows)`` runs under the lock once the rows are committed;
+        ``on_sorted(rows)`` once they are sorted, before the commit (work started there
+        overlaps the commit, which keeps one core busy, rather than the sort, which keeps all).
         """
         order = [*view.join_keys, view.timestamp_field]
         if view.created_timestamp_field:
             order.append(view.created_timestamp_field)
         # Rows kept in (event time, created time, write order) make every file a sorted run:
         # readers then need no sort, and Polars' as-of join no dedupe. The sequence is the row
-        # number, so a stable sort on the times alone gives that order, cheaper.
-        frame = frame.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(SEQ_COLUMN))
-        frame = frame.sort(order[len(view.join_keys) :], maintain_order=True)
+        # number, so sorting on the times, ties in row order, gives that order. A gather from
+        # one chunk is ~2x faster than from many (a frame read from Parquet has one per page).
+        frame = frame.rechunk()
+        positions = write_order(frame, order[len(view.join_keys) :])
+        frame = frame[positions].with_columns(pl.Series(SEQ_COLUMN, positions, dtype=pl.Int64))
+        if on_sorted is not None:
+            on_sorted(frame)
         app_id = f"polarstore-write:{view.name}:{idempotency_key}"
         metadata = {_OPERATION_KEY: "write", "polarstore.rows": str(frame.height)}
         transactions = [Transaction(app_id, 1)] if idempotency_key is not None else None
@@ -976,3 +984,52 @@ def read_files(
     )
     present = [name for name in view.feature_names if name in schema]
     return collect(frame.select(present), view.name)
+
+
+def write_order(frame: pl.DataFrame, times: Sequence[str]) -> np.ndarray:
+    """The row numbers of ``frame`` sorted by its non-null integer or temporal ``times``
+    columns, ties in row order.
+
+    Polars sorts the row numbers by the three keys of a write at ~0.13 s per 2M rows. Here
+    the first time (less its minimum, shifted right if need be) and the row number are packed
+    into one 64-bit integer, whose sort is a vectorised sort of plain integers (~0.02 s per 2M
+    rows): that orders the rows by that time then row number. Runs of rows the packed time
+    cannot tell apart (equal times, and with a shift, times that close), which the later keys
+    must order, are then sorted by all the keys, alone; when they are many, all rows are.
+
+    Examples
+    --------
+    >>> write_order(pl.DataFrame({"t": [3, 1, 3, 2], "c": [2, 9, 1, 0]}), ["t", "c"]).tolist()
+    [1, 3, 2, 0]
+    """
+    n = frame.height
+    if n < 2:
+        return np.arange(n, dtype=np.int64)
+    first = frame[times[0]].to_physical().cast(pl.Int64).to_numpy()
+    low = int(first.min())
+    position_bits = (n - 1).bit_length()
+    shift = max(0, (int(first.max()) - low).bit_length() + position_bits - 64)
+    # The difference wraps in int64 but is exact as uint64: it is below 2^64.
+    key = np.subtract(first, np.int64(low)).view(np.uint64)
+    np.right_shift(key, np.uint64(shift), out=key)
+    np.left_shift(key, np.uint64(position_bits), out=key)
+    np.bitwise_or(key, np.arange(n, dtype=np.uint64), out=key)
+    key.sort()
+    order = np.bitwise_and(key, np.uint64((1 << position_bits) - 1)).view(np.int64)
+    if shift or len(times) > 1:
+        packed = np.right_shift(key, np.uint64(position_bits))
+        same = packed[1:] == packed[:-1]
+        tied = np.zeros(n, dtype=bool)
+        tied[1:] |= same
+        tied[:-1] |= same
+        runs = np.flatnonzero(tied)
+        if runs.size > n // 4:
+            everything = pl.arg_sort_by([*times, pl.int_range(pl.len())])
+            return frame.select(everything).to_series().cast(pl.Int64).to_numpy()
+        if runs.size:
+            # The runs are in order of their packed time: sorting their rows together by
+            # every key sorts each run and keeps the runs in place.
+            rows = order[runs]
+            tie = frame.select(times)[rows].with_columns(pl.Series("_row", rows))
+            order[runs] = tie.sort([*times, "_row"])["_row"].to_numpy()
+    return order

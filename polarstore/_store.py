@@ -557,8 +557,9 @@ class FeatureStore:
         rows = checked
         if rows.is_empty() and stored is not None:
             return self._offline.current_version(v.name)  # type: ignore[return-value]
+        record = record_rows(self._offline, v)
         return self._offline.append(
-            v, rows, idempotency_key=idempotency_key, on_commit=record_rows(self._offline, v, rows)
+            v, rows, idempotency_key=idempotency_key, on_sorted=record.start, on_commit=record
         )
 
     def read(self, view: str | FeatureView, *, as_of: AsOf | int = None) -> pl.LazyFrame:

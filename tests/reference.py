@@ -330,3 +330,21 @@ def chi_square(a: Sequence[Any], b: Sequence[Any]) -> float:
             expected = size * (rows[0][k] + rows[1][k]) / total
             statistic += (observed - expected) ** 2 / expected
     return statistic
+
+
+def hll_registers(values: Sequence[int], p: int, *, mix: bool = True) -> list[int]:
+    """HyperLogLog registers, one value at a time: the 64-bit hash of each value (MurmurHash3's
+    fmix64, or the value itself unless ``mix``), whose low ``p`` bits pick a register, which
+    keeps the greatest rank seen (leading zeros of the hash + 1, at most 65 - p)."""
+    full = 2**64 - 1
+    registers = [0] * (1 << p)
+    for h in values:
+        if mix:
+            h ^= h >> 33
+            h = (h * 0xFF51AFD7ED558CCD) & full
+            h ^= h >> 33
+            h = (h * 0xC4CEB9FE1A85EC53) & full
+            h ^= h >> 33
+        r = h & ((1 << p) - 1)
+        registers[r] = max(registers[r], min(65 - h.bit_length(), 65 - p))
+    return registers

@@ -65,9 +65,10 @@ def test_online_benchmark_answers_match(tmp_path: Path) -> None:
 def test_write_benchmark_stores_every_row(tmp_path: Path) -> None:
     out = run("benchmarks.write", "--size", TINY, "--repeat", "1", "--workdir", str(tmp_path))
     rows = table_rows(out, "new table") + table_rows(out, "existing table")
-    assert len(rows) == 6  # polarstore, write_deltalake, polarstore_no_stats
+    rows += table_rows(out, "back to back")
+    assert len(rows) == 9  # polarstore, write_deltalake, polarstore_no_stats
     assert all(r[-1] == "ok" for r in rows), rows
-    assert out.count("keeping statistics costs") == 2
+    assert out.count("keeping statistics costs") == 3
 
 
 @pytest.mark.parametrize("step", ["build", "join"])

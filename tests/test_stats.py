@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from polarstore import Entity, FeatureStore, FeatureView, NotFoundError
 
 from .conftest import T0
-from .reference import feature_statistics
+from .reference import feature_statistics, hll_registers
 
 RANK_ERROR = 0.008  # the documented bound (docs/contract.md, "Statistics, drift and checks")
 USER = Entity("user", join_keys="user_id")
@@ -359,3 +359,56 @@ def test_distinct_counts_of_structured_values(store: FeatureStore, values: np.nd
     )
     got = store.statistics("v")["n_unique"][0]
     assert_distinct(got, np.unique(values).size, "x")
+
+
+# --- the HyperLogLog registers, against one value at a time -----------------------------------
+
+P = 14
+# Hashes as drawn (mix=False: how string digests are fed) near the edges of a rank: a register
+# index (the low bits; the last register is where 2^64 - 1 lands) under high bits of every
+# length, all ones or all zeros below their top bit, or random.
+edge_hash = st.builds(
+    lambda bits, fill, register: ((fill % (1 << bits)) << P | register) % 2**64,
+    st.integers(0, 64 - P),
+    st.one_of(st.integers(0, 2**64), st.sampled_from([0, 2**64 - 1, 2**63])),
+    st.one_of(st.sampled_from([0, 1, (1 << P) - 1]), st.integers(0, (1 << P) - 1)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.one_of(edge_hash, st.integers(0, 2**64 - 1)), max_size=300),
+    mix=st.booleans(),
+)
+@example(values=[2**64 - 1], mix=False)  # alone in the last register: rank 1, not "empty"
+@example(values=[2**64 - 1000, 2**63 + 5], mix=False)  # a float would round it to 2^64
+def test_registers_match_the_reference(values: list[int], mix: bool) -> None:
+    import polarstore._stats as stats
+
+    got = stats._registers(np.array(values, dtype=np.uint64), mix=mix)
+    assert got.tolist() == hll_registers(values, P, mix=mix)
+
+
+def test_registers_of_many_chunks_match_the_reference() -> None:
+    import polarstore._stats as stats
+
+    values = np.random.default_rng(3).integers(0, 2**63, 100_000, dtype=np.int64).view(np.uint64)
+    values[::7] = np.arange(values[::7].size)  # structured values too
+    got = stats._registers(values)  # chunks of 2^15 values: the last one is short
+    assert got.tolist() == hll_registers(values.tolist(), P)
+
+
+def test_minus_zero_is_zero_and_every_nan_one_value(store: FeatureStore) -> None:
+    view = FeatureView("z", entities=[USER], schema={"x": pl.Float64, "y": pl.Float32})
+    store.apply([USER, view])
+    x = [0.0, -0.0, 1.0, float("nan"), -float("nan"), -0.0, None]
+    store.write(
+        "z",
+        pl.DataFrame(
+            {"user_id": [1] * 7, "event_timestamp": [T0] * 7, "x": x, "y": x},
+            schema_overrides={"x": pl.Float64, "y": pl.Float32},
+        ),
+    )
+    got = store.statistics("z")
+    assert got["n_unique"].to_list() == [3, 3]  # 0, 1 and NaN: three registers, no collision
+    assert got["count"].to_list() == [6, 6]
