@@ -469,6 +469,8 @@ def write_summary(offline: OfflineStore, view: str, path: str, doc: Mapping[str,
         offline.location.put(_relative(view, path), text.encode(), expect=True)
         return
     folder = _folder(offline, view)
+    if not folder.parent.parent.is_dir():  # the repository was deleted meanwhile
+        return
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / _file_name(path), text)
 

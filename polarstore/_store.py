@@ -48,7 +48,7 @@ from polarstore._retrieval import (
     resolve_features,
     service_named,
 )
-from polarstore._stats import after_compact, prune_summaries, record_rows, statistics
+from polarstore._stats import after_compact, prune_summaries, record_rows, settle, statistics
 from polarstore._storage import (
     Location,
     default_online_path,
@@ -163,7 +163,8 @@ class FeatureStore:
         self.close()
 
     def close(self) -> None:
-        """Close the online store's LMDB environment, if it was opened.
+        """Close the online store's LMDB environment, if it was opened, once the statistics
+        of the last writes are stored (they are stored in the background after each write).
 
         The store stays usable: the environment is reopened on the next online call. Prefer
         ``with FeatureStore(path) as store:`` in scripts.
@@ -175,6 +176,7 @@ class FeatureStore:
         ...     store.versions()
         {}
         """
+        settle()
         if self._online_store is not None:
             self._online_store.close()
             self._online_store = None

@@ -39,6 +39,7 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from polarstore import Entity, FeatureStore, FeatureView, PolarstoreError
+from polarstore._stats import settle
 from tests.reference import RefView, point_in_time, resolve_features, to_utc
 
 UTC = timezone.utc
@@ -402,6 +403,7 @@ def build_store(path: str, case: Case) -> FeatureStore:
         case.versions.setdefault(write.view, []).append(version)
         if write.compact:
             store.compact(write.view)
+    settle()  # the statistics of the last write, before the caller deletes the folder
     return store
 
 

@@ -412,3 +412,19 @@ def test_minus_zero_is_zero_and_every_nan_one_value(store: FeatureStore) -> None
     got = store.statistics("z")
     assert got["n_unique"].to_list() == [3, 3]  # 0, 1 and NaN: three registers, no collision
     assert got["count"].to_list() == [6, 6]
+
+
+def test_a_summary_stored_late_never_recreates_a_deleted_repository(
+    activity: FeatureStore,
+) -> None:
+    """Summaries are stored in the background after a write: one that comes after the
+    repository was deleted must not bring its folders back; ``close()`` waits for them."""
+    import shutil
+
+    from polarstore._stats import write_summary
+
+    activity.close()  # waits for the summaries of the fixture's writes
+    assert list(stats_folder(activity).iterdir())
+    shutil.rmtree(activity.path)
+    write_summary(activity._offline, "activity", "part-0.parquet", {"rows": 1})
+    assert not activity.path.exists()
