@@ -17,16 +17,19 @@ back is needed and the row order column is computed once.
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from polarstore._definitions import SEQ_COLUMN, FeatureView
+from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
+from polarstore._expressions import expression_from_json, expression_to_json
 from polarstore._frames import lossless_cast, to_polars
 from polarstore._offline import (
     OfflineStore,
@@ -35,11 +38,12 @@ from polarstore._offline import (
     _polars_schema,
     seq_floor,
 )
-from polarstore._ondemand import Plan
+from polarstore._ondemand import Plan, request_frame
 from polarstore._retrieval import EMPTY_VERSION, Requested, spine_key_dtype
 from polarstore._time import check_range, to_utc_expr, warn_nanoseconds
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql import DataFrame as SparkDataFrame  # noqa: F401  (for the façade's hints)
 
@@ -49,6 +53,7 @@ ENGINES = ("polars", "spark")
 _WHERE = "get_historical_features(engine='spark')"
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"
+_REQ = "__polarstore_req_"  # as in _ondemand
 # Working columns of the union: order time, kind, event, created, sequence, feature struct.
 _O, _K, _E, _C, _Q, _F = (f"__polarstore_{c}" for c in "okecqf")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -69,37 +74,28 @@ def check_engine(engine: object, spark: object) -> None:
         raise ValidationError(msg)
 
 
-def refuse_derived(plan: Plan) -> None:
-    """``ValidationError`` when ``plan`` computes derived (on-demand) features: not on Spark yet."""
-    if plan.derived:
-        names = [d.output for d in plan.derived][:3]
-        msg = (
-            f"{_WHERE}: {names} are derived features (OnDemandView), which the Spark engine does "
-            "not compute yet; use engine='polars' for them."
-        )
-        raise ValidationError(msg)
-
-
 def historical_features(
     offline: OfflineStore,
     entity_df: object,
-    requested: Sequence[Requested],
+    plan: Plan,
     *,
     timestamp_field: str,
     versions: Mapping[str, int | None],
     bitemporal: bool,
     spark: SparkSession | None,
 ) -> DataFrame:
-    """The point-in-time join of ``entity_df`` with the requested views, on Spark.
+    """The point-in-time join of ``entity_df`` with the plan's views, on Spark.
 
     ``entity_df`` is a Spark DataFrame (its rows keep the order Spark reads them in) or
     anything the Polars path accepts (its row order is kept). ``spark`` may be omitted for a
-    Spark DataFrame (its session is used). Same rules and output as the Polars path.
+    Spark DataFrame (its session is used). Same rules and output as the Polars path; derived
+    features are computed by Polars on the joined rows (:func:`_derive`).
     """
     sql = _pyspark()
+    requested = plan.stored
     for r in requested:
         if type(r.view) is not FeatureView:
-            # Derived features and aggregation views: not on Spark yet.
+            # Aggregation views: not on Spark yet.
             msg = (
                 f"{_WHERE}: {r.view.name}:{r.feature} is a {type(r.view).__name__}, which the "
                 "Spark engine does not compute yet; use engine='polars' for it."
@@ -113,14 +109,16 @@ def historical_features(
             f"(got {type(spark).__name__})."
         )
         raise ValidationError(msg)
+    if plan.derived:
+        _check_workers(spark)
     plans = _plans(requested)
     if isinstance(entity_df, sql.DataFrame):
         spine, columns, bounds = _spark_spine(
-            entity_df, plans, requested, timestamp_field, versions, offline
+            entity_df, plans, plan, timestamp_field, versions, offline
         )
     else:
         spine, columns, bounds = _polars_spine(
-            spark, entity_df, plans, requested, timestamp_field, versions, offline
+            spark, entity_df, plans, plan, timestamp_field, versions, offline
         )
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
@@ -129,7 +127,11 @@ def historical_features(
             spark, offline, view, reqs, keys, versions.get(view_name), bounds, bitemporal
         )
         spine = _join(spine, rows, view, reqs, list(keys), bitemporal)
-    return spine.orderBy(_ROW).select(*columns, *(r.output for r in requested))
+    if plan.derived:
+        derived = {d.output for d in plan.derived}
+        keep = [*columns, _ROW, *(o for o in plan.outputs if o not in derived)]
+        spine = _derive(spine, plan, keep)
+    return spine.orderBy(_ROW).select(*columns, *plan.outputs)
 
 
 def _pyspark() -> Any:
@@ -152,7 +154,7 @@ def _plans(requested: Sequence[Requested]) -> dict[str, tuple[list[Requested], d
     return plans
 
 
-def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: str) -> None:
+def _check_columns(columns: Sequence[str], plan: Plan, ts: str) -> None:
     if ts not in columns:
         msg = (
             f"{_WHERE}: the entity_df has no timestamp column {ts!r}."
@@ -166,14 +168,22 @@ def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: s
         msg = f"{_WHERE}: the entity_df column name(s) {reserved} are reserved."
         raise ValidationError(msg)
     lowered = {c.lower() for c in columns}
-    clashes = [r.output for r in requested if r.output.lower() in lowered]
+    clashes = [output for output in plan.outputs if output.lower() in lowered]
     if clashes:
         msg = (
             f"{_WHERE}: output feature column(s) {clashes} already exist in the entity_df; "
             "rename those columns or pass full_feature_names=True."
         )
         raise ValidationError(msg)
-    for reqs, _ in _plans(requested).values():
+    missing = [c for c in plan.request if c not in columns]
+    if missing:
+        msg = (
+            f"{_WHERE}: missing request column(s) {missing} that the requested on-demand "
+            f"features read (declared in their request_schema: "
+            f"{ {c: str(plan.request[c]) for c in missing} })." + did_you_mean(missing[0], columns)
+        )
+        raise ValidationError(msg)
+    for reqs, _ in _plans(plan.stored).values():
         view = reqs[0].view
         missing = [k for k in view.join_keys if k not in columns]
         if missing:
@@ -200,7 +210,7 @@ def _polars_spine(
     spark: SparkSession,
     entity_df: object,
     plans: dict[str, tuple[list[Requested], dict[str, str]]],
-    requested: Sequence[Requested],
+    plan: Plan,
     ts: str,
     versions: Mapping[str, int | None],
     offline: OfflineStore,
@@ -212,7 +222,7 @@ def _polars_spine(
     ``NanosecondWarning``, unsigned integers widened, categoricals as strings.
     """
     spine = to_polars(entity_df, what="get_historical_features entity_df")
-    _check_columns(spine.columns, requested, ts)
+    _check_columns(spine.columns, plan, ts)
     check_range(spine[ts], where=_WHERE)
     extra: dict[str, pl.Expr] = {
         _ROW: pl.int_range(pl.len(), dtype=pl.Int64),
@@ -228,6 +238,9 @@ def _polars_spine(
             extra[temp] = lossless_cast(spine, key, target, _WHERE)
             keys[temp] = "long" if target == pl.Int64 else "string"
     out = spine.select(*(_sparkable(spine[c]) for c in spine.columns), **extra)
+    if plan.request:  # cast (and checked) here, as the Polars path does
+        request = request_frame(spine, plan, where=_WHERE).drop(_REQ)
+        out = out.hstack(request.select(_sparkable(request[c]) for c in request.columns))
     times = out[_TS].drop_nulls()
     bounds = None if times.is_empty() else (int(times.min()), int(times.max()))  # type: ignore[arg-type]
     try:
@@ -260,7 +273,7 @@ def _sparkable(series: pl.Series) -> pl.Expr:
 def _spark_spine(
     frame: DataFrame,
     plans: dict[str, tuple[list[Requested], dict[str, str]]],
-    requested: Sequence[Requested],
+    plan: Plan,
     ts: str,
     versions: Mapping[str, int | None],
     offline: OfflineStore,
@@ -270,7 +283,7 @@ def _spark_spine(
     from pyspark.sql import types as T  # noqa: N812
 
     columns = list(frame.columns)
-    _check_columns(columns, requested, ts)
+    _check_columns(columns, plan, ts)
     types = {f.name: f.dataType for f in frame.schema.fields}
     kind = types[ts]
     if isinstance(kind, T.TimestampType):
@@ -285,6 +298,8 @@ def _spark_spine(
         msg = f"{_WHERE}: column {ts!r} must be a timestamp or a date, got {kind.simpleString()}."
         raise ValidationError(msg)
     extra: dict[str, Column] = {_ROW: F.monotonically_increasing_id(), _TS: micros}
+    # Request values go as given: cast (and checked) by the workers, in _derive.
+    extra.update({_REQ + c: F.col(c) for c in plan.request})
     checks: list[tuple[str, pl.DataType]] = []
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
@@ -522,3 +537,113 @@ def _join(
     return both.withColumns(
         {r.output: F.when(valid, F.col(f"{_F}._{i}")) for i, r in enumerate(reqs)}
     ).drop(_O, _K, _E, _C, _Q, _F)
+
+
+# --- derived features: Polars on the workers ------------------------------------------------
+
+_CHECKED_WORKERS: set[str] = set()
+
+
+def _check_workers(spark: SparkSession) -> None:
+    """In local mode, a clear error when the workers' Python cannot import polarstore.
+
+    Spark starts its Python workers with ``PYSPARK_PYTHON`` (default ``python3`` from the
+    PATH), which need not be the driver's environment; on a cluster the executors' Python is
+    the operator's business (docs/contract.md, "The Spark engine").
+    """
+    import subprocess
+    import sys
+
+    context = spark.sparkContext
+    python = getattr(context, "pythonExec", None) or "python3"
+    if not (context.master or "").startswith("local") or python in _CHECKED_WORKERS:
+        return
+    try:
+        found = subprocess.run(
+            [python, "-c", "import polars, polarstore"], capture_output=True, timeout=60
+        )
+        ok = found.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if not ok:
+        msg = (
+            f"{_WHERE}: derived features run Polars on Spark's Python workers, but the workers' "
+            f"Python ({python!r}) cannot import polars and polarstore. Start the session with "
+            f"PYSPARK_PYTHON={sys.executable} (or install polarstore there)."
+        )
+        raise PolarstoreError(msg)
+    _CHECKED_WORKERS.add(python)
+
+
+def _derive(frame: DataFrame, plan: Plan, keep: Sequence[str]) -> DataFrame:
+    """``frame``'s ``keep`` columns and the plan's derived features, by an Arrow UDF.
+
+    Each Arrow batch becomes a Polars frame and the derived expressions are evaluated on it
+    by Polars, as the Polars path evaluates them: the values are equal bit for bit. The
+    expressions travel to the workers as their Polars JSON (never pickled); the inputs are
+    conformed to the dtypes the Polars path joins them as (Spark hands instants in its
+    session zone, and request values as the spine holds them).
+    """
+    from pyspark.sql import types as T  # noqa: N812
+
+    inputs = {column: dtype_to_str(plan.input_dtypes[ref]) for ref, column in plan.inputs}
+    inputs.update({_REQ + c: dtype_to_str(t) for c, t in plan.request.items()})
+    exprs = [json.dumps(expression_to_json(d.expr)) for d in plan.derived]
+    fields = {f.name: f for f in frame.schema.fields}
+    schema = T.StructType(
+        [fields[c] for c in keep]
+        + [
+            T.StructField(d.output, T._parse_datatype_string(_spark_type(d.dtype)))
+            for d in plan.derived
+        ]
+    )
+    work = frame.select(*dict.fromkeys([*keep, _ROW, *inputs]))
+    with warnings.catch_warnings():
+        # pyspark checks the pandas version even for Arrow UDFs; no pandas is involved.
+        warnings.filterwarnings("ignore", "PySpark does not yet", FutureWarning)
+        return work.mapInArrow(
+            functools.partial(_derive_batches, list(keep), inputs, exprs, schema.json()), schema
+        )
+
+
+def _derive_batches(
+    keep: list[str],
+    inputs: dict[str, str],
+    exprs: list[str],
+    schema_json: str,
+    batches: Iterator[pa.RecordBatch],
+) -> Iterator[pa.RecordBatch]:
+    """The worker side of :func:`_derive`: batches in, batches with the derived features out."""
+    import pyarrow as pa
+    from pyspark.sql import types as T  # noqa: N812
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    derived = [expression_from_json(json.loads(e), where=_WHERE) for e in exprs]
+    targets = {c: dtype_from_str(t) for c, t in inputs.items()}
+    added = T.StructType.fromJson(json.loads(schema_json)).fields[len(keep) :]
+    types = to_arrow_schema(T.StructType(added), timezone="UTC")
+    names = [*keep, *types.names]
+    for batch in batches:
+        # The row number keeps the height when no input is read (literals only).
+        given = pl.from_arrow(pa.Table.from_batches([batch]).select([_ROW, *inputs]))
+        assert isinstance(given, pl.DataFrame)
+        conformed = given.with_columns(_conform(given, c, t) for c, t in targets.items())
+        # with_columns: a literal broadcasts to every row, as on the Polars path.
+        values = conformed.with_columns(derived).select(types.names).to_arrow()
+        columns = [batch.column(c) for c in keep]
+        columns += [values.column(f.name).cast(f.type).combine_chunks() for f in types]
+        yield pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _conform(frame: pl.DataFrame, column: str, target: pl.DataType) -> pl.Expr:
+    """``column`` as the Polars path joins it: instants in UTC (naive ones as UTC wall
+    times), anything else cast without loss (a request value that does not fit is a
+    ``ValidationError``, as on the Polars path)."""
+    given = frame.schema[column]
+    if isinstance(given, pl.Datetime) and given.time_zone is not None:
+        utc = pl.col(column).dt.convert_time_zone("UTC")
+        if isinstance(target, pl.Datetime) and target.time_zone is None:
+            utc = utc.dt.replace_time_zone(None)
+        return utc.cast(target)
+    what = f"request column {column.removeprefix(_REQ)!r}" if _REQ in column else "an input"
+    return lossless_cast(frame, column, target, where=f"{_WHERE}, {what}")

@@ -13,6 +13,7 @@ are also checked against the brute-force reference.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -30,11 +31,15 @@ from polarstore import (
     FeatureStore,
     FeatureView,
     NotFoundError,
+    OnDemandView,
     PolarstoreError,
+    SchemaError,
     ValidationError,
 )
 from tests.reference import point_in_time, resolve_features
 from tests.test_bitemporal import _log, _utc, steps
+from tests.test_expressions import same
+from tests.test_ondemand import PA, PB, REQUEST, T0, USER, parity_cases
 from tests.test_pit_properties import (
     Case,
     all_rows,
@@ -65,6 +70,10 @@ SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def spark() -> Iterator[SparkSession]:
+    # Derived features run Polars on Spark's Python workers: this venv's Python, not the
+    # PATH's python3.
+    old = os.environ.get("PYSPARK_PYTHON")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
     session = (
         SparkSession.builder.master("local[2]")
         .appName("polarstore-tests")
@@ -79,6 +88,10 @@ def spark() -> Iterator[SparkSession]:
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+    if old is None:
+        os.environ.pop("PYSPARK_PYTHON", None)
+    else:
+        os.environ["PYSPARK_PYTHON"] = old
 
 
 def to_spark_spine(spark: SparkSession, spine: pl.DataFrame, ts: str, ntz: bool) -> Any:
@@ -134,7 +147,8 @@ def both_engines(
         assert normalised(got[name]) == normalised(want[name]), name
     for name in want.columns[len(spine.columns) :]:
         assert got.schema[name] == want.schema[name], name
-        assert got[name].to_list() == want[name].to_list(), name
+        pairs = zip(got[name].to_list(), want[name].to_list(), strict=True)
+        assert all(same(x, y) for x, y in pairs), (name, got[name], want[name])
     return want, got
 
 
@@ -367,38 +381,166 @@ def test_bad_input_is_a_clear_error(
         store.get_historical_features(spine, feats, engine="spark", spark=spark)
 
 
-def test_views_the_spark_engine_does_not_compute_yet_are_refused(
+# --- derived features: Polars on the workers, same values bit for bit -----------------------
+
+
+def same_values(want: pl.DataFrame, got: pl.DataFrame, names: list[str]) -> None:
+    """Equal dtypes and values, floats bit for bit (NaN is NaN, -0.0 is not 0.0)."""
+    for name in names:
+        assert got.schema[name] == want.schema[name], name
+        pairs = zip(got[name].to_list(), want[name].to_list(), strict=True)
+        assert all(same(x, y) for x, y in pairs), (name, got[name], want[name])
+
+
+@settings(SETTINGS, max_examples=5)
+@given(case=parity_cases(), data=st.data())
+def test_derived_features_same_values_as_polars(
+    spark: SparkSession, case: tuple, data: Any
+) -> None:
+    """Random row-wise expressions (test_ondemand's) over random inputs with nulls, NaN,
+    infinities and Int64 extremes, and request columns; the spine as a Polars frame or as a
+    Spark DataFrame."""
+    exprs, a, b, request = case
+    with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
+        store.apply([USER, PA, PB])
+        view = OnDemandView("d", {f"e{i}": e for i, e in enumerate(exprs)}, request_schema=REQUEST)
+        try:
+            store.apply(view)
+        except SchemaError:
+            return  # not an expression polarstore accepts on these dtypes
+        for name, rows in (("pa", a), ("pb", b)):
+            if rows.height:
+                store.write(name, rows)
+        spine = request.with_columns(
+            row_id=pl.int_range(pl.len()),
+            event_timestamp=pl.lit(T0 + timedelta(seconds=1), dtype=pl.Datetime("us")),
+        )
+        full = data.draw(st.booleans(), label="full_feature_names")
+        feats = ["d:*", "pa:x"] if data.draw(st.booleans(), label="with a stored one") else ["d:*"]
+        kw: dict[str, Any] = {"full_feature_names": full}
+        given_spine: Any = spine
+        if data.draw(st.booleans(), label="Spark spine"):
+            given_spine = to_spark_spine(spark, spine, "event_timestamp", ntz=True)
+        try:
+            want = store.get_historical_features(spine, feats, **kw).collect()
+        except pl.exceptions.PolarsError:
+            # A strict cast that fails on these values: Spark's workers fail alike.
+            with pytest.raises(Exception, match=r"InvalidOperationError|conversion"):
+                store.get_historical_features(
+                    given_spine, feats, engine="spark", spark=spark, **kw
+                ).collect()
+            return
+        result = store.get_historical_features(
+            given_spine, feats, engine="spark", spark=spark, **kw
+        )
+        got = pl.DataFrame(pl.from_arrow(result.toArrow())).sort("row_id")
+    assert got.columns == want.columns
+    same_values(want, got, want.columns[len(spine.columns) :])
+
+
+def test_derived_features_of_every_input_kind_and_errors(
     spark: SparkSession, tmp_path: Any
 ) -> None:
-    from polarstore import _spark
-    from polarstore._retrieval import Requested
+    """Inputs of every stored dtype (instants, naive times, dates, lists, binary), request
+    columns of several dtypes, literals only, an entity with no row; clear errors."""
+    from polarstore import Entity
 
-    class DerivedView(FeatureView):  # stands for OnDemandView / AggregationView
-        pass
-
-    store = small_store(str(tmp_path))
-    stats = store.get_feature_view("stats")
-    derived = DerivedView("d", entities=stats.entities, schema={"z": pl.Int64})
-    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
-    with pytest.raises(ValidationError, match="d:z is a DerivedView"):
-        _spark.historical_features(
-            store._offline,
-            spine,
-            [Requested(derived, "z", "z")],
-            timestamp_field="event_timestamp",
-            versions={},
-            bitemporal=False,
-            spark=spark,
+    user = Entity("user", join_keys={"user_id": pl.Int32})
+    kinds = FeatureView(
+        "kinds",
+        entities=[user],
+        schema={
+            "at": pl.Datetime("us", "UTC"),
+            "naive": pl.Datetime("us"),
+            "day": pl.Date,
+            "tags": pl.List(pl.Int64),
+            "raw": pl.Binary,
+            "small": pl.Float32,
+            "tiny": pl.Int8,
+        },
+    )
+    derived = OnDemandView(
+        "derived",
+        {
+            "hour": pl.col("kinds:at").dt.hour(),
+            "naive_hour": pl.col("kinds:naive").dt.hour(),
+            "later": pl.col("when") > pl.col("kinds:at"),
+            "day_of": pl.col("when").dt.truncate("1d"),
+            "weekday": pl.col("kinds:day").dt.weekday(),
+            "no_tags": pl.col("kinds:tags").is_null(),
+            "tags": pl.col("kinds:tags"),
+            "raw": pl.col("kinds:raw"),
+            "half": pl.col("kinds:small") / 2,
+            "wrap": pl.col("kinds:tiny") * 100,
+            "scaled": pl.col("amount") * pl.col("count"),
+            "label": pl.lit("x"),
+        },
+        request_schema={"when": pl.Datetime("us", "UTC"), "amount": pl.Float64, "count": pl.Int16},
+    )
+    store = FeatureStore(tmp_path)
+    store.apply([user, kinds, derived])
+    at = datetime(2024, 1, 1, 23, 30, tzinfo=UTC)
+    store.write(
+        "kinds",
+        pl.DataFrame(
+            {
+                "user_id": [1, 2],
+                "at": [at, None],
+                "naive": [datetime(2024, 1, 1, 22), datetime(2024, 1, 1, 1)],
+                "day": [date(2024, 1, 1), None],
+                "tags": [[1, 2**62, 2**62], []],
+                "raw": [b"ab", None],
+                "small": [1.5, float("nan")],
+                "tiny": [100, -3],
+                "event_timestamp": [at, at],
+            },
+            schema_overrides={"user_id": pl.Int32, **kinds.schema},
+        ),
+    )
+    spine = pl.DataFrame(
+        {
+            "row_id": [0, 1, 2],
+            "user_id": pl.Series([1, 2, 3], dtype=pl.Int32),
+            "event_timestamp": [at + timedelta(hours=1)] * 3,
+            "when": [at + timedelta(microseconds=7), None, at],
+            "amount": [0.5, -0.0, float("inf")],
+            "count": [3, 2, None],
+        }
+    )
+    for full in (False, True):
+        want, _ = both_engines(store, spark, spine, ["derived:*"], full_feature_names=full)
+        assert want[f"{'derived__' if full else ''}hour"].to_list() == [23, None, None]
+    assert want["derived__wrap"].to_list() == [16, -44, None]  # Int8 wraps, as Polars does
+    assert want["derived__later"].to_list() == [True, None, None]
+    given = to_spark_spine(spark, spine, "event_timestamp", ntz=False)
+    both_engines(store, spark, spine, ["derived:*"], spark_spine=given, order="row_id")
+    # A request column missing, or holding values its dtype cannot take.
+    with pytest.raises(ValidationError, match=r"missing request column\(s\) \['amount'\]"):
+        store.get_historical_features(
+            spine.drop("amount"), ["derived:scaled"], engine="spark", spark=spark
         )
+    with pytest.raises(ValidationError, match="'count'"):
+        store.get_historical_features(
+            spine.with_columns(count=pl.lit(2**40)), ["derived:scaled"], engine="spark", spark=spark
+        )
+    with pytest.raises(ValidationError, match="already exist"):
+        store.get_historical_features(
+            spine.with_columns(label=pl.lit(1)), ["derived:label"], engine="spark", spark=spark
+        )
+    late = given.withColumn("count", F.lit(2**40))  # a Spark spine: checked by the workers
+    with pytest.raises(Exception, match="'count'"):
+        store.get_historical_features(late, ["derived:scaled"], engine="spark").collect()
 
 
-def test_derived_features_are_refused_on_spark(spark: SparkSession, tmp_path: Any) -> None:
-    from polarstore import OnDemandView
+def test_workers_that_cannot_import_polars_are_a_clear_error(
+    spark: SparkSession, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polarstore import _spark
 
     store = small_store(str(tmp_path))
     store.apply(OnDemandView("ratio", features={"double": pl.col("stats:clicks") * 2}))
     spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
-    with pytest.raises(ValidationError, match=r"\['double'\] are derived features"):
+    monkeypatch.setattr(spark.sparkContext, "pythonExec", sys.executable + "-missing")
+    monkeypatch.setattr(_spark, "_CHECKED_WORKERS", set())
+    with pytest.raises(PolarstoreError, match="PYSPARK_PYTHON"):
         store.get_historical_features(spine, ["ratio:double"], engine="spark", spark=spark)
-    # The stored input alone still runs on Spark.
-    assert store.get_historical_features(spine, ["stats:clicks"], engine="spark", spark=spark)
