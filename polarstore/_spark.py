@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
+from polarstore._aggregations import AggregationView, table_of
 from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
 from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
 from polarstore._expressions import expression_from_json, expression_to_json
@@ -94,11 +95,10 @@ def historical_features(
     sql = _pyspark()
     requested = plan.stored
     for r in requested:
-        if type(r.view) is not FeatureView:
-            # Aggregation views: not on Spark yet.
-            msg = (
-                f"{_WHERE}: {r.view.name}:{r.feature} is a {type(r.view).__name__}, which the "
-                "Spark engine does not compute yet; use engine='polars' for it."
+        if isinstance(r.view, AggregationView) and bitemporal:
+            msg = (  # as on the Polars path
+                f"get_historical_features: bitemporal=True does not apply to aggregation view "
+                f"{r.view.name!r} yet; request it without bitemporal."
             )
             raise ValidationError(msg)
     if isinstance(entity_df, sql.DataFrame):
@@ -122,7 +122,10 @@ def historical_features(
         )
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
+        if isinstance(view, AggregationView):
+            version = versions.get(view.source_name)
+            spine = _aggregate(spark, offline, spine, view, reqs, list(keys), version, bounds)
+            continue
         rows = _view_rows(
             spark, offline, view, reqs, keys, versions.get(view_name), bounds, bitemporal
         )
@@ -195,10 +198,11 @@ def _check_columns(columns: Sequence[str], plan: Plan, ts: str) -> None:
 
 
 def _stored_keys(
-    offline: OfflineStore, view: FeatureView, version: int | None
+    offline: OfflineStore, view: FeatureView | AggregationView, versions: Mapping[str, int | None]
 ) -> dict[str, pl.DataType]:
     """The key dtypes the view's table stores (as the Polars path reads them), if any."""
-    stored = None if version == EMPTY_VERSION else offline.table_schema(view.name)
+    table = table_of(view)
+    stored = None if versions.get(table) == EMPTY_VERSION else offline.table_schema(table)
     return {k: stored[k] for k in view.join_keys if k in stored} if stored else {}
 
 
@@ -228,10 +232,9 @@ def _polars_spine(
         _ROW: pl.int_range(pl.len(), dtype=pl.Int64),
         _TS: to_utc_expr(ts, spine.schema[ts], where=_WHERE).dt.epoch("us"),
     }
-    for view_name, (reqs, keys) in plans.items():
+    for reqs, keys in plans.values():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
-        stored = _stored_keys(offline, view, versions.get(view_name))
+        stored = _stored_keys(offline, view, versions)
         for key in view.join_keys:
             target = spine_key_dtype(spine, key, view, stored, where=_WHERE)
             temp = _temp_key(key, target)
@@ -303,8 +306,7 @@ def _spark_spine(
     checks: list[tuple[str, pl.DataType]] = []
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
-        stored_keys = _stored_keys(offline, view, versions.get(view_name))
+        stored_keys = _stored_keys(offline, view, versions)
         for key in view.join_keys:
             given = types[key]
             declared = view.key_dtypes.get(key)
@@ -402,6 +404,37 @@ def _spark_path(uri: str) -> str:
     return uri
 
 
+def _read(
+    spark: SparkSession,
+    offline: OfflineStore,
+    view: FeatureView,
+    version: int | None,
+    since: int | None,
+    until: int,
+) -> tuple[DataFrame, dict[str, pl.DataType], list[Any]] | None:
+    """The data files of ``view`` as of ``version`` that may hold event times in ``[since,
+    until]`` (µs), read by Spark with the table's schema; None when there are none."""
+    table = None if version == EMPTY_VERSION else offline._open(view.name, version)
+    if table is None:
+        return None
+    first = None if since is None else _moment(since)
+    last = _moment(until)
+    files = [
+        f
+        for f in _files_of(table, view)
+        if not (first is not None and f.max_ts is not None and f.max_ts < first)
+        and not (last is not None and f.min_ts is not None and f.min_ts > last)
+    ]
+    offline.check_data_files(view.name, table, files, version)
+    if not files:
+        return None
+    schema = _check_schema(view, _polars_schema(table))
+    ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
+    root = _spark_path(offline.table_uri(view.name))
+    frame = spark.read.schema(ddl).parquet(*(f"{root}/{f.path}" for f in files))
+    return frame, schema, files
+
+
 def _view_rows(
     spark: SparkSession,
     offline: OfflineStore,
@@ -419,29 +452,14 @@ def _view_rows(
     from pyspark.sql import functions as F  # noqa: N812
     from pyspark.sql.window import Window
 
-    table = (
-        None if version == EMPTY_VERSION or bounds is None else offline._open(view.name, version)
-    )
-    if table is None or bounds is None:
+    if bounds is None:
         return None
     lo, hi = bounds
     ttl = None if view.ttl is None else view.ttl // _US
-    since = None if ttl is None else _moment(lo - ttl)
-    until = _moment(hi)
-    files = [
-        f
-        for f in _files_of(table, view)
-        if not (since is not None and f.max_ts is not None and f.max_ts < since)
-        and not (until is not None and f.min_ts is not None and f.min_ts > until)
-    ]
-    base = offline.table_uri(view.name)
-    offline.check_data_files(view.name, table, files, version)
-    if not files:
+    read = _read(spark, offline, view, version, None if ttl is None else lo - ttl, hi)
+    if read is None:
         return None
-    schema = _check_schema(view, _polars_schema(table))
-    ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
-    root = _spark_path(base)
-    frame = spark.read.schema(ddl).parquet(*(f"{root}/{f.path}" for f in files))
+    frame, schema, files = read
     event = F.unix_micros(F.col(view.timestamp_field))
     created = (
         F.unix_micros(F.col(view.created_timestamp_field))
@@ -537,6 +555,140 @@ def _join(
     return both.withColumns(
         {r.output: F.when(valid, F.col(f"{_F}._{i}")) for i, r in enumerate(reqs)}
     ).drop(_O, _K, _E, _C, _Q, _F)
+
+
+# --- aggregation views: a range join and one group by --------------------------------------
+
+_B, _V = "__polarstore_bucket", "__polarstore_v"
+_TWO64 = "CAST('18446744073709551616' AS DECIMAL(38,0))"
+_TWO63 = "CAST('9223372036854775808' AS DECIMAL(38,0))"
+
+
+def _aggregate(
+    spark: SparkSession,
+    offline: OfflineStore,
+    spine: DataFrame,
+    view: AggregationView,
+    reqs: list[Requested],
+    keys: list[str],
+    version: int | None,
+    bounds: tuple[int, int] | None,
+) -> DataFrame:
+    """``spine`` with the aggregates of ``reqs`` over their windows (``_aggregations``).
+
+    Each spine row meets its key's source events in ``(t - largest backward window, t +
+    largest forward window]``: an equi-join on the key and a time bucket as wide as that
+    span (so a row spans at most two buckets and a key's events are never all paired with
+    all its rows), then the exact time bounds. One group by per spine row computes every
+    aggregate by conditional aggregation on its own window; rows without events get what an
+    empty window gives (counts 0, the rest null; a spine row without a time, nulls).
+    """
+    from pyspark.sql import functions as F  # noqa: N812
+
+    source = view.source_view
+    aggs = [(view.aggregation(r.feature), r.output) for r in reqs]
+    back = max((a.span // _US for a, _ in aggs if not a.forward), default=0)
+    ahead = max((a.span // _US for a, _ in aggs if a.forward), default=0)
+    events = None
+    if bounds is not None:
+        lo, hi = bounds
+        read = _read(spark, offline, source, version, lo - back, hi + ahead)
+        if read is not None:
+            frame, schema, _ = read
+            columns = dict.fromkeys(a.column for a, _ in aggs if a.column is not None)
+            values = {
+                c: (F.col(c) if c in schema else F.lit(None)).cast(_spark_type(source.schema[c]))
+                for c in columns
+            }
+            event = F.unix_micros(F.col(source.timestamp_field))
+            created = (
+                F.unix_micros(F.col(source.created_timestamp_field))
+                if source.created_timestamp_field
+                else F.lit(None).cast("long")
+            )
+            events = frame.select(
+                *(F.col(k).alias(t) for k, t in zip(source.join_keys, keys, strict=True)),
+                event.alias(_E),
+                created.alias(_C),
+                F.col(SEQ_COLUMN).alias(_Q),
+                *(v.alias(f"{_V}_{i}") for i, v in enumerate(values.values())),
+            ).filter((F.col(_E) > lo - back) & (F.col(_E) <= hi + ahead))
+            slots = {c: f"{_V}_{i}" for i, c in enumerate(columns)}
+    types = {o: _spark_type(view.schema[a.feature]) for a, o in aggs}
+    counts = [o for a, o in aggs if a.function in ("count", "count_distinct")]
+    if events is None:
+        empty = {o: F.lit(None).cast(t) for o, t in types.items()}
+        empty.update({o: F.when(F.col(_TS).isNotNull(), F.lit(0)).cast("bigint") for o in counts})
+        return spine.withColumns(empty)
+    span = max(back + ahead, 1)
+    bucket = F.explode(
+        F.sequence(F.expr(f"({_TS} - {back}) div {span}"), F.expr(f"({_TS} + {ahead}) div {span}"))
+    )
+    left = spine.select(_ROW, _TS, *keys).filter(F.col(_TS).isNotNull())
+    left = left.withColumn(_B, bucket)
+    right = events.withColumn(_B, F.expr(f"{_E} div {span}"))
+    pairs = left.join(right, on=[*keys, _B]).filter(
+        (F.col(_E) > F.col(_TS) - back) & (F.col(_E) <= F.col(_TS) + ahead)
+    )
+    found = pairs.groupBy(_ROW).agg(
+        *(
+            _aggregation(a, F.col(slots[a.column]) if a.column else None, source).alias(o)
+            for a, o in aggs
+        )
+    )
+    joined = spine.join(found, on=_ROW, how="left")
+    return joined.withColumns(
+        {
+            o: (
+                F.when(F.col(_TS).isNotNull(), F.coalesce(F.col(o), F.lit(0)))
+                if o in counts
+                else F.col(o)
+            ).cast(types[o])
+            for o in types
+        }
+    )
+
+
+def _aggregation(agg: Any, value: Column | None, source: FeatureView) -> Column:
+    """One aggregate of the paired rows, over the rows inside its own window only."""
+    from pyspark.sql import functions as F  # noqa: N812
+
+    w = agg.span // _US
+    if agg.forward:
+        inside = (F.col(_E) > F.col(_TS)) & (F.col(_E) <= F.col(_TS) + w)
+    else:
+        inside = (F.col(_E) > F.col(_TS) - w) & (F.col(_E) <= F.col(_TS))
+    fn = agg.function
+    if value is None:
+        return F.count(F.when(inside, F.lit(1)))
+    dtype = source.schema[agg.column]
+    floating = dtype in (pl.Float32(), pl.Float64())
+    x = F.when(inside, value)
+    if fn == "count":
+        return F.count(x)
+    if fn == "count_distinct":
+        return F.count_distinct(x)
+    if fn in ("first", "last"):
+        # By tie order (event, created, write sequence) among the non-null values.
+        order = F.when(inside & value.isNotNull(), F.struct(_E, _C, _Q))
+        return (F.min_by if fn == "first" else F.max_by)(x, order)
+    if fn == "sum" and not floating:
+        # Int64 semantics (wrapping, as Polars sums): an exact decimal sum taken mod 2**64.
+        total = F.pmod(
+            F.sum(x.cast("int" if dtype == pl.Boolean else "bigint").cast("decimal(38,0)")),
+            F.expr(_TWO64),
+        )
+        return (
+            F.when(total >= F.expr(_TWO63), total - F.expr(_TWO64)).otherwise(total).cast("bigint")
+        )
+    if fn in ("sum", "mean", "std", "var"):
+        number = x.cast("double")
+        done = {"sum": F.sum, "mean": F.avg, "std": F.stddev_samp, "var": F.var_samp}[fn]
+        return done(number)
+    if fn == "max" and floating:
+        # Polars' max skips NaN unless every value is NaN; Spark's takes NaN as the largest.
+        return F.coalesce(F.max(F.when(inside & ~F.isnan(value), value)), F.max(x))
+    return (F.min if fn == "min" else F.max)(x)
 
 
 # --- derived features: Polars on the workers ------------------------------------------------

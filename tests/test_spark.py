@@ -13,6 +13,7 @@ are also checked against the brute-force reference.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -27,6 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polarstore import (
+    Aggregation,
+    AggregationView,
     Entity,
     FeatureStore,
     FeatureView,
@@ -36,7 +39,19 @@ from polarstore import (
     SchemaError,
     ValidationError,
 )
-from tests.reference import point_in_time, resolve_features
+from tests.reference import (
+    RefAggregation,
+    RefView,
+    point_in_time,
+    resolve_features,
+    window_aggregate,
+)
+from tests.test_aggregations import ORDERS, US, orders
+from tests.test_aggregations import T0 as AGG_T0
+from tests.test_aggregations import USER as AGG_USER
+from tests.test_aggregations import _close as close
+from tests.test_aggregations import aggregations as agg_choices
+from tests.test_aggregations import events as agg_events
 from tests.test_bitemporal import _log, _utc, steps
 from tests.test_expressions import same
 from tests.test_ondemand import PA, PB, REQUEST, T0, USER, parity_cases
@@ -544,3 +559,195 @@ def test_workers_that_cannot_import_polars_are_a_clear_error(
     monkeypatch.setattr(_spark, "_CHECKED_WORKERS", set())
     with pytest.raises(PolarstoreError, match="PYSPARK_PYTHON"):
         store.get_historical_features(spine, ["ratio:double"], engine="spark", spark=spark)
+
+
+# --- aggregation views: a range join and a group by on Spark --------------------------------
+
+# Float aggregates Spark sums in its own order: equal to Polars' within this relative error.
+SUMMED = ("sum", "mean", "std", "var")
+
+
+def close_values(want: pl.DataFrame, got: pl.DataFrame, functions: dict[str, str]) -> None:
+    """Equal dtypes; equal values, except float sums, means and deviations within 1e-9."""
+    for name, function in functions.items():
+        assert got.schema[name] == want.schema[name], name
+        for x, y in zip(got[name].to_list(), want[name].to_list(), strict=True):
+            if isinstance(x, float) and isinstance(y, float) and function in SUMMED:
+                assert (x != x and y != y) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+            else:
+                assert same(x, y), (name, x, y)
+
+
+@settings(SETTINGS, max_examples=6)
+@given(
+    batches=st.lists(st.lists(agg_events, min_size=0, max_size=12), min_size=1, max_size=3),
+    compact_after=st.sets(st.integers(0, 2)),
+    picked=st.lists(agg_choices, min_size=1, max_size=6),
+    spine_keys=st.lists(st.sampled_from([1, 2, 3, 4, None]), min_size=1, max_size=8),
+    shifts=st.lists(
+        st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=8, max_size=8
+    ),
+    created=st.booleans(),
+    pin=st.booleans(),
+    spark_spine=st.booleans(),
+)
+def test_aggregations_same_answers_as_polars_and_the_reference(
+    spark: SparkSession,
+    batches: list[list[tuple[int, datetime, float | None, str | None]]],
+    compact_after: set[int],
+    picked: list[tuple[str | None, str, timedelta, bool]],
+    spine_keys: list[int | None],
+    shifts: list[tuple[int, int]],
+    created: bool,
+    pin: bool,
+    spark_spine: bool,
+) -> None:
+    """test_aggregations' cases (µs times around a few anchors, many in one ms, exact ties,
+    created times that reorder ties, nulls, 1-3 writes with compactions, spine times on
+    window edges ±1 µs, null and absent keys, as_of the first write) through both engines,
+    and the Spark answers against the brute-force reference."""
+    view = FeatureView(
+        "orders",
+        entities=[AGG_USER],
+        schema=ORDERS.schema,
+        created_timestamp_field="created" if created else None,
+    )
+    aggs = [
+        Aggregation(c, f, w, name=f"a{i}", forward=fwd)  # type: ignore[arg-type]
+        for i, (c, f, w, fwd) in enumerate(picked)
+    ]
+    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+        store.apply([AGG_USER, view, AggregationView("w", "orders", aggs)])
+        written: list[dict[str, Any]] = []
+        versions: list[int] = []
+        for b, batch in enumerate(batches):
+            frame = orders(batch)
+            if created:  # a created time that reorders ties: later for odd quantities
+                frame = frame.with_columns(
+                    created=pl.col("event_timestamp")
+                    + pl.duration(microseconds=pl.col("qty").fill_null(0) % 2)
+                )
+            if frame.height:
+                versions.append(store.write("orders", frame))
+                written += frame.to_dicts()
+                if b in compact_after:
+                    store.compact("orders")
+        event_times = [r["event_timestamp"] for r in written] or [AGG_T0]
+        spine_times = []
+        for i, (pick, delta) in enumerate(shifts):
+            window = aggs[i % len(aggs)].span
+            edge = (window, -window, timedelta(0))[i % 3]
+            spine_times.append(event_times[pick % len(event_times)] + edge + delta * US)
+        spine = pl.DataFrame(
+            {
+                "row_id": range(len(spine_times)),
+                "user_id": [spine_keys[i % len(spine_keys)] for i in range(len(spine_times))],
+                "event_timestamp": spine_times,
+            },
+            schema_overrides={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
+        )
+        rows, as_of = written, None
+        if pin and len(versions) > 1:  # as of the first write: only its rows
+            as_of = {"orders": versions[0]}
+            rows = written[: len(next(b for b in batches if b))]
+        want = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
+        given = to_spark_spine(spark, spine, "event_timestamp", ntz=False) if spark_spine else spine
+        result = store.get_historical_features(
+            given, ["w:*"], as_of=as_of, engine="spark", spark=spark
+        )
+        got = pl.DataFrame(pl.from_arrow(result.toArrow())).sort("row_id")
+    assert got.columns == want.columns
+    close_values(want, got, {a.feature: a.function for a in aggs})
+    ref_view = RefView(
+        "orders",
+        ("user_id",),
+        tuple(ORDERS.schema),
+        created_timestamp_field=view.created_timestamp_field,
+    )
+    for i, spine_row in enumerate(spine.to_dicts()):
+        for agg in aggs:
+            ref = RefAggregation(agg.column, agg.function, agg.window, agg.forward)  # type: ignore[arg-type]
+            expected = window_aggregate(
+                ref_view, rows, [spine_row["user_id"]], spine_row["event_timestamp"], ref
+            )
+            if expected is not None and agg.function in ("mean", "std", "var"):
+                expected = float(expected)
+            assert close(got[agg.feature][i], expected, agg.function), (i, agg, expected)
+
+
+def test_aggregations_compose_with_plain_and_derived_features(
+    spark: SparkSession, tmp_path: Any
+) -> None:
+    """Aggregations next to a plain view and feeding a derived feature, in one call; compound
+    string keys; NaN, Int64 sums that wrap, null times and keys, empty windows; as_of before
+    any write; bitemporal refused as on the Polars path."""
+    pair = Entity("pair", join_keys=["user_id", "shop"])
+    visits = FeatureView(
+        "visits",
+        entities=[pair],
+        schema={"amount": pl.Float64, "qty": pl.Int64, "paid": pl.Boolean, "at": pl.Date},
+    )
+    profile = FeatureView("profile", entities=[pair], schema={"age": pl.Int32})
+    hour = timedelta(hours=1)
+    fns = ["count", "sum", "mean", "min", "max", "std", "var", "first", "last", "count_distinct"]
+    aggs = [Aggregation("amount", f, "1h", name=f"amount_{f}") for f in fns]
+    aggs += [
+        Aggregation("qty", "sum", "1d", name="qty_sum"),
+        Aggregation("paid", "sum", "1d", name="paid_sum"),
+        Aggregation("at", "max", "1d", name="last_day"),
+        Aggregation(None, "count", "1us", name="now"),
+        Aggregation("amount", "last", hour, forward=True, name="next"),
+    ]
+    ratio = OnDemandView(
+        "ratio",
+        {"share": pl.col("amount") / pl.col("v:amount_sum")},
+        request_schema={"amount": pl.Float64},
+    )
+    store = FeatureStore(tmp_path)
+    store.apply([pair, visits, profile, AggregationView("v", "visits", aggs), ratio])
+    rows = [
+        (1, "a", AGG_T0, 1.0, 2**62, True),
+        (1, "a", AGG_T0 + US, float("nan"), 2**62, False),
+        (1, "a", AGG_T0 + US, None, 2**62, None),
+        (1, "b", AGG_T0, 4.0, -5, True),
+        (2, "a", AGG_T0 + hour, 2.5, None, True),
+        (1, "a", AGG_T0 + hour, 16.0, 1, True),  # a tie, written last
+    ]
+    frame = pl.DataFrame(
+        rows, schema=["user_id", "shop", "event_timestamp", "amount", "qty", "paid"], orient="row"
+    ).with_columns(at=pl.col("event_timestamp").dt.date())
+    version = store.write("visits", frame)
+    store.write("visits", frame.head(1).with_columns(amount=pl.lit(8.0)))  # an exact tie
+    store.write(
+        "profile",
+        pl.DataFrame({"user_id": [1], "shop": ["a"], "age": [30], "event_timestamp": [AGG_T0]}),
+    )
+    spine = pl.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 3, None, 1],
+            "shop": ["a", "a", "b", "a", "a", "a", "a"],
+            "event_timestamp": [
+                AGG_T0,
+                AGG_T0 + hour,
+                AGG_T0 + hour,
+                AGG_T0 + hour - US,
+                AGG_T0,
+                AGG_T0,
+                None,
+            ],
+            "amount": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+        },
+        schema_overrides={"event_timestamp": pl.Datetime("us", "UTC")},
+    )
+    feats = ["v:*", "profile:age", "ratio:share"]
+    functions = {a.feature: a.function for a in aggs} | {"age": "", "share": "sum"}
+    for kw in ({}, {"as_of": {"visits": version}}, {"as_of": datetime(2000, 1, 1)}):
+        want = store.get_historical_features(spine, feats, **kw).collect()
+        result = store.get_historical_features(spine, feats, engine="spark", spark=spark, **kw)
+        got = pl.DataFrame(pl.from_arrow(result.toArrow()))
+        assert got.columns == want.columns
+        close_values(want, got, functions)
+    counts = want["amount_count"].to_list(), want["now"].to_list()
+    assert counts == ([0, 0, 0, 0, 0, 0, None], [0, 0, 0, 0, 0, 0, None])  # before any write
+    with pytest.raises(ValidationError, match="bitemporal=True does not apply to aggregation"):
+        store.get_historical_features(spine, ["v:*"], bitemporal=True, engine="spark", spark=spark)
