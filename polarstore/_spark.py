@@ -13,6 +13,10 @@ ignorenulls=True)`` over a running window). Feature rows sort in tie-breaking or
 or, for ``allow_exact_match=False``, before them. The TTL is checked on the row picked: every
 other candidate is older. Spine rows keep all their columns through the window, so no join
 back is needed and the row order column is computed once.
+
+Aggregation views are Spark SQL too (:func:`_aggregate`: a range join on key and time bucket,
+one group by per spine row). Derived features are an Arrow UDF (:func:`_derive`): Polars
+evaluates the stored expressions on the workers, so their values are the Polars path's.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import polars as pl
 
 from polarstore._aggregations import AggregationView, table_of
 from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
-from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
+from polarstore._errors import PolarstoreError, StorageError, ValidationError, did_you_mean
 from polarstore._expressions import expression_from_json, expression_to_json
 from polarstore._frames import lossless_cast, to_polars
 from polarstore._offline import (
@@ -431,8 +435,30 @@ def _read(
     schema = _check_schema(view, _polars_schema(table))
     ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
     root = _spark_path(offline.table_uri(view.name))
-    frame = spark.read.schema(ddl).parquet(*(f"{root}/{f.path}" for f in files))
+    frame = _read_parquet(spark, ddl, [f"{root}/{f.path}" for f in files], view.name)
     return frame, schema, files
+
+
+def _read_parquet(spark: SparkSession, ddl: str, paths: list[str], name: str) -> DataFrame:
+    """``spark.read.parquet``; a session that cannot open the paths' file system (no S3A
+    connector for ``s3a://``) is a ``StorageError`` saying what to add."""
+    try:
+        return spark.read.schema(ddl).parquet(*paths)
+    except Exception as e:  # py4j / pyspark errors of many kinds
+        scheme = paths[0].partition("://")[0] if paths else ""
+        text = str(e)
+        missing = "No FileSystem for scheme" in text or (
+            "ClassNotFoundException" in text and "FileSystem not found" in text
+        )
+        if not missing:
+            raise
+        msg = (
+            f"{_WHERE}: the Spark session cannot read the {scheme}:// files of view {name!r}: "
+            "it has no file system (connector) for that scheme. For S3 add the S3A connector "
+            "(spark.jars.packages=org.apache.hadoop:hadoop-aws:<the session's Hadoop version>) "
+            "and its credentials (spark.hadoop.fs.s3a.*)."
+        )
+        raise StorageError(msg) from e
 
 
 def _view_rows(

@@ -751,3 +751,15 @@ def test_aggregations_compose_with_plain_and_derived_features(
     assert counts == ([0, 0, 0, 0, 0, 0, None], [0, 0, 0, 0, 0, 0, None])  # before any write
     with pytest.raises(ValidationError, match="bitemporal=True does not apply to aggregation"):
         store.get_historical_features(spine, ["v:*"], bitemporal=True, engine="spark", spark=spark)
+
+
+def test_a_session_without_the_s3a_connector_is_a_clear_error(spark: SparkSession) -> None:
+    """s3:// repositories are read through s3a://, which needs hadoop-aws on the session (not
+    installable here: no Maven Central); without it the error says what to add."""
+    from polarstore import StorageError
+    from polarstore._spark import _read_parquet, _spark_path
+
+    path = _spark_path("s3://bucket/repo/offline/v") + "/part-0.parquet"
+    assert path.startswith("s3a://bucket/")
+    with pytest.raises(StorageError, match=r"s3a:// files of view 'v'.*hadoop-aws"):
+        _read_parquet(spark, "x bigint", [path], "v")
