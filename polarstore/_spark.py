@@ -613,8 +613,8 @@ def _aggregate(
 
     source = view.source_view
     aggs = [(view.aggregation(r.feature), r.output) for r in reqs]
-    back = max((a.span // _US for a, _ in aggs if not a.forward), default=0)
-    ahead = max((a.span // _US for a, _ in aggs if a.forward), default=0)
+    back = max((_span(a) for a, _ in aggs if not a.forward), default=0)
+    ahead = max((_span(a) for a, _ in aggs if a.forward), default=0)
     events = None
     if bounds is not None:
         lo, hi = bounds
@@ -675,11 +675,17 @@ def _aggregate(
     )
 
 
+def _span(agg: Any) -> int:
+    """The window in µs, capped where it already covers every representable time (year 1 to
+    9999 is ~3.2e17 µs), so that time arithmetic stays within a Spark bigint."""
+    return min(agg.span // _US, 2**60)
+
+
 def _aggregation(agg: Any, value: Column | None, source: FeatureView) -> Column:
     """One aggregate of the paired rows, over the rows inside its own window only."""
     from pyspark.sql import functions as F  # noqa: N812
 
-    w = agg.span // _US
+    w = _span(agg)
     if agg.forward:
         inside = (F.col(_E) > F.col(_TS)) & (F.col(_E) <= F.col(_TS) + w)
     else:
