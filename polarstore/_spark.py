@@ -602,12 +602,12 @@ def _aggregate(
 ) -> DataFrame:
     """``spine`` with the aggregates of ``reqs`` over their windows (``_aggregations``).
 
-    Each spine row meets its key's source events in ``(t - largest backward window, t +
-    largest forward window]``: an equi-join on the key and a time bucket as wide as that
+    Each spine row meets its key's source events around ``(t - largest backward window, t +
+    largest forward window]``: a left equi-join on the key and a time bucket as wide as that
     span (so a row spans at most two buckets and a key's events are never all paired with
-    all its rows), then the exact time bounds. One group by per spine row computes every
-    aggregate by conditional aggregation on its own window; rows without events get what an
-    empty window gives (counts 0, the rest null; a spine row without a time, nulls).
+    all its rows). One group by per spine row computes every aggregate by conditional
+    aggregation on its own window's exact bounds; rows without events get what an empty
+    window gives (counts 0, the rest null; a spine row without a time, nulls).
     """
     from pyspark.sql import functions as F  # noqa: N812
 
@@ -647,31 +647,25 @@ def _aggregate(
         empty.update({o: F.when(F.col(_TS).isNotNull(), F.lit(0)).cast("bigint") for o in counts})
         return spine.withColumns(empty)
     span = max(back + ahead, 1)
-    bucket = F.explode(
+    # explode_outer: a spine row without a time keeps one row (a null bucket, no events).
+    bucket = F.explode_outer(
         F.sequence(F.expr(f"({_TS} - {back}) div {span}"), F.expr(f"({_TS} + {ahead}) div {span}"))
     )
-    left = spine.select(_ROW, _TS, *keys).filter(F.col(_TS).isNotNull())
-    left = left.withColumn(_B, bucket)
     right = events.withColumn(_B, F.expr(f"{_E} div {span}"))
-    pairs = left.join(right, on=[*keys, _B]).filter(
-        (F.col(_E) > F.col(_TS) - back) & (F.col(_E) <= F.col(_TS) + ahead)
-    )
+    # Spine rows carry their columns through the join and the group by (their copies in two
+    # buckets are equal): no join back, so the row order column is computed once.
+    pairs = spine.withColumn(_B, bucket).join(right, on=[*keys, _B], how="left")
+    carried = [c for c in spine.columns if c != _ROW]
     found = pairs.groupBy(_ROW).agg(
+        *(F.first(c).alias(c) for c in carried),
         *(
             _aggregation(a, F.col(slots[a.column]) if a.column else None, source).alias(o)
             for a, o in aggs
-        )
+        ),
     )
-    joined = spine.join(found, on=_ROW, how="left")
-    return joined.withColumns(
-        {
-            o: (
-                F.when(F.col(_TS).isNotNull(), F.coalesce(F.col(o), F.lit(0)))
-                if o in counts
-                else F.col(o)
-            ).cast(types[o])
-            for o in types
-        }
+    timed = F.col(_TS).isNotNull()
+    return found.withColumns(
+        {o: (F.when(timed, F.col(o)) if o in counts else F.col(o)).cast(types[o]) for o in types}
     )
 
 
