@@ -13,20 +13,28 @@ ignorenulls=True)`` over a running window). Feature rows sort in tie-breaking or
 or, for ``allow_exact_match=False``, before them. The TTL is checked on the row picked: every
 other candidate is older. Spine rows keep all their columns through the window, so no join
 back is needed and the row order column is computed once.
+
+Aggregation views are Spark SQL too (:func:`_aggregate`: a range join on key and time bucket,
+one group by per spine row). Derived features are an Arrow UDF (:func:`_derive`): Polars
+evaluates the stored expressions on the workers, so their values are the Polars path's.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from polarstore._definitions import SEQ_COLUMN, FeatureView
-from polarstore._errors import PolarstoreError, ValidationError, did_you_mean
+from polarstore._aggregations import AggregationView, table_of
+from polarstore._definitions import SEQ_COLUMN, FeatureView, dtype_from_str, dtype_to_str
+from polarstore._errors import PolarstoreError, StorageError, ValidationError, did_you_mean
+from polarstore._expressions import expression_from_json, expression_to_json
 from polarstore._frames import lossless_cast, to_polars
 from polarstore._offline import (
     OfflineStore,
@@ -35,11 +43,12 @@ from polarstore._offline import (
     _polars_schema,
     seq_floor,
 )
-from polarstore._ondemand import Plan
+from polarstore._ondemand import Plan, request_frame
 from polarstore._retrieval import EMPTY_VERSION, Requested, spine_key_dtype
 from polarstore._time import check_range, to_utc_expr, warn_nanoseconds
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     from pyspark.sql import Column, DataFrame, SparkSession
     from pyspark.sql import DataFrame as SparkDataFrame  # noqa: F401  (for the façade's hints)
 
@@ -49,6 +58,7 @@ ENGINES = ("polars", "spark")
 _WHERE = "get_historical_features(engine='spark')"
 _ROW = "__polarstore_row"
 _TS = "__polarstore_ts"
+_REQ = "__polarstore_req_"  # as in _ondemand
 # Working columns of the union: order time, kind, event, created, sequence, feature struct.
 _O, _K, _E, _C, _Q, _F = (f"__polarstore_{c}" for c in "okecqf")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -69,40 +79,30 @@ def check_engine(engine: object, spark: object) -> None:
         raise ValidationError(msg)
 
 
-def refuse_derived(plan: Plan) -> None:
-    """``ValidationError`` when ``plan`` computes derived (on-demand) features: not on Spark yet."""
-    if plan.derived:
-        names = [d.output for d in plan.derived][:3]
-        msg = (
-            f"{_WHERE}: {names} are derived features (OnDemandView), which the Spark engine does "
-            "not compute yet; use engine='polars' for them."
-        )
-        raise ValidationError(msg)
-
-
 def historical_features(
     offline: OfflineStore,
     entity_df: object,
-    requested: Sequence[Requested],
+    plan: Plan,
     *,
     timestamp_field: str,
     versions: Mapping[str, int | None],
     bitemporal: bool,
     spark: SparkSession | None,
 ) -> DataFrame:
-    """The point-in-time join of ``entity_df`` with the requested views, on Spark.
+    """The point-in-time join of ``entity_df`` with the plan's views, on Spark.
 
     ``entity_df`` is a Spark DataFrame (its rows keep the order Spark reads them in) or
     anything the Polars path accepts (its row order is kept). ``spark`` may be omitted for a
-    Spark DataFrame (its session is used). Same rules and output as the Polars path.
+    Spark DataFrame (its session is used). Same rules and output as the Polars path; derived
+    features are computed by Polars on the joined rows (:func:`_derive`).
     """
     sql = _pyspark()
+    requested = plan.stored
     for r in requested:
-        if type(r.view) is not FeatureView:
-            # Derived features and aggregation views: not on Spark yet.
-            msg = (
-                f"{_WHERE}: {r.view.name}:{r.feature} is a {type(r.view).__name__}, which the "
-                "Spark engine does not compute yet; use engine='polars' for it."
+        if isinstance(r.view, AggregationView) and bitemporal:
+            msg = (  # as on the Polars path
+                f"get_historical_features: bitemporal=True does not apply to aggregation view "
+                f"{r.view.name!r} yet; request it without bitemporal."
             )
             raise ValidationError(msg)
     if isinstance(entity_df, sql.DataFrame):
@@ -113,23 +113,32 @@ def historical_features(
             f"(got {type(spark).__name__})."
         )
         raise ValidationError(msg)
+    if plan.derived:
+        _check_workers(spark)
     plans = _plans(requested)
     if isinstance(entity_df, sql.DataFrame):
         spine, columns, bounds = _spark_spine(
-            entity_df, plans, requested, timestamp_field, versions, offline
+            entity_df, plans, plan, timestamp_field, versions, offline
         )
     else:
         spine, columns, bounds = _polars_spine(
-            spark, entity_df, plans, requested, timestamp_field, versions, offline
+            spark, entity_df, plans, plan, timestamp_field, versions, offline
         )
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
+        if isinstance(view, AggregationView):
+            version = versions.get(view.source_name)
+            spine = _aggregate(spark, offline, spine, view, reqs, list(keys), version, bounds)
+            continue
         rows = _view_rows(
             spark, offline, view, reqs, keys, versions.get(view_name), bounds, bitemporal
         )
         spine = _join(spine, rows, view, reqs, list(keys), bitemporal)
-    return spine.orderBy(_ROW).select(*columns, *(r.output for r in requested))
+    if plan.derived:
+        derived = {d.output for d in plan.derived}
+        keep = [*columns, _ROW, *(o for o in plan.outputs if o not in derived)]
+        spine = _derive(spine, plan, keep)
+    return spine.orderBy(_ROW).select(*columns, *plan.outputs)
 
 
 def _pyspark() -> Any:
@@ -152,7 +161,7 @@ def _plans(requested: Sequence[Requested]) -> dict[str, tuple[list[Requested], d
     return plans
 
 
-def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: str) -> None:
+def _check_columns(columns: Sequence[str], plan: Plan, ts: str) -> None:
     if ts not in columns:
         msg = (
             f"{_WHERE}: the entity_df has no timestamp column {ts!r}."
@@ -166,14 +175,22 @@ def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: s
         msg = f"{_WHERE}: the entity_df column name(s) {reserved} are reserved."
         raise ValidationError(msg)
     lowered = {c.lower() for c in columns}
-    clashes = [r.output for r in requested if r.output.lower() in lowered]
+    clashes = [output for output in plan.outputs if output.lower() in lowered]
     if clashes:
         msg = (
             f"{_WHERE}: output feature column(s) {clashes} already exist in the entity_df; "
             "rename those columns or pass full_feature_names=True."
         )
         raise ValidationError(msg)
-    for reqs, _ in _plans(requested).values():
+    missing = [c for c in plan.request if c not in columns]
+    if missing:
+        msg = (
+            f"{_WHERE}: missing request column(s) {missing} that the requested on-demand "
+            f"features read (declared in their request_schema: "
+            f"{ {c: str(plan.request[c]) for c in missing} })." + did_you_mean(missing[0], columns)
+        )
+        raise ValidationError(msg)
+    for reqs, _ in _plans(plan.stored).values():
         view = reqs[0].view
         missing = [k for k in view.join_keys if k not in columns]
         if missing:
@@ -185,10 +202,11 @@ def _check_columns(columns: Sequence[str], requested: Sequence[Requested], ts: s
 
 
 def _stored_keys(
-    offline: OfflineStore, view: FeatureView, version: int | None
+    offline: OfflineStore, view: FeatureView | AggregationView, versions: Mapping[str, int | None]
 ) -> dict[str, pl.DataType]:
     """The key dtypes the view's table stores (as the Polars path reads them), if any."""
-    stored = None if version == EMPTY_VERSION else offline.table_schema(view.name)
+    table = table_of(view)
+    stored = None if versions.get(table) == EMPTY_VERSION else offline.table_schema(table)
     return {k: stored[k] for k in view.join_keys if k in stored} if stored else {}
 
 
@@ -200,7 +218,7 @@ def _polars_spine(
     spark: SparkSession,
     entity_df: object,
     plans: dict[str, tuple[list[Requested], dict[str, str]]],
-    requested: Sequence[Requested],
+    plan: Plan,
     ts: str,
     versions: Mapping[str, int | None],
     offline: OfflineStore,
@@ -212,22 +230,24 @@ def _polars_spine(
     ``NanosecondWarning``, unsigned integers widened, categoricals as strings.
     """
     spine = to_polars(entity_df, what="get_historical_features entity_df")
-    _check_columns(spine.columns, requested, ts)
+    _check_columns(spine.columns, plan, ts)
     check_range(spine[ts], where=_WHERE)
     extra: dict[str, pl.Expr] = {
         _ROW: pl.int_range(pl.len(), dtype=pl.Int64),
         _TS: to_utc_expr(ts, spine.schema[ts], where=_WHERE).dt.epoch("us"),
     }
-    for view_name, (reqs, keys) in plans.items():
+    for reqs, keys in plans.values():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
-        stored = _stored_keys(offline, view, versions.get(view_name))
+        stored = _stored_keys(offline, view, versions)
         for key in view.join_keys:
             target = spine_key_dtype(spine, key, view, stored, where=_WHERE)
             temp = _temp_key(key, target)
             extra[temp] = lossless_cast(spine, key, target, _WHERE)
             keys[temp] = "long" if target == pl.Int64 else "string"
     out = spine.select(*(_sparkable(spine[c]) for c in spine.columns), **extra)
+    if plan.request:  # cast (and checked) here, as the Polars path does
+        request = request_frame(spine, plan, where=_WHERE).drop(_REQ)
+        out = out.hstack(request.select(_sparkable(request[c]) for c in request.columns))
     times = out[_TS].drop_nulls()
     bounds = None if times.is_empty() else (int(times.min()), int(times.max()))  # type: ignore[arg-type]
     try:
@@ -260,7 +280,7 @@ def _sparkable(series: pl.Series) -> pl.Expr:
 def _spark_spine(
     frame: DataFrame,
     plans: dict[str, tuple[list[Requested], dict[str, str]]],
-    requested: Sequence[Requested],
+    plan: Plan,
     ts: str,
     versions: Mapping[str, int | None],
     offline: OfflineStore,
@@ -270,7 +290,7 @@ def _spark_spine(
     from pyspark.sql import types as T  # noqa: N812
 
     columns = list(frame.columns)
-    _check_columns(columns, requested, ts)
+    _check_columns(columns, plan, ts)
     types = {f.name: f.dataType for f in frame.schema.fields}
     kind = types[ts]
     if isinstance(kind, T.TimestampType):
@@ -285,11 +305,12 @@ def _spark_spine(
         msg = f"{_WHERE}: column {ts!r} must be a timestamp or a date, got {kind.simpleString()}."
         raise ValidationError(msg)
     extra: dict[str, Column] = {_ROW: F.monotonically_increasing_id(), _TS: micros}
+    # Request values go as given: cast (and checked) by the workers, in _derive.
+    extra.update({_REQ + c: F.col(c) for c in plan.request})
     checks: list[tuple[str, pl.DataType]] = []
     for view_name, (reqs, keys) in plans.items():
         view = reqs[0].view
-        assert isinstance(view, FeatureView)  # others are refused on entry
-        stored_keys = _stored_keys(offline, view, versions.get(view_name))
+        stored_keys = _stored_keys(offline, view, versions)
         for key in view.join_keys:
             given = types[key]
             declared = view.key_dtypes.get(key)
@@ -387,6 +408,59 @@ def _spark_path(uri: str) -> str:
     return uri
 
 
+def _read(
+    spark: SparkSession,
+    offline: OfflineStore,
+    view: FeatureView,
+    version: int | None,
+    since: int | None,
+    until: int,
+) -> tuple[DataFrame, dict[str, pl.DataType], list[Any]] | None:
+    """The data files of ``view`` as of ``version`` that may hold event times in ``[since,
+    until]`` (µs), read by Spark with the table's schema; None when there are none."""
+    table = None if version == EMPTY_VERSION else offline._open(view.name, version)
+    if table is None:
+        return None
+    first = None if since is None else _moment(since)
+    last = _moment(until)
+    files = [
+        f
+        for f in _files_of(table, view)
+        if not (first is not None and f.max_ts is not None and f.max_ts < first)
+        and not (last is not None and f.min_ts is not None and f.min_ts > last)
+    ]
+    offline.check_data_files(view.name, table, files, version)
+    if not files:
+        return None
+    schema = _check_schema(view, _polars_schema(table))
+    ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
+    root = _spark_path(offline.table_uri(view.name))
+    frame = _read_parquet(spark, ddl, [f"{root}/{f.path}" for f in files], view.name)
+    return frame, schema, files
+
+
+def _read_parquet(spark: SparkSession, ddl: str, paths: list[str], name: str) -> DataFrame:
+    """``spark.read.parquet``; a session that cannot open the paths' file system (no S3A
+    connector for ``s3a://``) is a ``StorageError`` saying what to add."""
+    try:
+        return spark.read.schema(ddl).parquet(*paths)
+    except Exception as e:  # py4j / pyspark errors of many kinds
+        scheme = paths[0].partition("://")[0] if paths else ""
+        text = str(e)
+        missing = "No FileSystem for scheme" in text or (
+            "ClassNotFoundException" in text and "FileSystem not found" in text
+        )
+        if not missing:
+            raise
+        msg = (
+            f"{_WHERE}: the Spark session cannot read the {scheme}:// files of view {name!r}: "
+            "it has no file system (connector) for that scheme. For S3 add the S3A connector "
+            "(spark.jars.packages=org.apache.hadoop:hadoop-aws:<the session's Hadoop version>) "
+            "and its credentials (spark.hadoop.fs.s3a.*)."
+        )
+        raise StorageError(msg) from e
+
+
 def _view_rows(
     spark: SparkSession,
     offline: OfflineStore,
@@ -404,29 +478,14 @@ def _view_rows(
     from pyspark.sql import functions as F  # noqa: N812
     from pyspark.sql.window import Window
 
-    table = (
-        None if version == EMPTY_VERSION or bounds is None else offline._open(view.name, version)
-    )
-    if table is None or bounds is None:
+    if bounds is None:
         return None
     lo, hi = bounds
     ttl = None if view.ttl is None else view.ttl // _US
-    since = None if ttl is None else _moment(lo - ttl)
-    until = _moment(hi)
-    files = [
-        f
-        for f in _files_of(table, view)
-        if not (since is not None and f.max_ts is not None and f.max_ts < since)
-        and not (until is not None and f.min_ts is not None and f.min_ts > until)
-    ]
-    base = offline.table_uri(view.name)
-    offline.check_data_files(view.name, table, files, version)
-    if not files:
+    read = _read(spark, offline, view, version, None if ttl is None else lo - ttl, hi)
+    if read is None:
         return None
-    schema = _check_schema(view, _polars_schema(table))
-    ddl = ", ".join(f"`{name}` {_spark_type(dtype)}" for name, dtype in schema.items())
-    root = _spark_path(base)
-    frame = spark.read.schema(ddl).parquet(*(f"{root}/{f.path}" for f in files))
+    frame, schema, files = read
     event = F.unix_micros(F.col(view.timestamp_field))
     created = (
         F.unix_micros(F.col(view.created_timestamp_field))
@@ -522,3 +581,247 @@ def _join(
     return both.withColumns(
         {r.output: F.when(valid, F.col(f"{_F}._{i}")) for i, r in enumerate(reqs)}
     ).drop(_O, _K, _E, _C, _Q, _F)
+
+
+# --- aggregation views: a range join and one group by --------------------------------------
+
+_B, _V = "__polarstore_bucket", "__polarstore_v"
+_TWO64 = "CAST('18446744073709551616' AS DECIMAL(38,0))"
+_TWO63 = "CAST('9223372036854775808' AS DECIMAL(38,0))"
+
+
+def _aggregate(
+    spark: SparkSession,
+    offline: OfflineStore,
+    spine: DataFrame,
+    view: AggregationView,
+    reqs: list[Requested],
+    keys: list[str],
+    version: int | None,
+    bounds: tuple[int, int] | None,
+) -> DataFrame:
+    """``spine`` with the aggregates of ``reqs`` over their windows (``_aggregations``).
+
+    Each spine row meets its key's source events around ``(t - largest backward window, t +
+    largest forward window]``: a left equi-join on the key and a time bucket as wide as that
+    span (so a row spans at most two buckets and a key's events are never all paired with
+    all its rows). One group by per spine row computes every aggregate by conditional
+    aggregation on its own window's exact bounds; rows without events get what an empty
+    window gives (counts 0, the rest null; a spine row without a time, nulls).
+    """
+    from pyspark.sql import functions as F  # noqa: N812
+
+    source = view.source_view
+    aggs = [(view.aggregation(r.feature), r.output) for r in reqs]
+    back = max((_span(a) for a, _ in aggs if not a.forward), default=0)
+    ahead = max((_span(a) for a, _ in aggs if a.forward), default=0)
+    events = None
+    if bounds is not None:
+        lo, hi = bounds
+        read = _read(spark, offline, source, version, lo - back, hi + ahead)
+        if read is not None:
+            frame, schema, _ = read
+            columns = dict.fromkeys(a.column for a, _ in aggs if a.column is not None)
+            values = {
+                c: (F.col(c) if c in schema else F.lit(None)).cast(_spark_type(source.schema[c]))
+                for c in columns
+            }
+            event = F.unix_micros(F.col(source.timestamp_field))
+            created = (
+                F.unix_micros(F.col(source.created_timestamp_field))
+                if source.created_timestamp_field
+                else F.lit(None).cast("long")
+            )
+            events = frame.select(
+                *(F.col(k).alias(t) for k, t in zip(source.join_keys, keys, strict=True)),
+                event.alias(_E),
+                created.alias(_C),
+                F.col(SEQ_COLUMN).alias(_Q),
+                *(v.alias(f"{_V}_{i}") for i, v in enumerate(values.values())),
+            ).filter((F.col(_E) > lo - back) & (F.col(_E) <= hi + ahead))
+            slots = {c: f"{_V}_{i}" for i, c in enumerate(columns)}
+    types = {o: _spark_type(view.schema[a.feature]) for a, o in aggs}
+    counts = [o for a, o in aggs if a.function in ("count", "count_distinct")]
+    if events is None:
+        empty = {o: F.lit(None).cast(t) for o, t in types.items()}
+        empty.update({o: F.when(F.col(_TS).isNotNull(), F.lit(0)).cast("bigint") for o in counts})
+        return spine.withColumns(empty)
+    span = max(back + ahead, 1)
+    # explode_outer: a spine row without a time keeps one row (a null bucket, no events).
+    bucket = F.explode_outer(
+        F.sequence(F.expr(f"({_TS} - {back}) div {span}"), F.expr(f"({_TS} + {ahead}) div {span}"))
+    )
+    right = events.withColumn(_B, F.expr(f"{_E} div {span}"))
+    # Spine rows carry their columns through the join and the group by (their copies in two
+    # buckets are equal): no join back, so the row order column is computed once.
+    pairs = spine.withColumn(_B, bucket).join(right, on=[*keys, _B], how="left")
+    carried = [c for c in spine.columns if c != _ROW]
+    found = pairs.groupBy(_ROW).agg(
+        *(F.first(c).alias(c) for c in carried),
+        *(
+            _aggregation(a, F.col(slots[a.column]) if a.column else None, source).alias(o)
+            for a, o in aggs
+        ),
+    )
+    timed = F.col(_TS).isNotNull()
+    return found.withColumns(
+        {o: (F.when(timed, F.col(o)) if o in counts else F.col(o)).cast(types[o]) for o in types}
+    )
+
+
+def _span(agg: Any) -> int:
+    """The window in µs, capped where it already covers every representable time (year 1 to
+    9999 is ~3.2e17 µs), so that time arithmetic stays within a Spark bigint."""
+    return min(agg.span // _US, 2**60)
+
+
+def _aggregation(agg: Any, value: Column | None, source: FeatureView) -> Column:
+    """One aggregate of the paired rows, over the rows inside its own window only."""
+    from pyspark.sql import functions as F  # noqa: N812
+
+    w = _span(agg)
+    if agg.forward:
+        inside = (F.col(_E) > F.col(_TS)) & (F.col(_E) <= F.col(_TS) + w)
+    else:
+        inside = (F.col(_E) > F.col(_TS) - w) & (F.col(_E) <= F.col(_TS))
+    fn = agg.function
+    if value is None:
+        return F.count(F.when(inside, F.lit(1)))
+    dtype = source.schema[agg.column]
+    floating = dtype in (pl.Float32(), pl.Float64())
+    x = F.when(inside, value)
+    if fn == "count":
+        return F.count(x)
+    if fn == "count_distinct":
+        return F.count_distinct(x)
+    if fn in ("first", "last"):
+        # By tie order (event, created, write sequence) among the non-null values.
+        order = F.when(inside & value.isNotNull(), F.struct(_E, _C, _Q))
+        return (F.min_by if fn == "first" else F.max_by)(x, order)
+    if fn == "sum" and not floating:
+        # Int64 semantics (wrapping, as Polars sums): an exact decimal sum taken mod 2**64.
+        total = F.pmod(
+            F.sum(x.cast("int" if dtype == pl.Boolean else "bigint").cast("decimal(38,0)")),
+            F.expr(_TWO64),
+        )
+        return (
+            F.when(total >= F.expr(_TWO63), total - F.expr(_TWO64)).otherwise(total).cast("bigint")
+        )
+    if fn in ("sum", "mean", "std", "var"):
+        number = x.cast("double")
+        done = {"sum": F.sum, "mean": F.avg, "std": F.stddev_samp, "var": F.var_samp}[fn]
+        return done(number)
+    if fn == "max" and floating:
+        # Polars' max skips NaN unless every value is NaN; Spark's takes NaN as the largest.
+        return F.coalesce(F.max(F.when(inside & ~F.isnan(value), value)), F.max(x))
+    return (F.min if fn == "min" else F.max)(x)
+
+
+# --- derived features: Polars on the workers ------------------------------------------------
+
+_CHECKED_WORKERS: set[str] = set()
+
+
+def _check_workers(spark: SparkSession) -> None:
+    """In local mode, a clear error when the workers' Python cannot import polarstore.
+
+    Spark starts its Python workers with ``PYSPARK_PYTHON`` (default ``python3`` from the
+    PATH), which need not be the driver's environment; on a cluster the executors' Python is
+    the operator's business (docs/contract.md, "The Spark engine").
+    """
+    import subprocess
+    import sys
+
+    context = spark.sparkContext
+    python = getattr(context, "pythonExec", None) or "python3"
+    if not (context.master or "").startswith("local") or python in _CHECKED_WORKERS:
+        return
+    try:
+        found = subprocess.run(
+            [python, "-c", "import polars, polarstore"], capture_output=True, timeout=60
+        )
+        ok = found.returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if not ok:
+        msg = (
+            f"{_WHERE}: derived features run Polars on Spark's Python workers, but the workers' "
+            f"Python ({python!r}) cannot import polars and polarstore. Start the session with "
+            f"PYSPARK_PYTHON={sys.executable} (or install polarstore there)."
+        )
+        raise PolarstoreError(msg)
+    _CHECKED_WORKERS.add(python)
+
+
+def _derive(frame: DataFrame, plan: Plan, keep: Sequence[str]) -> DataFrame:
+    """``frame``'s ``keep`` columns and the plan's derived features, by an Arrow UDF.
+
+    Each Arrow batch becomes a Polars frame and the derived expressions are evaluated on it
+    by Polars, as the Polars path evaluates them: the values are equal bit for bit. The
+    expressions travel to the workers as their Polars JSON (never pickled); the inputs are
+    conformed to the dtypes the Polars path joins them as (Spark hands instants in its
+    session zone, and request values as the spine holds them).
+    """
+    from pyspark.sql import types as T  # noqa: N812
+
+    inputs = {column: dtype_to_str(plan.input_dtypes[ref]) for ref, column in plan.inputs}
+    inputs.update({_REQ + c: dtype_to_str(t) for c, t in plan.request.items()})
+    exprs = [json.dumps(expression_to_json(d.expr)) for d in plan.derived]
+    fields = {f.name: f for f in frame.schema.fields}
+    schema = T.StructType(
+        [fields[c] for c in keep]
+        + [
+            T.StructField(d.output, T._parse_datatype_string(_spark_type(d.dtype)))
+            for d in plan.derived
+        ]
+    )
+    work = frame.select(*dict.fromkeys([*keep, _ROW, *inputs]))
+    with warnings.catch_warnings():
+        # pyspark checks the pandas version even for Arrow UDFs; no pandas is involved.
+        warnings.filterwarnings("ignore", "PySpark does not yet", FutureWarning)
+        return work.mapInArrow(
+            functools.partial(_derive_batches, list(keep), inputs, exprs, schema.json()), schema
+        )
+
+
+def _derive_batches(
+    keep: list[str],
+    inputs: dict[str, str],
+    exprs: list[str],
+    schema_json: str,
+    batches: Iterator[pa.RecordBatch],
+) -> Iterator[pa.RecordBatch]:
+    """The worker side of :func:`_derive`: batches in, batches with the derived features out."""
+    import pyarrow as pa
+    from pyspark.sql import types as T  # noqa: N812
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    derived = [expression_from_json(json.loads(e), where=_WHERE) for e in exprs]
+    targets = {c: dtype_from_str(t) for c, t in inputs.items()}
+    added = T.StructType.fromJson(json.loads(schema_json)).fields[len(keep) :]
+    types = to_arrow_schema(T.StructType(added), timezone="UTC")
+    names = [*keep, *types.names]
+    for batch in batches:
+        # The row number keeps the height when no input is read (literals only).
+        given = pl.from_arrow(pa.Table.from_batches([batch]).select([_ROW, *inputs]))
+        assert isinstance(given, pl.DataFrame)
+        conformed = given.with_columns(_conform(given, c, t) for c, t in targets.items())
+        # with_columns: a literal broadcasts to every row, as on the Polars path.
+        values = conformed.with_columns(derived).select(types.names).to_arrow()
+        columns = [batch.column(c) for c in keep]
+        columns += [values.column(f.name).cast(f.type).combine_chunks() for f in types]
+        yield pa.RecordBatch.from_arrays(columns, names=names)
+
+
+def _conform(frame: pl.DataFrame, column: str, target: pl.DataType) -> pl.Expr:
+    """``column`` as the Polars path joins it: instants in UTC (naive ones as UTC wall
+    times), anything else cast without loss (a request value that does not fit is a
+    ``ValidationError``, as on the Polars path)."""
+    given = frame.schema[column]
+    if isinstance(given, pl.Datetime) and given.time_zone is not None:
+        utc = pl.col(column).dt.convert_time_zone("UTC")
+        if isinstance(target, pl.Datetime) and target.time_zone is None:
+            utc = utc.dt.replace_time_zone(None)
+        return utc.cast(target)
+    what = f"request column {column.removeprefix(_REQ)!r}" if _REQ in column else "an input"
+    return lossless_cast(frame, column, target, where=f"{_WHERE}, {what}")

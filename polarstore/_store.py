@@ -900,11 +900,10 @@ class FeatureStore:
             msg = f"{where}: bitemporal must be True or False, got {bitemporal!r}."
             raise ValidationError(msg)
         if engine == "spark":
-            _spark.refuse_derived(plan)
             return _spark.historical_features(
                 self._offline,
                 entity_df,
-                plan.stored,
+                plan,
                 timestamp_field=timestamp_field,
                 versions=versions,
                 bitemporal=bitemporal,

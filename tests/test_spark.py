@@ -8,11 +8,16 @@ nanosecond spines, one or two views, ``as_of`` pins) and the bitemporal steps of
 ``test_bitemporal`` (backfills, compactions, deletes, purges, real commit times), run each
 through both engines and compare every column. The spine goes in as a Polars frame or as a
 Spark DataFrame (times as ``timestamp`` or ``timestamp_ntz``); the Spark result's features
-are also checked against the brute-force reference.
+are also checked against the brute-force reference. Derived features draw test_ondemand's
+random expressions (values compared bit for bit); aggregation views draw test_aggregations'
+cases (compared with the Polars path and with ``reference.window_aggregate``; float sums,
+means and deviations within 1e-9 relative, the rest exactly).
 """
 
 from __future__ import annotations
 
+import math
+import os
 import shutil
 import sys
 import tempfile
@@ -26,15 +31,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from polarstore import (
+    Aggregation,
+    AggregationView,
     Entity,
     FeatureStore,
     FeatureView,
     NotFoundError,
+    OnDemandView,
     PolarstoreError,
+    SchemaError,
     ValidationError,
 )
-from tests.reference import point_in_time, resolve_features
+from tests.reference import (
+    RefAggregation,
+    RefView,
+    point_in_time,
+    resolve_features,
+    window_aggregate,
+)
+from tests.test_aggregations import ORDERS, US, orders
+from tests.test_aggregations import T0 as AGG_T0
+from tests.test_aggregations import USER as AGG_USER
+from tests.test_aggregations import _close as close
+from tests.test_aggregations import aggregations as agg_choices
+from tests.test_aggregations import events as agg_events
 from tests.test_bitemporal import _log, _utc, steps
+from tests.test_expressions import same
+from tests.test_ondemand import PA, PB, REQUEST, T0, USER, parity_cases
 from tests.test_pit_properties import (
     Case,
     all_rows,
@@ -65,6 +88,10 @@ SETTINGS = settings(
 
 @pytest.fixture(scope="module")
 def spark() -> Iterator[SparkSession]:
+    # Derived features run Polars on Spark's Python workers: this venv's Python, not the
+    # PATH's python3.
+    old = os.environ.get("PYSPARK_PYTHON")
+    os.environ["PYSPARK_PYTHON"] = sys.executable
     session = (
         SparkSession.builder.master("local[2]")
         .appName("polarstore-tests")
@@ -79,6 +106,10 @@ def spark() -> Iterator[SparkSession]:
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+    if old is None:
+        os.environ.pop("PYSPARK_PYTHON", None)
+    else:
+        os.environ["PYSPARK_PYTHON"] = old
 
 
 def to_spark_spine(spark: SparkSession, spine: pl.DataFrame, ts: str, ntz: bool) -> Any:
@@ -134,7 +165,8 @@ def both_engines(
         assert normalised(got[name]) == normalised(want[name]), name
     for name in want.columns[len(spine.columns) :]:
         assert got.schema[name] == want.schema[name], name
-        assert got[name].to_list() == want[name].to_list(), name
+        pairs = zip(got[name].to_list(), want[name].to_list(), strict=True)
+        assert all(same(x, y) for x, y in pairs), (name, got[name], want[name])
     return want, got
 
 
@@ -367,38 +399,370 @@ def test_bad_input_is_a_clear_error(
         store.get_historical_features(spine, feats, engine="spark", spark=spark)
 
 
-def test_views_the_spark_engine_does_not_compute_yet_are_refused(
+# --- derived features: Polars on the workers, same values bit for bit -----------------------
+
+
+def same_values(want: pl.DataFrame, got: pl.DataFrame, names: list[str]) -> None:
+    """Equal dtypes and values, floats bit for bit (NaN is NaN, -0.0 is not 0.0)."""
+    for name in names:
+        assert got.schema[name] == want.schema[name], name
+        pairs = zip(got[name].to_list(), want[name].to_list(), strict=True)
+        assert all(same(x, y) for x, y in pairs), (name, got[name], want[name])
+
+
+@settings(SETTINGS, max_examples=5)
+@given(case=parity_cases(), data=st.data())
+def test_derived_features_same_values_as_polars(
+    spark: SparkSession, case: tuple, data: Any
+) -> None:
+    """Random row-wise expressions (test_ondemand's) over random inputs with nulls, NaN,
+    infinities and Int64 extremes, and request columns; the spine as a Polars frame or as a
+    Spark DataFrame."""
+    exprs, a, b, request = case
+    with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
+        store.apply([USER, PA, PB])
+        view = OnDemandView("d", {f"e{i}": e for i, e in enumerate(exprs)}, request_schema=REQUEST)
+        try:
+            store.apply(view)
+        except SchemaError:
+            return  # not an expression polarstore accepts on these dtypes
+        for name, rows in (("pa", a), ("pb", b)):
+            if rows.height:
+                store.write(name, rows)
+        spine = request.with_columns(
+            row_id=pl.int_range(pl.len()),
+            event_timestamp=pl.lit(T0 + timedelta(seconds=1), dtype=pl.Datetime("us")),
+        )
+        full = data.draw(st.booleans(), label="full_feature_names")
+        feats = ["d:*", "pa:x"] if data.draw(st.booleans(), label="with a stored one") else ["d:*"]
+        kw: dict[str, Any] = {"full_feature_names": full}
+        given_spine: Any = spine
+        if data.draw(st.booleans(), label="Spark spine"):
+            given_spine = to_spark_spine(spark, spine, "event_timestamp", ntz=True)
+        try:
+            want = store.get_historical_features(spine, feats, **kw).collect()
+        except pl.exceptions.PolarsError:
+            # A strict cast that fails on these values: Spark's workers fail alike.
+            with pytest.raises(Exception, match=r"InvalidOperationError|conversion"):
+                store.get_historical_features(
+                    given_spine, feats, engine="spark", spark=spark, **kw
+                ).collect()
+            return
+        result = store.get_historical_features(
+            given_spine, feats, engine="spark", spark=spark, **kw
+        )
+        got = pl.DataFrame(pl.from_arrow(result.toArrow())).sort("row_id")
+    assert got.columns == want.columns
+    same_values(want, got, want.columns[len(spine.columns) :])
+
+
+def test_derived_features_of_every_input_kind_and_errors(
     spark: SparkSession, tmp_path: Any
 ) -> None:
-    from polarstore import _spark
-    from polarstore._retrieval import Requested
+    """Inputs of every stored dtype (instants, naive times, dates, lists, binary), request
+    columns of several dtypes, literals only, an entity with no row; clear errors."""
+    from polarstore import Entity
 
-    class DerivedView(FeatureView):  # stands for OnDemandView / AggregationView
-        pass
-
-    store = small_store(str(tmp_path))
-    stats = store.get_feature_view("stats")
-    derived = DerivedView("d", entities=stats.entities, schema={"z": pl.Int64})
-    spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
-    with pytest.raises(ValidationError, match="d:z is a DerivedView"):
-        _spark.historical_features(
-            store._offline,
-            spine,
-            [Requested(derived, "z", "z")],
-            timestamp_field="event_timestamp",
-            versions={},
-            bitemporal=False,
-            spark=spark,
+    user = Entity("user", join_keys={"user_id": pl.Int32})
+    kinds = FeatureView(
+        "kinds",
+        entities=[user],
+        schema={
+            "at": pl.Datetime("us", "UTC"),
+            "naive": pl.Datetime("us"),
+            "day": pl.Date,
+            "tags": pl.List(pl.Int64),
+            "raw": pl.Binary,
+            "small": pl.Float32,
+            "tiny": pl.Int8,
+        },
+    )
+    derived = OnDemandView(
+        "derived",
+        {
+            "hour": pl.col("kinds:at").dt.hour(),
+            "naive_hour": pl.col("kinds:naive").dt.hour(),
+            "later": pl.col("when") > pl.col("kinds:at"),
+            "day_of": pl.col("when").dt.truncate("1d"),
+            "weekday": pl.col("kinds:day").dt.weekday(),
+            "no_tags": pl.col("kinds:tags").is_null(),
+            "tags": pl.col("kinds:tags"),
+            "raw": pl.col("kinds:raw"),
+            "half": pl.col("kinds:small") / 2,
+            "wrap": pl.col("kinds:tiny") * 100,
+            "scaled": pl.col("amount") * pl.col("count"),
+            "label": pl.lit("x"),
+        },
+        request_schema={"when": pl.Datetime("us", "UTC"), "amount": pl.Float64, "count": pl.Int16},
+    )
+    store = FeatureStore(tmp_path)
+    store.apply([user, kinds, derived])
+    at = datetime(2024, 1, 1, 23, 30, tzinfo=UTC)
+    store.write(
+        "kinds",
+        pl.DataFrame(
+            {
+                "user_id": [1, 2],
+                "at": [at, None],
+                "naive": [datetime(2024, 1, 1, 22), datetime(2024, 1, 1, 1)],
+                "day": [date(2024, 1, 1), None],
+                "tags": [[1, 2**62, 2**62], []],
+                "raw": [b"ab", None],
+                "small": [1.5, float("nan")],
+                "tiny": [100, -3],
+                "event_timestamp": [at, at],
+            },
+            schema_overrides={"user_id": pl.Int32, **kinds.schema},
+        ),
+    )
+    spine = pl.DataFrame(
+        {
+            "row_id": [0, 1, 2],
+            "user_id": pl.Series([1, 2, 3], dtype=pl.Int32),
+            "event_timestamp": [at + timedelta(hours=1)] * 3,
+            "when": [at + timedelta(microseconds=7), None, at],
+            "amount": [0.5, -0.0, float("inf")],
+            "count": [3, 2, None],
+        }
+    )
+    for full in (False, True):
+        want, _ = both_engines(store, spark, spine, ["derived:*"], full_feature_names=full)
+        assert want[f"{'derived__' if full else ''}hour"].to_list() == [23, None, None]
+    assert want["derived__wrap"].to_list() == [16, -44, None]  # Int8 wraps, as Polars does
+    assert want["derived__later"].to_list() == [True, None, None]
+    given = to_spark_spine(spark, spine, "event_timestamp", ntz=False)
+    both_engines(store, spark, spine, ["derived:*"], spark_spine=given, order="row_id")
+    # A request column missing, or holding values its dtype cannot take.
+    with pytest.raises(ValidationError, match=r"missing request column\(s\) \['amount'\]"):
+        store.get_historical_features(
+            spine.drop("amount"), ["derived:scaled"], engine="spark", spark=spark
         )
+    with pytest.raises(ValidationError, match="'count'"):
+        store.get_historical_features(
+            spine.with_columns(count=pl.lit(2**40)), ["derived:scaled"], engine="spark", spark=spark
+        )
+    with pytest.raises(ValidationError, match="already exist"):
+        store.get_historical_features(
+            spine.with_columns(label=pl.lit(1)), ["derived:label"], engine="spark", spark=spark
+        )
+    late = given.withColumn("count", F.lit(2**40))  # a Spark spine: checked by the workers
+    with pytest.raises(Exception, match="'count'"):
+        store.get_historical_features(late, ["derived:scaled"], engine="spark").collect()
 
 
-def test_derived_features_are_refused_on_spark(spark: SparkSession, tmp_path: Any) -> None:
-    from polarstore import OnDemandView
+def test_workers_that_cannot_import_polars_are_a_clear_error(
+    spark: SparkSession, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from polarstore import _spark
 
     store = small_store(str(tmp_path))
     store.apply(OnDemandView("ratio", features={"double": pl.col("stats:clicks") * 2}))
     spine = pl.DataFrame({"user_id": [1], "event_timestamp": [datetime(2024, 1, 2)]})
-    with pytest.raises(ValidationError, match=r"\['double'\] are derived features"):
+    monkeypatch.setattr(spark.sparkContext, "pythonExec", sys.executable + "-missing")
+    monkeypatch.setattr(_spark, "_CHECKED_WORKERS", set())
+    with pytest.raises(PolarstoreError, match="PYSPARK_PYTHON"):
         store.get_historical_features(spine, ["ratio:double"], engine="spark", spark=spark)
-    # The stored input alone still runs on Spark.
-    assert store.get_historical_features(spine, ["stats:clicks"], engine="spark", spark=spark)
+
+
+# --- aggregation views: a range join and a group by on Spark --------------------------------
+
+# Float aggregates Spark sums in its own order: equal to Polars' within this relative error.
+SUMMED = ("sum", "mean", "std", "var")
+
+
+def close_values(want: pl.DataFrame, got: pl.DataFrame, functions: dict[str, str]) -> None:
+    """Equal dtypes; equal values, except float sums, means and deviations within 1e-9."""
+    for name, function in functions.items():
+        assert got.schema[name] == want.schema[name], name
+        for x, y in zip(got[name].to_list(), want[name].to_list(), strict=True):
+            if isinstance(x, float) and isinstance(y, float) and function in SUMMED:
+                assert (x != x and y != y) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+            else:
+                assert same(x, y), (name, x, y)
+
+
+@settings(SETTINGS, max_examples=6)
+@given(
+    batches=st.lists(st.lists(agg_events, min_size=0, max_size=12), min_size=1, max_size=3),
+    compact_after=st.sets(st.integers(0, 2)),
+    picked=st.lists(agg_choices, min_size=1, max_size=6),
+    spine_keys=st.lists(st.sampled_from([1, 2, 3, 4, None]), min_size=1, max_size=8),
+    shifts=st.lists(
+        st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=8, max_size=8
+    ),
+    created=st.booleans(),
+    pin=st.booleans(),
+    spark_spine=st.booleans(),
+)
+def test_aggregations_same_answers_as_polars_and_the_reference(
+    spark: SparkSession,
+    batches: list[list[tuple[int, datetime, float | None, str | None]]],
+    compact_after: set[int],
+    picked: list[tuple[str | None, str, timedelta, bool]],
+    spine_keys: list[int | None],
+    shifts: list[tuple[int, int]],
+    created: bool,
+    pin: bool,
+    spark_spine: bool,
+) -> None:
+    """test_aggregations' cases (µs times around a few anchors, many in one ms, exact ties,
+    created times that reorder ties, nulls, 1-3 writes with compactions, spine times on
+    window edges ±1 µs, null and absent keys, as_of the first write) through both engines,
+    and the Spark answers against the brute-force reference."""
+    view = FeatureView(
+        "orders",
+        entities=[AGG_USER],
+        schema=ORDERS.schema,
+        created_timestamp_field="created" if created else None,
+    )
+    aggs = [
+        Aggregation(c, f, w, name=f"a{i}", forward=fwd)  # type: ignore[arg-type]
+        for i, (c, f, w, fwd) in enumerate(picked)
+    ]
+    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+        store.apply([AGG_USER, view, AggregationView("w", "orders", aggs)])
+        written: list[dict[str, Any]] = []
+        versions: list[int] = []
+        for b, batch in enumerate(batches):
+            frame = orders(batch)
+            if created:  # a created time that reorders ties: later for odd quantities
+                frame = frame.with_columns(
+                    created=pl.col("event_timestamp")
+                    + pl.duration(microseconds=pl.col("qty").fill_null(0) % 2)
+                )
+            if frame.height:
+                versions.append(store.write("orders", frame))
+                written += frame.to_dicts()
+                if b in compact_after:
+                    store.compact("orders")
+        event_times = [r["event_timestamp"] for r in written] or [AGG_T0]
+        spine_times = []
+        for i, (pick, delta) in enumerate(shifts):
+            window = aggs[i % len(aggs)].span
+            edge = (window, -window, timedelta(0))[i % 3]
+            spine_times.append(event_times[pick % len(event_times)] + edge + delta * US)
+        spine = pl.DataFrame(
+            {
+                "row_id": range(len(spine_times)),
+                "user_id": [spine_keys[i % len(spine_keys)] for i in range(len(spine_times))],
+                "event_timestamp": spine_times,
+            },
+            schema_overrides={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
+        )
+        rows, as_of = written, None
+        if pin and len(versions) > 1:  # as of the first write: only its rows
+            as_of = {"orders": versions[0]}
+            rows = written[: len(next(b for b in batches if b))]
+        want = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
+        given = to_spark_spine(spark, spine, "event_timestamp", ntz=False) if spark_spine else spine
+        result = store.get_historical_features(
+            given, ["w:*"], as_of=as_of, engine="spark", spark=spark
+        )
+        got = pl.DataFrame(pl.from_arrow(result.toArrow())).sort("row_id")
+    assert got.columns == want.columns
+    close_values(want, got, {a.feature: a.function for a in aggs})
+    ref_view = RefView(
+        "orders",
+        ("user_id",),
+        tuple(ORDERS.schema),
+        created_timestamp_field=view.created_timestamp_field,
+    )
+    for i, spine_row in enumerate(spine.to_dicts()):
+        for agg in aggs:
+            ref = RefAggregation(agg.column, agg.function, agg.window, agg.forward)  # type: ignore[arg-type]
+            expected = window_aggregate(
+                ref_view, rows, [spine_row["user_id"]], spine_row["event_timestamp"], ref
+            )
+            if expected is not None and agg.function in ("mean", "std", "var"):
+                expected = float(expected)
+            assert close(got[agg.feature][i], expected, agg.function), (i, agg, expected)
+
+
+def test_aggregations_compose_with_plain_and_derived_features(
+    spark: SparkSession, tmp_path: Any
+) -> None:
+    """Aggregations next to a plain view and feeding a derived feature, in one call; compound
+    string keys; NaN, Int64 sums that wrap, null times and keys, empty windows; as_of before
+    any write; bitemporal refused as on the Polars path."""
+    pair = Entity("pair", join_keys=["user_id", "shop"])
+    visits = FeatureView(
+        "visits",
+        entities=[pair],
+        schema={"amount": pl.Float64, "qty": pl.Int64, "paid": pl.Boolean, "at": pl.Date},
+    )
+    profile = FeatureView("profile", entities=[pair], schema={"age": pl.Int32})
+    hour = timedelta(hours=1)
+    fns = ["count", "sum", "mean", "min", "max", "std", "var", "first", "last", "count_distinct"]
+    aggs = [Aggregation("amount", f, "1h", name=f"amount_{f}") for f in fns]
+    aggs += [
+        Aggregation("qty", "sum", "1d", name="qty_sum"),
+        Aggregation("paid", "sum", "1d", name="paid_sum"),
+        Aggregation("at", "max", "1d", name="last_day"),
+        Aggregation(None, "count", "1us", name="now"),
+        Aggregation("amount", "last", hour, forward=True, name="next"),
+    ]
+    ratio = OnDemandView(
+        "ratio",
+        {"share": pl.col("amount") / pl.col("v:amount_sum")},
+        request_schema={"amount": pl.Float64},
+    )
+    store = FeatureStore(tmp_path)
+    store.apply([pair, visits, profile, AggregationView("v", "visits", aggs), ratio])
+    rows = [
+        (1, "a", AGG_T0, 1.0, 2**62, True),
+        (1, "a", AGG_T0 + US, float("nan"), 2**62, False),
+        (1, "a", AGG_T0 + US, None, 2**62, None),
+        (1, "b", AGG_T0, 4.0, -5, True),
+        (2, "a", AGG_T0 + hour, 2.5, None, True),
+        (1, "a", AGG_T0 + hour, 16.0, 1, True),  # a tie, written last
+    ]
+    frame = pl.DataFrame(
+        rows, schema=["user_id", "shop", "event_timestamp", "amount", "qty", "paid"], orient="row"
+    ).with_columns(at=pl.col("event_timestamp").dt.date())
+    version = store.write("visits", frame)
+    store.write("visits", frame.head(1).with_columns(amount=pl.lit(8.0)))  # an exact tie
+    store.write(
+        "profile",
+        pl.DataFrame({"user_id": [1], "shop": ["a"], "age": [30], "event_timestamp": [AGG_T0]}),
+    )
+    spine = pl.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 3, None, 1],
+            "shop": ["a", "a", "b", "a", "a", "a", "a"],
+            "event_timestamp": [
+                AGG_T0,
+                AGG_T0 + hour,
+                AGG_T0 + hour,
+                AGG_T0 + hour - US,
+                AGG_T0,
+                AGG_T0,
+                None,
+            ],
+            "amount": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0],
+        },
+        schema_overrides={"event_timestamp": pl.Datetime("us", "UTC")},
+    )
+    feats = ["v:*", "profile:age", "ratio:share"]
+    functions = {a.feature: a.function for a in aggs} | {"age": "", "share": "sum"}
+    for kw in ({}, {"as_of": {"visits": version}}, {"as_of": datetime(2000, 1, 1)}):
+        want = store.get_historical_features(spine, feats, **kw).collect()
+        result = store.get_historical_features(spine, feats, engine="spark", spark=spark, **kw)
+        got = pl.DataFrame(pl.from_arrow(result.toArrow()))
+        assert got.columns == want.columns
+        close_values(want, got, functions)
+    counts = want["amount_count"].to_list(), want["now"].to_list()
+    assert counts == ([0, 0, 0, 0, 0, 0, None], [0, 0, 0, 0, 0, 0, None])  # before any write
+    with pytest.raises(ValidationError, match="bitemporal=True does not apply to aggregation"):
+        store.get_historical_features(spine, ["v:*"], bitemporal=True, engine="spark", spark=spark)
+
+
+def test_a_session_without_the_s3a_connector_is_a_clear_error(spark: SparkSession) -> None:
+    """s3:// repositories are read through s3a://, which needs hadoop-aws on the session (not
+    installable here: no Maven Central); without it the error says what to add."""
+    from polarstore import StorageError
+    from polarstore._spark import _read_parquet, _spark_path
+
+    path = _spark_path("s3://bucket/repo/offline/v") + "/part-0.parquet"
+    assert path.startswith("s3a://bucket/")
+    with pytest.raises(StorageError, match=r"s3a:// files of view 'v'.*hadoop-aws"):
+        _read_parquet(spark, "x bigint", [path], "v")
