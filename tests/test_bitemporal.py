@@ -107,8 +107,7 @@ def test_bitemporal_matches_reference(
         ttl=ttl,
         allow_exact_match=exact,
     )
-    with tempfile.TemporaryDirectory() as path:
-        store = FeatureStore(path)
+    with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
         store.apply(view)
         start = datetime.now(UTC)
         live: list[tuple[dict[str, Any], int]] = []  # (row, version that wrote it)

@@ -252,8 +252,7 @@ def test_bitemporal_same_answers_as_polars(
         ttl=ttl,
         allow_exact_match=exact,
     )
-    with tempfile.TemporaryDirectory() as path:
-        store = FeatureStore(path)
+    with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
         store.apply(view)
         start = datetime.now(UTC)
         purged = False
