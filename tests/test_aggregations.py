@@ -338,6 +338,20 @@ def test_matches_reference(
     created: bool,
     pin: bool,
 ) -> None:
+    view, aggs = case_definitions(picked, created)
+    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+        store.apply([USER, view, AggregationView("w", "orders", aggs)])
+        written, versions = write_case(store, batches, compact_after, created)
+        spine = edge_spine(written, aggs, spine_keys, shifts)
+        rows, as_of = pinned_rows(batches, written, versions, pin)
+        got = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
+    check_reference(view, aggs, spine, rows, got)
+
+
+def case_definitions(
+    picked: list[tuple[str | None, str, timedelta, bool]], created: bool
+) -> tuple[FeatureView, list[Aggregation]]:
+    """The source view (with a created time or not) and the picked aggregations."""
     view = FeatureView(
         "orders",
         entities=[USER],
@@ -348,44 +362,73 @@ def test_matches_reference(
         Aggregation(c, f, w, name=f"a{i}", forward=fwd)  # type: ignore[arg-type]
         for i, (c, f, w, fwd) in enumerate(picked)
     ]
-    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
-        store.apply([USER, view, AggregationView("w", "orders", aggs)])
-        written: list[dict[str, Any]] = []
-        versions: list[int] = []
-        for b, batch in enumerate(batches):
-            frame = orders(batch)
-            if created:  # a created time that reorders ties: later for even amounts
-                frame = frame.with_columns(
-                    created=pl.col("event_timestamp")
-                    + pl.duration(microseconds=pl.col("qty").fill_null(0) % 2)
-                )
-            if frame.height:
-                versions.append(store.write("orders", frame))
-                written += frame.to_dicts()
-                if b in compact_after:
-                    store.compact("orders")
-        # Spine times on window edges of written events, and 1 µs either side.
-        event_times = [r["event_timestamp"] for r in written] or [T0]
-        spine_times = []
-        for i, (pick, delta) in enumerate(shifts):
-            base = event_times[pick % len(event_times)]
-            agg = aggs[i % len(aggs)]
-            edge = base + (
-                agg.window if i % 3 == 0 else -agg.window if i % 3 == 1 else timedelta(0)
-            )  # type: ignore[operator]
-            spine_times.append(edge + delta * US)
-        spine = pl.DataFrame(
-            {
-                "user_id": [spine_keys[i % len(spine_keys)] for i in range(len(spine_times))],
-                "event_timestamp": spine_times,
-            },
-            schema_overrides={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
-        )
-        rows, as_of = written, None
-        if pin and len(versions) > 1:  # as of the first write: only its rows
-            as_of = {"orders": versions[0]}
-            rows = written[: len(next(b for b in batches if b))]
-        got = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
+    return view, aggs
+
+
+def write_case(
+    store: FeatureStore,
+    batches: list[list[tuple[int, datetime, float | None, str | None]]],
+    compact_after: set[int],
+    created: bool,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Write the batches (compacting after some); the rows written and the versions."""
+    written: list[dict[str, Any]] = []
+    versions: list[int] = []
+    for b, batch in enumerate(batches):
+        frame = orders(batch)
+        if created:  # a created time that reorders ties: later for odd quantities
+            frame = frame.with_columns(
+                created=pl.col("event_timestamp")
+                + pl.duration(microseconds=pl.col("qty").fill_null(0) % 2)
+            )
+        if frame.height:
+            versions.append(store.write("orders", frame))
+            written += frame.to_dicts()
+            if b in compact_after:
+                store.compact("orders")
+    return written, versions
+
+
+def edge_spine(
+    written: list[dict[str, Any]],
+    aggs: list[Aggregation],
+    spine_keys: list[int | None],
+    shifts: list[tuple[int, int]],
+) -> pl.DataFrame:
+    """Spine times on window edges of written events, and 1 µs either side; a row_id."""
+    event_times = [r["event_timestamp"] for r in written] or [T0]
+    spine_times = []
+    for i, (pick, delta) in enumerate(shifts):
+        window = aggs[i % len(aggs)].span
+        edge = (window, -window, timedelta(0))[i % 3]
+        spine_times.append(event_times[pick % len(event_times)] + edge + delta * US)
+    return pl.DataFrame(
+        {
+            "row_id": range(len(spine_times)),
+            "user_id": [spine_keys[i % len(spine_keys)] for i in range(len(spine_times))],
+            "event_timestamp": spine_times,
+        },
+        schema_overrides={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
+    )
+
+
+def pinned_rows(
+    batches: list[list[Any]], written: list[dict[str, Any]], versions: list[int], pin: bool
+) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+    """The rows a query sees and its ``as_of``: with ``pin``, as of the first write."""
+    if pin and len(versions) > 1:
+        return written[: len(next(b for b in batches if b))], {"orders": versions[0]}
+    return written, None
+
+
+def check_reference(
+    view: FeatureView,
+    aggs: list[Aggregation],
+    spine: pl.DataFrame,
+    rows: list[dict[str, Any]],
+    got: pl.DataFrame,
+) -> None:
+    """Every aggregate of every spine row (``got`` in spine order) against the reference."""
     ref_view = RefView(
         "orders",
         ("user_id",),

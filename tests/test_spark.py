@@ -43,16 +43,19 @@ from polarstore import (
     ValidationError,
 )
 from tests.reference import (
-    RefAggregation,
-    RefView,
     point_in_time,
     resolve_features,
-    window_aggregate,
 )
-from tests.test_aggregations import ORDERS, US, orders
 from tests.test_aggregations import T0 as AGG_T0
+from tests.test_aggregations import (
+    US,
+    case_definitions,
+    check_reference,
+    edge_spine,
+    pinned_rows,
+    write_case,
+)
 from tests.test_aggregations import USER as AGG_USER
-from tests.test_aggregations import _close as close
 from tests.test_aggregations import aggregations as agg_choices
 from tests.test_aggregations import events as agg_events
 from tests.test_bitemporal import _log, _utc, steps
@@ -608,50 +611,12 @@ def test_aggregations_same_answers_as_polars_and_the_reference(
     created times that reorder ties, nulls, 1-3 writes with compactions, spine times on
     window edges ±1 µs, null and absent keys, as_of the first write) through both engines,
     and the Spark answers against the brute-force reference."""
-    view = FeatureView(
-        "orders",
-        entities=[AGG_USER],
-        schema=ORDERS.schema,
-        created_timestamp_field="created" if created else None,
-    )
-    aggs = [
-        Aggregation(c, f, w, name=f"a{i}", forward=fwd)  # type: ignore[arg-type]
-        for i, (c, f, w, fwd) in enumerate(picked)
-    ]
+    view, aggs = case_definitions(picked, created)
     with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
         store.apply([AGG_USER, view, AggregationView("w", "orders", aggs)])
-        written: list[dict[str, Any]] = []
-        versions: list[int] = []
-        for b, batch in enumerate(batches):
-            frame = orders(batch)
-            if created:  # a created time that reorders ties: later for odd quantities
-                frame = frame.with_columns(
-                    created=pl.col("event_timestamp")
-                    + pl.duration(microseconds=pl.col("qty").fill_null(0) % 2)
-                )
-            if frame.height:
-                versions.append(store.write("orders", frame))
-                written += frame.to_dicts()
-                if b in compact_after:
-                    store.compact("orders")
-        event_times = [r["event_timestamp"] for r in written] or [AGG_T0]
-        spine_times = []
-        for i, (pick, delta) in enumerate(shifts):
-            window = aggs[i % len(aggs)].span
-            edge = (window, -window, timedelta(0))[i % 3]
-            spine_times.append(event_times[pick % len(event_times)] + edge + delta * US)
-        spine = pl.DataFrame(
-            {
-                "row_id": range(len(spine_times)),
-                "user_id": [spine_keys[i % len(spine_keys)] for i in range(len(spine_times))],
-                "event_timestamp": spine_times,
-            },
-            schema_overrides={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
-        )
-        rows, as_of = written, None
-        if pin and len(versions) > 1:  # as of the first write: only its rows
-            as_of = {"orders": versions[0]}
-            rows = written[: len(next(b for b in batches if b))]
+        written, versions = write_case(store, batches, compact_after, created)
+        spine = edge_spine(written, aggs, spine_keys, shifts)
+        rows, as_of = pinned_rows(batches, written, versions, pin)
         want = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
         given = to_spark_spine(spark, spine, "event_timestamp", ntz=False) if spark_spine else spine
         result = store.get_historical_features(
@@ -660,21 +625,7 @@ def test_aggregations_same_answers_as_polars_and_the_reference(
         got = pl.DataFrame(pl.from_arrow(result.toArrow())).sort("row_id")
     assert got.columns == want.columns
     close_values(want, got, {a.feature: a.function for a in aggs})
-    ref_view = RefView(
-        "orders",
-        ("user_id",),
-        tuple(ORDERS.schema),
-        created_timestamp_field=view.created_timestamp_field,
-    )
-    for i, spine_row in enumerate(spine.to_dicts()):
-        for agg in aggs:
-            ref = RefAggregation(agg.column, agg.function, agg.window, agg.forward)  # type: ignore[arg-type]
-            expected = window_aggregate(
-                ref_view, rows, [spine_row["user_id"]], spine_row["event_timestamp"], ref
-            )
-            if expected is not None and agg.function in ("mean", "std", "var"):
-                expected = float(expected)
-            assert close(got[agg.feature][i], expected, agg.function), (i, agg, expected)
+    check_reference(view, aggs, spine, rows, got)
 
 
 def test_aggregations_compose_with_plain_and_derived_features(
