@@ -324,20 +324,8 @@ def _online(store: Any, increment: pl.DataFrame, now: datetime, calls: int) -> d
             store.get_feature_vector({"user_id": u}, FEATURES, now=now)
             ps.append(clock() - t)
         for pk, wk in zip(plain_keys[b : b + 1000], window_keys[b : b + 1000], strict=True):
-            t = clock()
-            txn = env.begin()
-            value = txn.get(pk)
-            if value is not None:
-                unpack(value)
-            txn.abort()
-            raw_plain.append(clock() - t)
-            t = clock()
-            txn = env.begin()
-            value = txn.get(wk)
-            if value is not None:
-                decode(value)
-            txn.abort()
-            raw_window.append(clock() - t)
+            raw_plain.append(_raw_get(env, pk, unpack))
+            raw_window.append(_raw_get(env, wk, decode))
     return {
         "full_s": full_s,
         "full_cpu": full_cpu,
@@ -351,6 +339,17 @@ def _online(store: Any, increment: pl.DataFrame, now: datetime, calls: int) -> d
         "raw_plain_us": float(np.median(raw_plain)) / 1e3,
         "raw_window_us": float(np.median(raw_window)) / 1e3,
     }
+
+
+def _raw_get(env: Any, key: bytes, decode: Any) -> int:
+    """Nanoseconds for one py-lmdb ``begin``/``get``/decode/``abort``."""
+    t = time.perf_counter_ns()
+    txn = env.begin()
+    value = txn.get(key)
+    if value is not None:
+        decode(value)
+    txn.abort()
+    return time.perf_counter_ns() - t
 
 
 def main(argv: list[str] | None = None) -> int:
