@@ -36,6 +36,7 @@ from polarstore._definitions import (
     check_name,
 )
 from polarstore._errors import NotFoundError, SchemaError, ValidationError, did_you_mean
+from polarstore._sorting import packed_sort
 
 if TYPE_CHECKING:  # the registry imports this module, and the offline store the registry
     from polarstore._offline import OfflineStore
@@ -587,9 +588,9 @@ def _positions(
 
     The frame's rows are in tie order, event time first, so row ``r`` is the ``r``-th event
     in time and a moment ``t`` splits them at ``r(t)`` (a binary search). Keys are numbered
-    densely; the sorted values of ``code * n + row`` put the events in (key, tie order) —
-    all distinct, so a plain sort does it — and a window edge is found by searching
-    ``code * n + r(t + e)`` in them. Returns ``order`` (the row of ``frame`` at each
+    densely; the sorted values of ``code << bits | row`` (``_sorting.packed_sort``) put the
+    events in (key, tie order), and a window edge is found by searching
+    ``(code << bits) + r(t + e)`` in them. Returns ``order`` (the row of ``frame`` at each
     position), the key code at each position (ascending), ``perm`` (the spine row at each
     place) and the positions per edge, by place. A spine row whose key has no event gets
     the empty range ``[0, 0)`` at every edge.
@@ -598,14 +599,15 @@ def _positions(
     :func:`_reduce`.
     """
     code_ev, code_sp, _ = _codes(frame, spine_keys, keys)
-    shift = max(frame.height, 1).bit_length()  # code << shift | row: row in the low bits
-    n = 1 << shift
     ev_ts = frame[_TS].to_numpy()
     t = times.to_numpy()
     known = code_sp >= 0
     by_time = np.argsort(t, kind="stable")  # ascending queries walk each search forwards
     t_sorted = t[by_time]
-    query = np.where(known, code_sp * n, -1)
+    # Keys below 2**31 and rows below 2**bits: the packed values fit an int64. A split of
+    # n rows adds up to the next key's first packed value: past every event of the key.
+    bits = max(frame.height - 1, 1).bit_length()
+    query = np.where(known, code_sp << bits, -1)
 
     def split(e: int) -> np.ndarray:
         at = np.empty_like(t)
@@ -614,17 +616,17 @@ def _positions(
 
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
         # The events' sort and the searches in time are independent: one thread each.
-        sorting = pool.submit(np.sort, (code_ev << shift) | np.arange(frame.height))
+        sorting = pool.submit(packed_sort, code_ev)
         splits = dict(zip(edges, map(split, edges), strict=True))
         perm = np.argsort(splits[0], kind="stable")
         placed = known[perm]
-        ranked = sorting.result()
+        ranked = sorting.result()[0].view(np.int64)
 
         def find(e: int) -> np.ndarray:
             return np.where(placed, np.searchsorted(ranked, splits[e][perm], side="left"), 0)
 
         position = dict(zip(edges, pool.map(find, edges), strict=True))
-    order, keys_in_order = ranked & (n - 1), ranked >> shift
+    order, keys_in_order = ranked & ((1 << bits) - 1), ranked >> bits
     return order, keys_in_order, perm, position
 
 
@@ -825,11 +827,11 @@ class _Ranked:
             value[~self.present(name)] = high - low + 1  # nulls apart from every value
         else:  # NaN == NaN and 0.0 == -0.0 in ranks, as in n_unique
             value = series.rank("dense").cast(pl.Int64).fill_null(0).to_numpy()[self._order]
-        # Sorted, ``value * n + position`` orders by (value, position), and positions ascend
-        # by key: equal neighbours with equal keys are occurrences in a row.
-        shift = self._n.bit_length()
-        ranked = np.sort((value << shift) | np.arange(self._n))
-        by, ordered_value = ranked & ((1 << shift) - 1), ranked >> shift
+        # Sorted by (value, position), and positions ascend by key: equal neighbours with
+        # equal keys are occurrences in a row.
+        ranked, bits = packed_sort(value)
+        by = (ranked & np.uint64((1 << bits) - 1)).view(np.int64)
+        ordered_value = ranked >> np.uint64(bits)
         ordered_key = self._keys[by]
         same = (ordered_value[1:] == ordered_value[:-1]) & (ordered_key[1:] == ordered_key[:-1])
         previous = np.full(self._n, -1, dtype=np.int64)

@@ -41,6 +41,7 @@ from deltalake.transaction import AddAction, RemoveAction
 from polarstore._definitions import SEQ_COLUMN, FeatureView
 from polarstore._errors import ConflictError, NotFoundError, PolarstoreError, SchemaError
 from polarstore._registry import atomic_write_text, file_lock
+from polarstore._sorting import packed_sort
 from polarstore._storage import Location
 from polarstore._time import to_utc
 
@@ -1012,12 +1013,10 @@ def write_order(frame: pl.DataFrame, times: Sequence[str]) -> np.ndarray:
     # The difference wraps in int64 but is exact as uint64: it is below 2^64.
     key = np.subtract(first, np.int64(low)).view(np.uint64)
     np.right_shift(key, np.uint64(shift), out=key)
-    np.left_shift(key, np.uint64(position_bits), out=key)
-    np.bitwise_or(key, np.arange(n, dtype=np.uint64), out=key)
-    key.sort()
-    order = np.bitwise_and(key, np.uint64((1 << position_bits) - 1)).view(np.int64)
+    key, bits = packed_sort(key)
+    order = np.bitwise_and(key, np.uint64((1 << bits) - 1)).view(np.int64)
     if shift or len(times) > 1:
-        packed = np.right_shift(key, np.uint64(position_bits))
+        packed = np.right_shift(key, np.uint64(bits))
         same = packed[1:] == packed[:-1]
         tied = np.zeros(n, dtype=bool)
         tied[1:] |= same
