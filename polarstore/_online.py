@@ -291,7 +291,7 @@ class _VectorView:
         """Compile the lookup for the layout the values were stored with."""
         layout = stored_layout(raw, self.view, "get_feature_vector")
         self.layout_raw = raw
-        encode = layout.key_encoder("get_feature_vector")
+        encode = layout.key_encoder("get_feature_vector", self.view.key_dtypes)
         nulls = self.nulls
         # No ttl: a span no event time can be outside of, so one chained comparison serves.
         ttl = _FOREVER if self.view.ttl is None else self.view.ttl // _US

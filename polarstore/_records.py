@@ -165,15 +165,30 @@ class Layout:
                 parts.append(column.cast(pl.Binary).to_list())
         return [prefix + _limit_one(b"".join(p)) for p in zip(*parts, strict=True)]
 
-    def key_encoder(self, where: str) -> Callable[[Mapping[str, Any]], bytes | None]:
-        """Key of one entity dict (None when a key is null): the lean request-time path."""
+    def key_encoder(
+        self, where: str, declared: Mapping[str, pl.DataType] | None = None
+    ) -> Callable[[Mapping[str, Any]], bytes | None]:
+        """Key of one entity dict (None when a key is null): the lean request-time path.
+
+        ``declared``: the entities' key dtypes. An integer outside a narrower declared dtype
+        is a ``ValidationError``, as in the batch lookup, not an entity that is never found.
+        """
         kinds = self.keys
         prefix = self.prefix
+        bounds = {
+            name: (int(np.iinfo(str(dtype).lower()).min), int(np.iinfo(str(dtype).lower()).max))
+            for name, dtype in (declared or {}).items()
+            if dtype.is_integer() and dtype not in (pl.Int64, pl.UInt64)
+        }
 
         def part(name: str, kind: str, value: Any) -> bytes:
             if kind == "Int64":
                 if isinstance(value, bool) or not isinstance(value, int):
                     value = _as_int(value, name, where)
+                if name in bounds and not bounds[name][0] <= value <= bounds[name][1]:
+                    dtype = (declared or {})[name]
+                    msg = f"{where}: join key {name!r} = {value} does not fit its dtype {dtype}."
+                    raise ValidationError(msg)
                 try:
                     return (value + _OFFSET).to_bytes(8, "big")
                 except OverflowError:
@@ -186,11 +201,12 @@ class Layout:
 
         if len(kinds) == 1 and kinds[0][1] == "Int64":
             name = kinds[0][0]
+            low, high = bounds.get(name, (-_OFFSET, _OFFSET - 1))
 
             def single_int(entity: Mapping[str, Any]) -> bytes | None:
                 try:
                     value = entity[name]
-                    if type(value) is int and -_OFFSET <= value < _OFFSET:
+                    if type(value) is int and low <= value <= high:
                         return prefix + (value + _OFFSET).to_bytes(8, "big")
                 except KeyError:
                     _key_value(entity, name, where)

@@ -629,7 +629,7 @@ class WindowVector:
         elif raw != self.layout_raw:
             layout = _stored_layout(raw, self.view, "get_feature_vector")
             self.plan = _Plan(self.view, layout, self.wanted)
-            self.encode = layout.records.key_encoder("get_feature_vector")
+            self.encode = layout.records.key_encoder("get_feature_vector", self.view.key_dtypes)
             self.tail = layout.tail_prefix
             self.layout_raw = raw
         if self.plan is not None:  # T moves with every sync, which also moves the snapshot

@@ -282,3 +282,35 @@ def test_a_view_that_is_not_online_cannot_be_looked_up_and_stops_being_served(
     assert store.get_feature_vector({"user_id": 1}, ["clicks:n"], now=T) == {"n": None}
     store.materialize()
     assert n_online(store, [1, 2]) == [10, 20]
+
+
+def test_a_key_outside_its_declared_integer_dtype_is_refused_by_every_lookup(
+    store: FeatureStore,
+) -> None:
+    """A declared Int8 key of 1000 can't name an entity: the batch lookup said so, while the
+    one-entity path answered "not found"; both paths, plain and aggregation views, and a
+    compound key now refuse it, and in-range keys still answer."""
+    from polarstore import Aggregation, AggregationView
+
+    small = Entity("small", join_keys={"k": pl.Int8})
+    pair = Entity("pair", join_keys={"a": pl.Int16, "b": pl.String})
+    view = FeatureView("v", entities=[small], schema={"x": pl.Int64})
+    pairs = FeatureView("p", entities=[pair], schema={"x": pl.Int64})
+    counts = AggregationView("c", "v", [Aggregation(None, "count", "1d", name="n")])
+    store.apply([small, pair, view, pairs, counts])
+    store.write("v", pl.DataFrame({"k": [1], "event_timestamp": [T], "x": [5]}))
+    store.write("p", pl.DataFrame({"a": [-2], "b": ["z"], "event_timestamp": [T], "x": [6]}))
+    store.materialize()
+    now = T + timedelta(hours=1)
+    assert store.get_feature_vector({"k": 1}, ["v:x", "c:n"], now=now) == {"x": 5, "n": 1}
+    assert store.get_feature_vector({"k": -128}, ["v:x", "c:n"], now=now) == {"x": None, "n": 0}
+    assert store.get_feature_vector({"a": -2, "b": "z"}, ["p:x"]) == {"x": 6}
+    for entity, features in [
+        ({"k": 1000}, ["v:x"]),
+        ({"k": -129}, ["c:n"]),
+        ({"a": 40_000, "b": "z"}, ["p:x"]),
+    ]:
+        with pytest.raises(ValidationError, match="does not fit its dtype Int(8|16)"):
+            store.get_feature_vector(entity, features, now=now)
+        with pytest.raises(ValidationError, match="do not fit Int(8|16)"):
+            store.get_online_features([entity], features, now=now)
