@@ -310,7 +310,7 @@ def test_a_key_outside_its_declared_integer_dtype_is_refused_by_every_lookup(
         ({"k": -129}, ["c:n"]),
         ({"a": 40_000, "b": "z"}, ["p:x"]),
     ]:
-        with pytest.raises(ValidationError, match="does not fit its dtype Int(8|16)"):
+        with pytest.raises(ValidationError, match=r"does not fit its dtype Int(8|16)"):
             store.get_feature_vector(entity, features, now=now)
-        with pytest.raises(ValidationError, match="do not fit Int(8|16)"):
+        with pytest.raises(ValidationError, match=r"do not fit Int(8|16)"):
             store.get_online_features([entity], features, now=now)
