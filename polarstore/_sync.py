@@ -31,6 +31,7 @@ __all__ = [
     "extra_prefixes",
     "meta_key",
     "micros",
+    "must_rebuild",
     "settle_deletes",
     "sync_view",
 ]
@@ -289,10 +290,9 @@ def sync_view(
     layout = Layout.of(view_id, view, schema)
     raw_state = txn.get(state_key)
     state = _SyncState(None if raw_state is None else json.loads(raw_state))
-    rebuild = old is None or old.signature != layout.signature or current < state.version
-    if not rebuild and _unapplied_deletes(offline, view, state, current):
-        report(f"{view.name}: repairing after an interrupted delete_entities")
-        rebuild = True
+    rebuild = must_rebuild(
+        offline, view, view.name, old and old.signature, layout.signature, state, current, report
+    )
     if rebuild:
         # New or changed layout, a table older than what was synced, or a delete that never
         # reached the online store: start over from the current table.
@@ -318,6 +318,27 @@ def sync_view(
     state.synced(current, end_us, latest_event)
     txn.put(state_key, state.to_json())
     return read, written, current
+
+
+def must_rebuild(
+    offline: OfflineStore,
+    source: FeatureView,
+    name: str,
+    stored: object,
+    signature: object,
+    state: _SyncState,
+    current: int,
+    report: Callable[[str], None],
+) -> bool:
+    """Whether the sync of ``name`` (whose rows come from ``source``) must start over: no
+    stored layout or a changed one (``stored`` vs ``signature``), a table older than what was
+    synced, or a delete that may never have reached the online store."""
+    if stored is None or stored != signature or current < state.version:
+        return True
+    if _unapplied_deletes(offline, source, state, current):
+        report(f"{name}: repairing after an interrupted delete_entities")
+        return True
+    return False
 
 
 def _unapplied_deletes(

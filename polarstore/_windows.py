@@ -54,10 +54,10 @@ from polarstore._records import _python_converter as _converter
 from polarstore._sync import (
     _next_id,
     _SyncState,
-    _unapplied_deletes,
     delete_prefix,
     extra_prefixes,
     meta_key,
+    must_rebuild,
 )
 
 __all__ = [
@@ -188,10 +188,9 @@ def sync_windows(
     layout = WindowLayout.of(view_id, tail_id, view, schema)
     raw_state = txn.get(state_key)
     state = _SyncState(None if raw_state is None else json.loads(raw_state))
-    rebuild = old is None or old.signature != layout.signature or current < state.version
-    if not rebuild and _unapplied_deletes(offline, source, state, current):
-        report(f"{view.name}: repairing after an interrupted delete_entities")
-        rebuild = True
+    rebuild = must_rebuild(
+        offline, source, view.name, old and old.signature, layout.signature, state, current, report
+    )
     if rebuild:
         if raw_layout is not None:
             for prefix in (Layout.from_json(raw_layout).prefix, *extra_prefixes(raw_layout)):
