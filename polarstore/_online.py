@@ -474,7 +474,9 @@ class OnlineStore:
                 with gate.exclusive():
                     env.set_mapsize(size)
 
-    def settle_deletes(self, offline: OfflineStore, views: Sequence[FeatureView]) -> None:
+    def settle_deletes(
+        self, offline: OfflineStore, views: Sequence[FeatureView | AggregationView]
+    ) -> None:
         """Before a purge of the Delta logs: record the deletes already reflected online."""
         if self._environment(create=False) is None:
             return

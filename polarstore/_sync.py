@@ -351,19 +351,21 @@ def _unapplied_deletes(
     return any(v <= current and v not in state.deletes_applied for v in deletes)
 
 
-def settle_deletes(txn: _Txn, offline: OfflineStore, view: FeatureView) -> None:
+def settle_deletes(txn: _Txn, offline: OfflineStore, view: FeatureView | AggregationView) -> None:
     """Before the Delta log is purged: record that every delete commit so far is reflected
     online (the next sync could not tell any more, and would rebuild), or, where one is not
     (an interrupted delete_entities), drop the view's online data, which still holds the
-    deleted entities: the next materialize rebuilds it."""
+    deleted entities: the next materialize rebuilds it. An aggregation view's deletes are
+    its source's."""
+    source = view.source_view if isinstance(view, AggregationView) else view
     raw_state = txn.get(meta_key("state", view.name))
-    current = offline.current_version(view.name)
+    current = offline.current_version(source.name)
     if raw_state is None or current is None:
         return
     state = _SyncState(json.loads(raw_state))
     if state.deletes_through >= current:
         return
-    if _unapplied_deletes(offline, view, state, current):
+    if _unapplied_deletes(offline, source, state, current):
         drop_view(txn, view.name)
         return
     state.deletes_through = current

@@ -60,7 +60,8 @@ def vacuum_repository(store: Any, *, retention: timedelta, force: bool) -> dict[
     deleted = vacuum_views(store._offline, views, hours=hours, pinned=pinned)
     if force and retention == timedelta(0):
         online = store._online()
-        online.settle_deletes(store._offline, [v for v in state.views.values() if v.online])
+        synced = [*state.views.values(), *state.aggregations.values()]
+        online.settle_deletes(store._offline, [v for v in synced if v.online])
         purge(store._offline, views, online, store._registry, store.path)
     return deleted
 
