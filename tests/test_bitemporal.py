@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -78,6 +79,55 @@ def steps(draw: st.DrawFn, created: bool) -> list[Step]:
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 
+def bitemporal_view(created: bool, ttl: timedelta | None, exact: bool) -> FeatureView:
+    """The view the bitemporal properties write to: ``x`` per ``user_id`` at ``ts``."""
+    return FeatureView(
+        "v",
+        entities=Entity("user", "user_id"),
+        schema={"x": pl.Int64},
+        timestamp_field="ts",
+        created_timestamp_field="created" if created else None,
+        ttl=ttl,
+        allow_exact_match=exact,
+    )
+
+
+def play(
+    store: FeatureStore, plan: Sequence[Any], start: datetime, created: bool
+) -> tuple[dict[int, list[tuple[dict[str, Any], int]]], dict[int, datetime], bool]:
+    """Run the steps (times in µs after ``start``) against view ``v``. Returns the live rows
+    after each version (with the version that wrote each), the commit times read from the
+    log before each purge, and whether a purge ran."""
+    live: list[tuple[dict[str, Any], int]] = []
+    states: dict[int, list[tuple[dict[str, Any], int]]] = {}
+    logged: dict[int, datetime] = {}
+    purged = False
+    for step in plan:
+        if step.kind == "write":
+            rows = [
+                {
+                    **r,
+                    "ts": start + r["ts"] * US,
+                    **({"created": start + r["created"] * US} if created else {}),
+                }
+                for r in step.rows
+            ]
+            version = store.write("v", pl.DataFrame(rows).with_columns(_utc("ts", created)))
+            live += [(r, version) for r in rows]
+        elif step.kind == "compact":
+            version = store.compact("v")
+        elif step.kind == "delete":
+            version = store.delete_entities("v", {"user_id": step.key})
+            live = [(r, v) for r, v in live if r["user_id"] != step.key]
+        else:
+            logged |= _log(store)
+            store.vacuum(retention=timedelta(0), force=True)
+            purged = True
+            continue
+        states[version] = list(live)
+    return states, logged, purged
+
+
 @settings(SETTINGS)
 @given(
     created=st.booleans(),
@@ -89,15 +139,7 @@ def test_bitemporal_matches_reference(
     created: bool, ttl: timedelta | None, exact: bool, data: st.DataObject
 ) -> None:
     plan = data.draw(steps(created), label="steps")
-    view = FeatureView(
-        "v",
-        entities=Entity("user", "user_id"),
-        schema={"x": pl.Int64},
-        timestamp_field="ts",
-        created_timestamp_field="created" if created else None,
-        ttl=ttl,
-        allow_exact_match=exact,
-    )
+    view = bitemporal_view(created, ttl, exact)
     ref = RefView(
         "v",
         join_keys=("user_id",),
@@ -110,33 +152,7 @@ def test_bitemporal_matches_reference(
     with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
         store.apply(view)
         start = datetime.now(UTC)
-        live: list[tuple[dict[str, Any], int]] = []  # (row, version that wrote it)
-        states: dict[int, list[tuple[dict[str, Any], int]]] = {}  # version -> rows then
-        purged = False
-        logged: dict[int, datetime] = {}  # commit times read from the log before each purge
-        for step in plan:
-            if step.kind == "write":
-                rows = [
-                    {
-                        **r,
-                        "ts": start + r["ts"] * US,
-                        **({"created": start + r["created"] * US} if created else {}),
-                    }
-                    for r in step.rows
-                ]
-                version = store.write("v", pl.DataFrame(rows).with_columns(_utc("ts", created)))
-                live += [(r, version) for r in rows]
-            elif step.kind == "compact":
-                version = store.compact("v")
-            elif step.kind == "delete":
-                version = store.delete_entities("v", {"user_id": step.key})
-                live = [(r, v) for r, v in live if r["user_id"] != step.key]
-            else:
-                logged |= _log(store)
-                store.vacuum(retention=timedelta(0), force=True)
-                purged = True
-                continue
-            states[version] = list(live)
+        states, logged, purged = play(store, plan, start, created)
         logged |= _log(store)
         assert set(states) <= set(logged)
         pin = None

@@ -58,7 +58,7 @@ from tests.test_aggregations import (
 from tests.test_aggregations import USER as AGG_USER
 from tests.test_aggregations import aggregations as agg_choices
 from tests.test_aggregations import events as agg_events
-from tests.test_bitemporal import _log, _utc, steps
+from tests.test_bitemporal import _log, bitemporal_view, play, steps
 from tests.test_expressions import same
 from tests.test_ondemand import PA, PB, REQUEST, T0, USER, parity_cases
 from tests.test_pit_properties import (
@@ -246,41 +246,11 @@ def test_bitemporal_same_answers_as_polars(
     spark: SparkSession, created: bool, ttl: timedelta | None, exact: bool, data: Any
 ) -> None:
     plan = data.draw(steps(created), label="steps")
-    view = FeatureView(
-        "v",
-        entities=Entity("user", "user_id"),
-        schema={"x": pl.Int64},
-        timestamp_field="ts",
-        created_timestamp_field="created" if created else None,
-        ttl=ttl,
-        allow_exact_match=exact,
-    )
+    view = bitemporal_view(created, ttl, exact)
     with tempfile.TemporaryDirectory() as path, FeatureStore(path) as store:
         store.apply(view)
         start = datetime.now(UTC)
-        purged = False
-        for step in plan:
-            if step.kind == "write":
-                rows = [
-                    {
-                        **r,
-                        "ts": start + r["ts"] * timedelta(microseconds=1),
-                        **(
-                            {"created": start + r["created"] * timedelta(microseconds=1)}
-                            if created
-                            else {}
-                        ),
-                    }
-                    for r in step.rows
-                ]
-                store.write("v", pl.DataFrame(rows).with_columns(_utc("ts", created)))
-            elif step.kind == "compact":
-                store.compact("v")
-            elif step.kind == "delete":
-                store.delete_entities("v", {"user_id": step.key})
-            else:
-                store.vacuum(retention=timedelta(0), force=True)
-                purged = True
+        _, _, purged = play(store, plan, start, created)
         us = timedelta(microseconds=1)
         times = [t + d for t in _log(store).values() for d in (-us, 0 * us, us)]
         times += [start + data.draw(st.integers(-30_000, 300_000)) * us for _ in range(4)]
