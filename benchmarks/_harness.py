@@ -8,7 +8,10 @@ worker process (``python -m benchmarks._harness '<json>'``):
    (``/proc/self/clear_refs`` ← ``5``) so the peak covers the timed part only on top of what is
    already resident;
 3. times ``result = run()`` with ``time.perf_counter`` (wall) and ``getrusage`` (CPU time of
-   all threads: on a busy machine the wall time suffers, the CPU time much less);
+   all threads: on a busy machine the wall time suffers, the CPU time much less); with
+   ``runs`` > 1 it calls ``run`` that many times and keeps the best call after the first (a
+   *warm* process: imports, compiled code and allocator pages already there), and reports
+   the first call's wall time too;
 4. reads ``VmHWM`` (peak RSS) from ``/proc/self/status``;
 5. calls ``finish(result)`` (not timed: e.g. writes the answer for the equality check);
 6. prints one JSON line: seconds, peak and baseline RSS in bytes.
@@ -77,6 +80,7 @@ class Measurement:
     base_rss: int  # bytes, resident before the timed part
     peak_reset: bool
     cpu_seconds: float = float("nan")  # user + system time of every thread in the timed part
+    first_seconds: float = float("nan")  # the first call's wall time, when a task runs twice
     error: str | None = None
     extra: dict[str, Any] | None = None
 
@@ -85,9 +89,13 @@ class Measurement:
         return self.error is None
 
 
-def run_task(task: str, args: dict[str, Any], *, timeout: float | None = None) -> Measurement:
-    """Run ``task`` once in a fresh interpreter; never raises for a failing task."""
-    payload = json.dumps({"task": task, "args": args})
+def run_task(
+    task: str, args: dict[str, Any], *, timeout: float | None = None, runs: int = 1
+) -> Measurement:
+    """Run ``task`` in a fresh interpreter, calling its ``run`` ``runs`` times (the best of
+    the calls after the first is the measurement when ``runs > 1``, the first call's time is
+    ``first_seconds``); never raises for a failing task."""
+    payload = json.dumps({"task": task, "args": args, "runs": runs})
     env = dict(os.environ)
     cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = cwd + os.pathsep + env.get("PYTHONPATH", "")
@@ -125,18 +133,26 @@ def summarize(runs: list[Measurement]) -> Measurement:
         base_rss=min(m.base_rss for m in runs),
         peak_reset=all(m.peak_reset for m in runs),
         cpu_seconds=best.cpu_seconds,
+        first_seconds=min(m.first_seconds for m in runs),
         extra=best.extra,
     )
 
 
 def best_of(
-    task: str, args: dict[str, Any], repeat: int, *, first_args: dict[str, Any] | None = None
+    task: str,
+    args: dict[str, Any],
+    repeat: int,
+    *,
+    first_args: dict[str, Any] | None = None,
+    runs_each: int = 1,
 ) -> Measurement:
-    """``repeat`` fresh processes, one after the other; the first gets ``args | first_args``
-    (e.g. where to save the answer). Stops at the first failure."""
+    """``repeat`` fresh processes, one after the other, each calling the task's ``run``
+    ``runs_each`` times (see :func:`run_task`); the first gets ``args | first_args`` (e.g.
+    where to save the answer). Stops at the first failure."""
     runs: list[Measurement] = []
     for i in range(repeat):
-        runs.append(run_task(task, {**args, **(first_args or {})} if i == 0 else args))
+        given = {**args, **(first_args or {})} if i == 0 else args
+        runs.append(run_task(task, given, runs=runs_each))
         if not runs[-1].ok:
             break
     return summarize(runs)
@@ -150,11 +166,17 @@ def _worker(payload: str) -> None:
     gc.collect()
     base = (_status_kib("VmRSS") or 0) * 1024
     reset = _reset_peak()
-    c0 = _cpu_seconds()
-    t0 = time.perf_counter()
-    result = run()
-    seconds = time.perf_counter() - t0
-    cpu = _cpu_seconds() - c0
+    timed: list[tuple[float, float]] = []
+    result = None
+    for i in range(spec.get("runs", 1)):
+        if i:
+            result = None  # not held beside the next call's answer
+            gc.collect()
+        c0 = _cpu_seconds()
+        t0 = time.perf_counter()
+        result = run()
+        timed.append((time.perf_counter() - t0, _cpu_seconds() - c0))
+    seconds, cpu = min(timed[1:]) if len(timed) > 1 else timed[0]
     peak = _peak_bytes()
     extra = finish(result)
     out = {
@@ -163,6 +185,7 @@ def _worker(payload: str) -> None:
         "base_rss": base,
         "peak_reset": reset,
         "cpu_seconds": cpu,
+        "first_seconds": timed[0][0],
         "extra": extra if isinstance(extra, dict) else None,
     }
     sys.stdout.flush()

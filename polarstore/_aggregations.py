@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from polarstore._definitions import (
     FeatureView,
@@ -533,12 +534,28 @@ def window_features(
         )
     else:
         frame = events.with_columns(pl.col(_TS).cast(pl.Int64)).collect(engine="in-memory")
-    times = spine[_TS].cast(pl.Int64)
+    times = _int64(spine[_TS].cast(pl.Int64))
+    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        values = _aggregates(frame, spine.select(key_list), times, key_list, aggs, schema, pool)
+    out = spine.select(pl.col(_ROW))
+    return out.with_columns(values[o].alias(o) for _, o in features)
+
+
+def _aggregates(
+    frame: pl.DataFrame,
+    spine_keys: pl.DataFrame,
+    times: np.ndarray,
+    keys: list[str],
+    aggs: list[tuple[Aggregation, str]],
+    schema: Mapping[str, pl.DataType],
+    pool: ThreadPoolExecutor,
+) -> dict[str, pl.Series]:
+    """Each output of ``aggs`` for the spine rows, in their order."""
     edges = sorted({0, *(-(a.span // _US) if not a.forward else a.span // _US for a, _ in aggs)})
-    order, keys_in_order, perm, position = _positions(
-        frame, spine.select(key_list), times, key_list, edges
-    )
-    ranked = _Ranked(frame, order, keys_in_order)
+    order, perm, position = _positions(frame, spine_keys, times, keys, edges, pool)
+    back = np.empty_like(perm)  # rows are computed in key order: the place of each row
+    back[perm] = np.arange(perm.size)
+    ranked = _Ranked(frame, order, back)
 
     def compute(group: list[tuple[Aggregation, str]]) -> dict[str, pl.Series]:
         values = {}
@@ -548,157 +565,131 @@ def window_features(
             values[output] = ranked.aggregate(agg, start, end).cast(schema[agg.feature])
         return values
 
-    # One task per column (they share its arrays); numpy releases the GIL, so two threads
-    # run on two cores. The heaviest columns go first.
+    # One task per column (they share its arrays); the kernels release the GIL, so two
+    # threads run on two cores. The heaviest columns go first.
     by_column: dict[str | None, list[tuple[Aggregation, str]]] = {}
     for agg, output in aggs:
         by_column.setdefault(agg.column, []).append((agg, output))
     groups = sorted(by_column.values(), key=_weight, reverse=True)
     values: dict[str, pl.Series] = {}
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        for done in pool.map(compute, groups):
-            values.update(done)
-    # Rows were computed in (key, time) order: back to the spine's.
-    back = np.empty_like(perm)
-    back[perm] = np.arange(perm.size)
-    places = pl.Series(back)
-    out = spine.select(pl.col(_ROW))
-    return out.with_columns(values[o].gather(places).alias(o) for _, o in features)
+    for done in pool.map(compute, groups):
+        values.update(done)
+    return values
 
 
 _THREADS = min(2, os.cpu_count() or 1)
 _COST = {"count": 1, "first": 1, "last": 1, "sum": 2, "mean": 2, "min": 2, "max": 2}
+# Shifts beyond this many µs reach past every representable time either way; clamping keeps
+# the kernels' ``time + shift`` inside an int64.
+_SHIFT_LIMIT = 2**62
 
 
 def _weight(group: list[tuple[Aggregation, str]]) -> int:
-    """A rough cost of a column's aggregates: expanding ranges (std, var, distinct) is dear."""
-    return sum(_COST.get(a.function, 6) for a, _ in group)
+    """A rough cost of a column's aggregates: two passes (std, var) or a tally is dearer."""
+    return sum(_COST.get(a.function, 4) for a, _ in group)
+
+
+def _int64(series: pl.Series) -> np.ndarray:
+    """A Series without nulls as a contiguous int64 array (the kernels' signature)."""
+    return np.ascontiguousarray(series.to_numpy(), dtype=np.int64)
 
 
 def _positions(
     frame: pl.DataFrame,
     spine_keys: pl.DataFrame,
-    times: pl.Series,
+    times: np.ndarray,
     keys: list[str],
     edges: list[int],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, np.ndarray]]:
-    """The events in (key, tie order), the spine rows in (key, time) order, and for each of
-    those rows and edge ``e`` (µs) the number of events before its key's first event after
-    ``t + e``.
+    pool: ThreadPoolExecutor,
+) -> tuple[np.ndarray, np.ndarray, dict[int, np.ndarray]]:
+    """The events in (key, tie order), the spine rows in key order, and for each of those
+    rows and edge ``e`` (µs) the position of its key's first event after ``t + e``.
 
-    The frame's rows are in tie order, event time first, so row ``r`` is the ``r``-th event
-    in time and a moment ``t`` splits them at ``r(t)`` (a binary search). Keys are numbered
-    densely; the sorted values of ``code << bits | row`` (``_sorting.packed_sort``) put the
-    events in (key, tie order), and a window edge is found by searching
-    ``(code << bits) + r(t + e)`` in them. Returns ``order`` (the row of ``frame`` at each
-    position), the key code at each position (ascending), ``perm`` (the spine row at each
-    place) and the positions per edge, by place. A spine row whose key has no event gets
-    the empty range ``[0, 0)`` at every edge.
-
-    In that order every window's start and end ascend, which bounds the work of
-    :func:`_reduce`.
+    The frame's rows are in tie order, so a stable counting sort by dense key code
+    (``_kernels.key_order``) puts each key's events in a run of positions with ascending
+    times, and an edge is one binary search inside the run (``_kernels.window_edges``).
+    Returns ``order`` (the row of ``frame`` at each position), ``perm`` (the spine row at
+    each place, in key order: so the windows' events are read in memory order) and the
+    positions per edge, by place. A spine row whose key has no event gets ``[0, 0)``.
     """
-    code_ev, code_sp, _ = _codes(frame, spine_keys, keys)
-    ev_ts = frame[_TS].to_numpy()
-    t = times.to_numpy()
-    known = code_sp >= 0
-    by_time = np.argsort(t, kind="stable")  # ascending queries walk each search forwards
-    t_sorted = t[by_time]
-    # Keys below 2**31 and rows below 2**bits: the packed values fit an int64. A split of
-    # n rows adds up to the next key's first packed value: past every event of the key.
-    bits = max(frame.height - 1, 1).bit_length()
-    query = np.where(known, code_sp << bits, -1)
+    from polarstore import _kernels  # numba loads on the first aggregation, not on import
 
-    def split(e: int) -> np.ndarray:
-        at = np.empty_like(t)
-        at[by_time] = np.searchsorted(ev_ts, t_sorted + e, side="right")
-        return np.where(known, query + at, -1)
-
-    with ThreadPoolExecutor(max_workers=_THREADS) as pool:
-        # The events' sort and the searches in time are independent: one thread each.
-        sorting = pool.submit(packed_sort, code_ev)
-        splits = dict(zip(edges, map(split, edges), strict=True))
-        perm = np.argsort(splits[0], kind="stable")
-        placed = known[perm]
-        ranked = sorting.result()[0].view(np.int64)
-
-        def find(e: int) -> np.ndarray:
-            return np.where(placed, np.searchsorted(ranked, splits[e][perm], side="left"), 0)
-
-        position = dict(zip(edges, pool.map(find, edges), strict=True))
-    order, keys_in_order = ranked & ((1 << bits) - 1), ranked >> bits
-    return order, keys_in_order, perm, position
+    key_ev, low, code_sp, n_codes = _codes(frame, spine_keys, keys)
+    order, offsets, ordered_times = _kernels.key_order(
+        key_ev, low, n_codes, _int64(frame[_TS]), pool, _THREADS
+    )
+    packed, bits = packed_sort(code_sp + 1)
+    perm = (packed & np.uint64((1 << bits) - 1)).view(np.int64)
+    shifts = np.array([max(-_SHIFT_LIMIT, min(e, _SHIFT_LIMIT)) for e in edges], np.int64)
+    found = np.empty((len(edges), times.size), np.int64)
+    args = (ordered_times, offsets, code_sp[perm], times[perm], shifts)
+    parts = _kernels.split(times.size, _THREADS)
+    list(pool.map(lambda rows: _kernels.window_edges(*args, *rows, found), parts))
+    return order, perm, dict(zip(edges, found, strict=True))
 
 
 def _codes(
     frame: pl.DataFrame, spine_keys: pl.DataFrame, keys: list[str]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Dense int64 codes of the events' and the spine's keys (-1: a key with no event)."""
+) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """Dense int64 codes of the events' keys (as ``values - low``: returns both), of the
+    spine's keys (-1: a key with no event), and how many codes there are (at most a few per
+    event: the counting sort's table)."""
     if len(keys) == 1 and frame.schema[keys[0]].is_integer() and frame.height:
         column = frame[keys[0]]
         low, high = int(column.min()), int(column.max())  # type: ignore[arg-type]
-        if high - low < 2**31:
+        if high - low < max(4 * frame.height, 1 << 16):
             given = spine_keys[keys[0]]
             inside = given.is_between(low, high).fill_null(False)
             code = pl.select(pl.when(inside).then(given.cast(pl.Int64) - low).otherwise(-1))
             return (
-                column.cast(pl.Int64).to_numpy() - low,
-                code.to_series().to_numpy(),
+                _int64(column.cast(pl.Int64)),
+                low,
+                _int64(code.to_series()),
                 high - low + 1,
             )
     codes = frame.select(keys).unique().with_row_index("__code")
     code_ev = frame.select(keys).join(codes, on=keys, how="left", maintain_order="left")
     code_sp = spine_keys.join(codes, on=keys, how="left", maintain_order="left")
     return (
-        code_ev["__code"].cast(pl.Int64).to_numpy(),
-        code_sp["__code"].cast(pl.Int64).fill_null(-1).to_numpy(),
+        _int64(code_ev["__code"].cast(pl.Int64)),
+        0,
+        _int64(code_sp["__code"].cast(pl.Int64).fill_null(-1)),
         codes.height,
     )
-
-
-def _reduce(ufunc: np.ufunc, values: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """``ufunc`` over ``values[start[i]:end[i]]`` for each i; anything where the range is empty.
-
-    One ``reduceat`` over the interleaved bounds: it also reduces the gaps from each end to
-    the next start, whose total length is at most ``len(values)`` when the starts ascend.
-    """
-    padded = np.concatenate([values, values[-1:] if values.size else np.zeros(1, values.dtype)])
-    bounds = np.empty(2 * start.size, dtype=np.intp)
-    bounds[0::2], bounds[1::2] = start, end
-    if not bounds.size:
-        return np.empty(0, dtype=values.dtype)
-    return ufunc.reduceat(padded, bounds)[0::2]
 
 
 class _Ranked:
     """The read events in (key, tie order), and each aggregate over ranges of positions.
 
     Counts and integer sums are differences of running totals (integer sums wrap as Polars'
-    do, so the difference is the window's own wrapped sum); float sums, minima and maxima
-    reduce each range once (``_reduce``); first/last are the nearest non-null position
-    inside the range; std/var (two passes: mean, then squared deviations) and count_distinct
-    (a value counts at its first occurrence inside the range) visit every event of every
-    range. Per-column arrays are built once, in the frame's order by Polars and put in
+    do, so the difference is the window's own wrapped sum); everything else is a compiled
+    loop over each range (``_kernels``): float sums, extremes, first/last (the nearest
+    non-null position), std/var (two passes) and count_distinct (a tally of dense value
+    codes). Per-column arrays are built once, in the frame's order by Polars and put in
     position order by numpy, and shared by every window.
     """
 
-    def __init__(self, frame: pl.DataFrame, order: np.ndarray, keys: np.ndarray) -> None:
+    def __init__(self, frame: pl.DataFrame, order: np.ndarray, back: np.ndarray) -> None:
         self._frame = frame
         self._order = order
-        self._keys = keys
-        self._n = frame.height
-        self._cache: dict[tuple[str, str], np.ndarray] = {}
+        self._back = back
+        self._cache: dict[tuple[str, str], Any] = {}
+        from polarstore import _kernels
+
+        self._kernels = _kernels
 
     def _array(self, column: str, what: str, build: Callable[[pl.Series], pl.Series]) -> np.ndarray:
         """``build(column)`` as a numpy array in position order (built once)."""
         key = (column, what)
         if key not in self._cache:
             self._cache[key] = build(self._frame[column]).to_numpy()[self._order]
-        return self._cache[key]
+        return self._cache[key]  # type: ignore[no-any-return]
 
     def present(self, name: str) -> np.ndarray:
         if not self._frame[name].null_count():
-            return self._array(name, "present", lambda s: pl.repeat(True, s.len(), eager=True))
+            if ("", "present") not in self._cache:
+                self._cache["", "present"] = np.ones(self._frame.height, dtype=np.bool_)
+            return self._cache["", "present"]  # type: ignore[no-any-return]
         return self._array(name, "present", pl.Series.is_not_null)
 
     def _running(self, values: np.ndarray) -> np.ndarray:
@@ -709,69 +700,58 @@ class _Ranked:
     def aggregate(self, agg: Aggregation, start: np.ndarray, end: np.ndarray) -> pl.Series:
         fn = agg.function
         if agg.column is None:
-            return pl.Series(end - start)
+            return self._series(end - start)
         name = agg.column
         dtype = self._frame.schema[name]
-        counts = self._running_count(name)
-        count = counts[end] - counts[start]
+        if self._frame[name].null_count():
+            counts = self._running_count(name)
+            count = counts[end] - counts[start]
+        else:
+            count = end - start
         if fn == "count":
-            return pl.Series(count)
+            return self._series(count)
         if fn == "count_distinct":
-            return pl.Series(self._distinct(name, start, end))
+            codes, n_values = self._value_codes(name)
+            return self._series(self._kernels.window_distinct(codes, n_values, start, end))
         some = count > 0
         if not some.any():  # also when there is no event to gather from
             return pl.repeat(None, count.size, dtype=dtype, eager=True)
+        present = self.present(name)
         if fn in ("first", "last"):
-            at = self._nearest(name, start, end, first=fn == "first")
-            rows = self._order[np.where(some, at, 0)]
-            found = self._frame[name].gather(pl.Series(rows))
-            return found.set(pl.Series(~some), None)  # type: ignore[arg-type]
+            at = self._kernels.window_nearest(present, start, end, fn == "first")
+            return self._picked(self._frame[name], self._order[np.where(some, at, 0)], some)
         if fn in ("min", "max"):
             return self._extreme(name, dtype, start, end, some, largest=fn == "max")
         if fn == "sum" and not dtype.is_float():
             x = self._array(name, "int64", lambda s: s.cast(pl.Int64).fill_null(0))
             running = self._running(x)
-            return _masked(running[end] - running[start], some)
-        x = self._floats(name, 0.0)
-        key = (name, f"total {id(start)} {id(end)}")  # mean and std of one window share it
-        if key not in self._cache:
-            self._cache[key] = _reduce(np.add, x, start, end)
-        total = self._cache[key]
+            return self._series(running[end] - running[start], some)
+        x = self._array(name, "floats", lambda s: s.cast(pl.Float64).fill_null(0.0))
         if fn == "sum":
-            return _masked(total, some)
-        mean = total / np.maximum(count, 1)
+            return self._series(self._kernels.window_sum(x, start, end), some)
         if fn == "mean":
-            return _masked(mean, some)
-        inside, offsets = _expanded(start, end)
-        deviation = x[inside] - np.repeat(mean, end - start)
-        deviation[~self.present(name)[inside]] = 0.0
-        squares = _reduce(np.add, deviation * deviation, offsets[:-1], offsets[1:])
-        var = squares / np.maximum(count - 1, 1)
-        return _masked(np.sqrt(var) if fn == "std" else var, count > 1)
+            mean = self._kernels.window_sum(x, start, end) / np.maximum(count, 1)
+            return self._series(mean, some)
+        var = self._kernels.window_var(x, present, start, end)
+        return self._series(np.sqrt(var) if fn == "std" else var, count > 1)
 
-    def _floats(self, name: str, null: float) -> np.ndarray:
-        """The column as float64, nulls as ``null`` (one array when there are none)."""
-        fill = "none" if not self._frame[name].null_count() else str(null)
-        return self._array(name, f"floats {fill}", lambda s: s.cast(pl.Float64).fill_null(null))
+    def _series(self, values: np.ndarray, keep: np.ndarray | None = None) -> pl.Series:
+        """``values`` (in key order) as a Series in the spine's order, null where not
+        ``keep``."""
+        mask = None if keep is None else ~keep[self._back]
+        return pl.Series(pa.array(values[self._back], mask=mask))
+
+    def _picked(self, source: pl.Series, rows: np.ndarray, keep: np.ndarray) -> pl.Series:
+        """``source``'s values at ``rows`` (in key order), in the spine's order, null where
+        not ``keep`` (a null index picks a null)."""
+        return source.gather(self._series(rows, keep))
 
     def _running_count(self, name: str) -> np.ndarray:
         key = (name, "running count")
         if key not in self._cache:
-            self._cache[key] = self._running(self.present(name))
-        return self._cache[key]
-
-    def _nearest(self, name: str, start: np.ndarray, end: np.ndarray, *, first: bool) -> np.ndarray:
-        """The first non-null position at or after ``start`` / the last before ``end``."""
-        key = (name, "next" if first else "previous")
-        if key not in self._cache:
-            present, where = self.present(name), np.arange(self._n + 1, dtype=np.int64)
-            if first:
-                at = np.where(np.append(present, True), where, self._n)
-                self._cache[key] = np.minimum.accumulate(at[::-1])[::-1]
-            else:
-                at = np.where(np.append(False, present), where - 1, -1)
-                self._cache[key] = np.maximum.accumulate(at)
-        return self._cache[key][start if first else end]
+            present = self._frame[name].is_not_null().to_numpy()
+            self._cache[key] = self._kernels.running_count(present, self._order)
+        return self._cache[key]  # type: ignore[no-any-return]
 
     def _extreme(
         self,
@@ -783,61 +763,46 @@ class _Ranked:
         *,
         largest: bool,
     ) -> pl.Series:
-        pick = np.maximum if largest else np.minimum
+        present = self.present(name)
         if dtype.is_float():
-            # fmin/fmax skip NaN unless all is NaN, as Polars' min/max do; nulls are NaN here.
-            x = self._floats(name, float("nan"))
-            return _masked(_reduce(np.fmax if largest else np.fmin, x, start, end), some)
+            x = self._array(name, "floats", lambda s: s.cast(pl.Float64).fill_null(0.0))
+            return self._series(
+                self._kernels.window_extreme(x, present, start, end, largest, np.nan),
+                some,
+            )
         if dtype == pl.String:
             # A string's rank is where it first appears in the sorted column: reduce ranks.
             ranks = self._array(
                 name, "ranks", lambda s: (s.rank("min") - 1).cast(pl.Int64).fill_null(0)
             )
-            codes = np.where(self.present(name), ranks, -1 if largest else self._n)
-            at = pl.Series(np.where(some, _reduce(pick, codes, start, end), 0))
-            found = self._frame[name].sort(nulls_last=True).gather(at)
-            return found.set(pl.Series(~some), None)  # type: ignore[arg-type]
-        info = np.iinfo(np.int64)
-        fill = info.min if largest else info.max
-        x = self._array(name, f"fill {fill}", lambda s: _physical(s).fill_null(fill))
-        return _masked(_reduce(pick, x, start, end), some).cast(dtype)
+            at = self._kernels.window_extreme(ranks, present, start, end, largest, 0)
+            return self._picked(self._frame[name].sort(nulls_last=True), at, some)
+        x = self._array(name, "int64", lambda s: _physical(s).fill_null(0))
+        best = self._kernels.window_extreme(x, present, start, end, largest, 0)
+        return self._series(best, some).cast(dtype)
 
-    def _distinct(self, name: str, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-        """How many distinct non-null values each range holds: the positions whose previous
-        occurrence (same key, same value) lies before the range's start."""
-        key = (name, "previous same")
+    def _value_codes(self, name: str) -> tuple[np.ndarray, int]:
+        """The column as dense codes in position order (-1: null) and how many there are;
+        NaN equals NaN and 0.0 equals -0.0, as in ``n_unique``."""
+        key = (name, "codes")
         if key not in self._cache:
-            self._cache[key] = self._previous_same(name)
-        inside, offsets = _expanded(start, end)
-        first_inside = self._cache[key][inside] < np.repeat(start, end - start)
-        running = self._running(first_inside)
-        return running[offsets[1:]] - running[offsets[:-1]]
-
-    def _previous_same(self, name: str) -> np.ndarray:
-        """For each position, the last earlier position with the same key and value (-1: none;
-        for a null, which never counts, ``n``: never before a start)."""
-        series = _physical(self._frame[name])
-        if series.dtype.is_integer() and series.null_count() < series.len():
-            low, high = int(series.min()), int(series.max())  # type: ignore[arg-type]
-            dense = high - low < 2**31
-        else:
-            dense = False
-        if dense:
-            value = series.fill_null(low).to_numpy()[self._order] - low
-            value[~self.present(name)] = high - low + 1  # nulls apart from every value
-        else:  # NaN == NaN and 0.0 == -0.0 in ranks, as in n_unique
-            value = series.rank("dense").cast(pl.Int64).fill_null(0).to_numpy()[self._order]
-        # Sorted by (value, position), and positions ascend by key: equal neighbours with
-        # equal keys are occurrences in a row.
-        ranked, bits = packed_sort(value)
-        by = (ranked & np.uint64((1 << bits) - 1)).view(np.int64)
-        ordered_value = ranked >> np.uint64(bits)
-        ordered_key = self._keys[by]
-        same = (ordered_value[1:] == ordered_value[:-1]) & (ordered_key[1:] == ordered_key[:-1])
-        previous = np.full(self._n, -1, dtype=np.int64)
-        previous[by[1:][same]] = by[:-1][same]
-        previous[~self.present(name)] = self._n
-        return previous
+            series = _physical(self._frame[name])
+            n = series.len()
+            if series.dtype.is_integer() and series.null_count() < n:
+                low, high = int(series.min()), int(series.max())  # type: ignore[arg-type]
+                dense = high - low < max(4 * n, 1 << 16)
+            else:
+                dense = False
+            if dense:
+                values, n_values = series.fill_null(low), high - low + 1
+            else:
+                low, values = 0, (series.rank("dense").cast(pl.Int64) - 1).fill_null(-1)
+                n_values = int(values.max() or 0) + 1  # type: ignore[operator]
+            codes = self._kernels.shifted(_int64(values), self._order, low)
+            if dense and series.null_count():
+                codes[~self.present(name)] = -1
+            self._cache[key] = (codes, n_values)
+        return self._cache[key]  # type: ignore[no-any-return]
 
 
 def _physical(series: pl.Series) -> pl.Series:
@@ -845,21 +810,6 @@ def _physical(series: pl.Series) -> pl.Series:
     if series.dtype.is_integer() or series.dtype.is_temporal() or series.dtype == pl.Boolean:
         return series.to_physical().cast(pl.Int64)
     return series
-
-
-def _expanded(start: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every position of every range, range after range, and where each range begins."""
-    lengths = end - start
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    inside = np.arange(offsets[-1], dtype=np.int64)
-    inside += np.repeat(start - offsets[:-1], lengths)
-    return inside, offsets
-
-
-def _masked(values: np.ndarray, keep: np.ndarray) -> pl.Series:
-    """``values`` as a Series, null where ``keep`` is False."""
-    return pl.Series(values).set(pl.Series(~keep), None)  # type: ignore[arg-type]
 
 
 def aggregated_rows(

@@ -166,6 +166,10 @@ def historical_features(
     lo, hi = left[_TS].min(), left[_TS].max()
     joined = left.lazy().sort(_TS)
     outputs = [r.output for r in requested]
+    # Aggregates come in ``left``'s row order: set beside the as-of joins' output (sorted
+    # back by row), not joined into their time-sorted plan.
+    windows: list[pl.DataFrame] = []
+    joined_outputs: list[str] = []
     for reqs, temp_keys in plans:
         view = reqs[0].view
         version = versions.get(view.name)
@@ -186,8 +190,9 @@ def historical_features(
                 left.select(_ROW, _TS, *temp_keys),
                 empty=version == EMPTY_VERSION,
             )
-            joined = joined.join(windowed.lazy(), on=_ROW, how="left")
+            windows.append(windowed.drop(_ROW))
             continue
+        joined_outputs.extend(r.output for r in reqs)
         right = _view_rows(offline, view, reqs, temp_keys, version, lo, hi, bitemporal=bitemporal)  # type: ignore[arg-type]
         if not bitemporal:
             joined = joined.join_asof(
@@ -211,12 +216,16 @@ def historical_features(
                 pl.when(fresh).then(pl.col(r.output)).alias(r.output) for r in reqs
             )
         joined = joined.drop(_EVENT)
-    features = joined.select(_ROW, *outputs)
+    if joined_outputs:
+        features = joined.select(_ROW, *joined_outputs).sort(_ROW)
+    else:
+        features = left.lazy().select(_ROW)
+    if windows:
+        features = pl.concat([features, *(w.lazy() for w in windows)], how="horizontal")
     if null_ts:
         rows = pl.LazyFrame({_ROW: pl.Series(_ROW, range(spine.height), dtype=left.schema[_ROW])})
-        features = rows.join(features, on=_ROW, how="left")
-    features = features.sort(_ROW).select(outputs)
-    return pl.concat([spine.lazy(), features], how="horizontal")
+        features = rows.join(features, on=_ROW, how="left", maintain_order="left")
+    return pl.concat([spine.lazy(), features.select(outputs)], how="horizontal")
 
 
 def spine_key_dtype(

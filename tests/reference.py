@@ -42,6 +42,9 @@ __all__ = [
     "point_in_time",
     "resolve_features",
     "to_utc",
+    "window_aggregate",
+    "window_aggregate_in_order",
+    "window_values",
 ]
 
 Row = Mapping[str, Any]
@@ -208,6 +211,37 @@ class RefAggregation:
     forward: bool = False
 
 
+def window_values(
+    view: RefView,
+    rows: Sequence[Row],
+    keys: Sequence[Any],
+    at: datetime,
+    agg: RefAggregation,
+) -> list[Any]:
+    """The non-null values of ``agg.column`` (True per row for ``None``) of the rows (in
+    write order) of ``keys`` in ``(at - w, at]`` (backward) or ``(at, at + w]`` (forward), in
+    tie order: (event time, created time, write order). A null key gives none."""
+    inside: list[tuple[datetime, datetime, int, Any]] = []
+    for order, row in enumerate(rows):
+        if any(key is None for key in keys):
+            break
+        if any(row[name] != key for name, key in zip(view.join_keys, keys, strict=True)):
+            continue
+        event = to_utc(row[view.timestamp_field])
+        assert event is not None
+        ok = at < event <= at + agg.window if agg.forward else at - agg.window < event <= at
+        if not ok:
+            continue
+        created = (
+            to_utc(row[view.created_timestamp_field])
+            if view.created_timestamp_field
+            else datetime.min.replace(tzinfo=timezone.utc)
+        )
+        value = True if agg.column is None else row[agg.column]
+        inside.append((event, created, order, value))  # type: ignore[arg-type]
+    return [v for *_, v in sorted(inside, key=lambda x: x[:3]) if v is not None]
+
+
 def window_aggregate(
     view: RefView,
     rows: Sequence[Row],
@@ -228,25 +262,7 @@ def window_aggregate(
     at = to_utc(at)
     if at is None:
         return None
-    inside: list[tuple[datetime, datetime, int, Any]] = []
-    for order, row in enumerate(rows):
-        if any(key is None for key in keys):
-            break
-        if any(row[name] != key for name, key in zip(view.join_keys, keys, strict=True)):
-            continue
-        event = to_utc(row[view.timestamp_field])
-        assert event is not None
-        ok = at < event <= at + agg.window if agg.forward else at - agg.window < event <= at
-        if not ok:
-            continue
-        created = (
-            to_utc(row[view.created_timestamp_field])
-            if view.created_timestamp_field
-            else datetime.min.replace(tzinfo=timezone.utc)
-        )
-        value = True if agg.column is None else row[agg.column]
-        inside.append((event, created, order, value))  # type: ignore[arg-type]
-    values = [v for *_, v in sorted(inside, key=lambda x: x[:3]) if v is not None]
+    values = window_values(view, rows, keys, at, agg)
     n = len(values)
     if agg.function == "count":
         return n
@@ -274,6 +290,61 @@ def window_aggregate(
         return values[-1]
     msg = f"unknown function {agg.function!r}"
     raise ValueError(msg)
+
+
+def window_aggregate_in_order(
+    view: RefView,
+    rows: Sequence[Row],
+    keys: Sequence[Any],
+    at: datetime | None,
+    agg: RefAggregation,
+) -> Any:
+    """:func:`window_aggregate` with the arithmetic the store promises for any value, by
+    plain loops in tie order: float sums and means add the values one by one (so NaN, ±inf
+    and overflow come out as they would), integer sums wrap as Int64, std/var take the mean
+    then the squared deviations, min/max skip NaN (NaN only when every value is NaN), and
+    count_distinct counts NaN once and -0.0 as 0.0."""
+    import math
+
+    at = to_utc(at)
+    if at is None:
+        return None
+    values = window_values(view, rows, keys, at, agg)
+    n = len(values)
+    if agg.function == "count":
+        return n
+    if agg.function == "count_distinct":
+        return len({"nan" if v != v else (0.0 if v == 0 else v) for v in values})
+    if n == 0:
+        return None
+    if agg.function in ("first", "last"):
+        return values[0] if agg.function == "first" else values[-1]
+    if agg.function in ("min", "max"):
+        best = None
+        for v in values:
+            if v != v:
+                continue
+            if best is None or (v > best if agg.function == "max" else v < best):
+                best = v
+        return float("nan") if best is None else best
+    if agg.function == "sum" and not isinstance(values[0], float):
+        return (sum(int(v) for v in values) + 2**63) % 2**64 - 2**63
+    total = 0.0
+    for v in values:
+        total += float(v)
+    if agg.function == "sum":
+        return total
+    mean = total / n
+    if agg.function == "mean":
+        return mean
+    if n < 2:
+        return None
+    squares = 0.0
+    for v in values:
+        deviation = float(v) - mean
+        squares += deviation * deviation
+    var = squares / (n - 1)
+    return math.sqrt(var) if agg.function == "std" else var
 
 
 def feature_statistics(values: Sequence[Any]) -> dict[str, Any]:

@@ -32,7 +32,12 @@ from polarstore import (
     ValidationError,
 )
 from polarstore._offline import OfflineStore
-from tests.reference import RefAggregation, RefView, window_aggregate
+from tests.reference import (
+    RefAggregation,
+    RefView,
+    window_aggregate,
+    window_aggregate_in_order,
+)
 
 UTC = timezone.utc
 T0 = datetime(2024, 3, 10, 6, 0, tzinfo=UTC)
@@ -444,6 +449,108 @@ def check_reference(
             if want is not None and agg.function in ("mean", "std", "var"):
                 want = float(want)
             assert _close(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
+
+
+HARD_FLOATS = [0.0, -0.0, 1.5, -2.25, 1e300, -1e300, math.inf, -math.inf, math.nan, 5e-324]
+HARD_INTS = [-(2**63), 2**63 - 1, 0, -1, 3, 2**40]
+# Far apart, so the keys are numbered by a join rather than by their offset from the smallest;
+# events have the first and the last, the spine all of them.
+SPARSE_KEYS = [-(2**62), 7, 10**15, 2**62]
+HARD = FeatureView("hard", entities=[USER], schema={"x": pl.Float64, "n": pl.Int64})
+HARD_FUNCTIONS = {
+    "x": ["count", "sum", "mean", "min", "max", "std", "var", "first", "last", "count_distinct"],
+    "n": ["sum", "mean", "min", "max", "std", "first", "last", "count_distinct"],
+}
+HARD_WINDOWS = [US, timedelta(milliseconds=1), timedelta(seconds=1)]
+
+
+def _same(got: Any, want: Any, function: str) -> bool:
+    """Equal, NaN equal to NaN; std/var (rounded twice) within 1e-9 relative."""
+    if got is None or want is None:
+        return got is want
+    if isinstance(want, float) and math.isnan(want):
+        return isinstance(got, float) and math.isnan(got)
+    if function in ("std", "var") and math.isfinite(want):
+        return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-300)
+    return bool(got == want)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(SPARSE_KEYS[::3]),
+            st.builds(lambda e: T0 + e * US, st.sampled_from(EDGES_US) | st.integers(0, 1500)),
+            st.sampled_from([None, *HARD_FLOATS, math.nan, math.nan]),
+            st.sampled_from([None, *HARD_INTS]),
+        ),
+        max_size=40,
+    ),
+    spine_picks=st.lists(
+        st.tuples(
+            st.integers(0, 99),
+            st.sampled_from([*SPARSE_KEYS, 8, None, "event", "event", "event"]),
+            st.sampled_from(HARD_WINDOWS),
+            st.sampled_from([-1, 0, 1]) | st.integers(-1500, 1500),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    forward=st.booleans(),
+)
+def test_hard_values_match_the_in_order_reference(
+    rows: list[tuple[int, datetime, float | None, int | None]],
+    spine_picks: list[tuple[int, Any, timedelta, int]],
+    forward: bool,
+) -> None:
+    """NaN, ±inf, -0.0, overflow, the Int64 extremes and sparse keys, against the reference's
+    in-order arithmetic (``window_aggregate_in_order``): every aggregate of both columns over
+    a microsecond, a millisecond and a second, spine times on edges, 1 µs either side and
+    in between."""
+    aggs = [
+        Aggregation(c, f, w, name=f"{c}_{f}_{i}", forward=forward and f != "count")  # type: ignore[arg-type]
+        for c, functions in HARD_FUNCTIONS.items()
+        for f in functions
+        for i, w in enumerate(HARD_WINDOWS)
+    ]
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "user_id": pl.Int64,
+            "event_timestamp": pl.Datetime("us", "UTC"),
+            "x": pl.Float64,
+            "n": pl.Int64,
+        },
+        orient="row",
+    )
+    spine_rows = []
+    for pick, key, window, delta in spine_picks:
+        event = rows[pick % len(rows)] if rows else (7, T0, None, None)
+        at = event[1] + (window if pick % 2 else timedelta(0)) + delta * US
+        spine_rows.append((event[0] if key == "event" else key, at))
+    spine = pl.DataFrame(
+        spine_rows,
+        schema={"user_id": pl.Int64, "event_timestamp": pl.Datetime("us", "UTC")},
+        orient="row",
+    )
+    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+        store.apply([USER, HARD, AggregationView("h", "hard", aggs)])
+        if rows:
+            store.write("hard", frame)
+        got = store.get_historical_features(spine, ["h:*"]).collect()
+    ref_view = RefView("hard", ("user_id",), tuple(HARD.schema))
+    written = frame.to_dicts()
+    for i, spine_row in enumerate(spine.to_dicts()):
+        for agg in aggs:
+            ref = RefAggregation(agg.column, agg.function, agg.span, agg.forward)  # type: ignore[arg-type]
+            want = window_aggregate_in_order(
+                ref_view, written, [spine_row["user_id"]], spine_row["event_timestamp"], ref
+            )
+            assert _same(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
 
 
 def test_count_distinct_counts_a_value_after_nulls(store: FeatureStore) -> None:
