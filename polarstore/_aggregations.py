@@ -5,12 +5,11 @@ sliding windows ending (``forward=False``) or starting (``forward=True``) at eac
 ``(t - window, t]`` or ``(t, t + window]``, exactly — no tiles, no hops.
 
 The offline query never compares every spine row with every event. The events of the read
-range come in tie order; sorted by key (stably) and numbered, each key's events are a run
-of positions, and two binary searches per spine row and window edge turn every window into
-a range ``[start, end)`` of positions (``_positions``). Each aggregate is then computed over
-those ranges with numpy (``_Ranked``): counts and integer sums as differences of running
-totals, float sums and extremes by one ``reduceat`` over the ranges, first/last as the
-nearest non-null position, std/var and count_distinct by visiting each range's events.
+range come in tie order; a stable counting sort by key makes each key's events a run of
+positions, and a binary search per spine row and window edge turns every window into a
+range ``[start, end)`` of positions (``_positions``). Each aggregate is then computed over
+those ranges (``_Ranked``): counts and integer sums as differences of running totals,
+everything else by a compiled loop over each range's events (``_kernels``, numba).
 The online state (``_windows``) answers the same question per entity.
 """
 
@@ -532,13 +531,23 @@ def window_features(
                 **{c: view.source_view.schema[c] for c in columns},
             }
         )
-    else:
-        frame = events.with_columns(pl.col(_TS).cast(pl.Int64)).collect(engine="in-memory")
-    times = _int64(spine[_TS].cast(pl.Int64))
     with ThreadPoolExecutor(max_workers=_THREADS) as pool:
+        # The first query of a process loads numba (~0.5 s): beside the scan, which runs in
+        # Polars without the GIL.
+        loading = pool.submit(_load_kernels)
+        if events is not None:
+            frame = events.with_columns(pl.col(_TS).cast(pl.Int64)).collect(engine="in-memory")
+        loading.result()
+        times = _int64(spine[_TS].cast(pl.Int64))
         values = _aggregates(frame, spine.select(key_list), times, key_list, aggs, schema, pool)
     out = spine.select(pl.col(_ROW))
     return out.with_columns(values[o].alias(o) for _, o in features)
+
+
+def _load_kernels() -> None:
+    from polarstore import _kernels
+
+    _kernels.warm()
 
 
 def _aggregates(
