@@ -37,7 +37,14 @@ __all__ = [
     "window_var",
 ]
 
-_jit: Any = njit(nogil=True, cache=True)
+
+def _jit(function: Any) -> Any:
+    """``njit(nogil=True, cache=True)``; where numba finds no writable cache folder (it then
+    raises at decoration) the loops compile in every process instead of failing."""
+    try:
+        return njit(nogil=True, cache=True)(function)
+    except RuntimeError:
+        return njit(nogil=True)(function)
 
 
 def key_order(
