@@ -242,6 +242,18 @@ def window_values(
     return [v for *_, v in sorted(inside, key=lambda x: x[:3]) if v is not None]
 
 
+def _values_at(
+    view: RefView,
+    rows: Sequence[Row],
+    keys: Sequence[Any],
+    at: datetime | None,
+    agg: RefAggregation,
+) -> list[Any] | None:
+    """:func:`window_values`, or None for a null spine time (no window)."""
+    at = to_utc(at)
+    return None if at is None else window_values(view, rows, keys, at, agg)
+
+
 def window_aggregate(
     view: RefView,
     rows: Sequence[Row],
@@ -259,13 +271,10 @@ def window_aggregate(
     """
     import math
 
-    at = to_utc(at)
-    if at is None:
-        return None
-    values = window_values(view, rows, keys, at, agg)
+    values = _values_at(view, rows, keys, at, agg)
+    if values is None or agg.function == "count":
+        return values if values is None else len(values)
     n = len(values)
-    if agg.function == "count":
-        return n
     if agg.function == "count_distinct":
         return len(set(values))
     if n == 0:
@@ -306,13 +315,10 @@ def window_aggregate_in_order(
     count_distinct counts NaN once and -0.0 as 0.0."""
     import math
 
-    at = to_utc(at)
-    if at is None:
-        return None
-    values = window_values(view, rows, keys, at, agg)
+    values = _values_at(view, rows, keys, at, agg)
+    if values is None or agg.function == "count":
+        return values if values is None else len(values)
     n = len(values)
-    if agg.function == "count":
-        return n
     if agg.function == "count_distinct":
         return len({"nan" if v != v else (0.0 if v == 0 else v) for v in values})
     if n == 0:
