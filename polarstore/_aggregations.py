@@ -747,8 +747,13 @@ class _Ranked:
     def _series(self, values: np.ndarray, keep: np.ndarray | None = None) -> pl.Series:
         """``values`` (in key order) as a Series in the spine's order, null where not
         ``keep``."""
-        mask = None if keep is None else ~keep[self._back]
-        return pl.Series(pa.array(values[self._back], mask=mask))
+        placed = values[self._back]
+        # From buffers: pa.array(values, mask=...) probes for pandas (an import on first use).
+        valid = (
+            None if keep is None else pa.py_buffer(np.packbits(keep[self._back], bitorder="little"))
+        )
+        dtype = pa.from_numpy_dtype(placed.dtype)
+        return pl.Series(pa.Array.from_buffers(dtype, placed.size, [valid, pa.py_buffer(placed)]))
 
     def _picked(self, source: pl.Series, rows: np.ndarray, keep: np.ndarray) -> pl.Series:
         """``source``'s values at ``rows`` (in key order), in the spine's order, null where
