@@ -732,7 +732,7 @@ class _Ranked:
         if fn in ("min", "max"):
             return self._extreme(name, dtype, start, end, some, largest=fn == "max")
         if fn == "sum" and not dtype.is_float():
-            x = self._array(name, "int64", lambda s: s.cast(pl.Int64).fill_null(0))
+            x = self._array(name, "int64", lambda s: _physical(s).fill_null(0))
             running = self._running(x)
             return self._series(running[end] - running[start], some)
         x = self._array(name, "floats", lambda s: s.cast(pl.Float64).fill_null(0.0))
