@@ -464,7 +464,24 @@ HARD_FUNCTIONS = {
 HARD_WINDOWS = [US, timedelta(milliseconds=1), timedelta(seconds=1)]
 
 
-def _same(got: Any, want: Any, function: str) -> bool:
+hard_rows = st.lists(
+    st.tuples(
+        st.sampled_from(SPARSE_KEYS[::3]),
+        st.builds(lambda e: T0 + e * US, st.sampled_from(EDGES_US) | st.integers(0, 1500)),
+        st.sampled_from([None, *HARD_FLOATS, math.nan, math.nan]),
+        st.sampled_from([None, *HARD_INTS]),
+    ),
+    max_size=40,
+)
+HARD_SCHEMA = {
+    "user_id": pl.Int64,
+    "event_timestamp": pl.Datetime("us", "UTC"),
+    "x": pl.Float64,
+    "n": pl.Int64,
+}
+
+
+def same_value(got: Any, want: Any, function: str) -> bool:
     """Equal, NaN equal to NaN; std/var (rounded twice) within 1e-9 relative."""
     if got is None or want is None:
         return got is want
@@ -481,15 +498,7 @@ def _same(got: Any, want: Any, function: str) -> bool:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 @given(
-    rows=st.lists(
-        st.tuples(
-            st.sampled_from(SPARSE_KEYS[::3]),
-            st.builds(lambda e: T0 + e * US, st.sampled_from(EDGES_US) | st.integers(0, 1500)),
-            st.sampled_from([None, *HARD_FLOATS, math.nan, math.nan]),
-            st.sampled_from([None, *HARD_INTS]),
-        ),
-        max_size=40,
-    ),
+    rows=hard_rows,
     spine_picks=st.lists(
         st.tuples(
             st.integers(0, 99),
@@ -517,16 +526,7 @@ def test_hard_values_match_the_in_order_reference(
         for f in functions
         for i, w in enumerate(HARD_WINDOWS)
     ]
-    frame = pl.DataFrame(
-        rows,
-        schema={
-            "user_id": pl.Int64,
-            "event_timestamp": pl.Datetime("us", "UTC"),
-            "x": pl.Float64,
-            "n": pl.Int64,
-        },
-        orient="row",
-    )
+    frame = pl.DataFrame(rows, schema=HARD_SCHEMA, orient="row")
     spine_rows = []
     for pick, key, window, delta in spine_picks:
         event = rows[pick % len(rows)] if rows else (7, T0, None, None)
@@ -550,7 +550,7 @@ def test_hard_values_match_the_in_order_reference(
             want = window_aggregate_in_order(
                 ref_view, written, [spine_row["user_id"]], spine_row["event_timestamp"], ref
             )
-            assert _same(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
+            assert same_value(got[agg.feature][i], want, agg.function), (i, agg, spine_row, want)
 
 
 def test_count_distinct_counts_a_value_after_nulls(store: FeatureStore) -> None:

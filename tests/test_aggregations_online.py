@@ -21,7 +21,7 @@ from unittest import mock
 
 import polars as pl
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from polarstore import (
@@ -36,7 +36,19 @@ from polarstore import (
 
 from . import _online_procs as procs
 from ._procs import T0, USER, Log, kill_after
-from .test_aggregations import ORDERS, aggregations, events, orders
+from .test_aggregations import (
+    HARD,
+    HARD_FUNCTIONS,
+    HARD_SCHEMA,
+    HARD_WINDOWS,
+    ORDERS,
+    SPARSE_KEYS,
+    aggregations,
+    events,
+    hard_rows,
+    orders,
+    same_value,
+)
 
 US = timedelta(microseconds=1)
 
@@ -121,6 +133,59 @@ def test_online_equals_offline_at_now(
             assert online.schema == pl.Schema(
                 {"user_id": pl.Int64, **{a.feature: offline.schema[a.feature] for a in aggs}}
             )
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(rows=hard_rows, cut=st.integers(0, 40), later=st.sampled_from([0, 1, 999, 10**6]))
+@example(  # cancellation, then inf - inf: fsum gave 1.5 against 0.0, then raised
+    rows=[
+        (SPARSE_KEYS[0], T0 + i * US, x, n)
+        for i, (x, n) in enumerate(
+            [
+                *[(1e300, 2**63 - 1), (1.5, 2**63 - 1), (-1e300, 3), (math.nan, None)],
+                *[(math.inf, -(2**63)), (-math.inf, -1), (-0.0, 0), (0.0, 0)],
+            ]
+        )
+    ],
+    cut=3,
+    later=0,
+)
+def test_online_equals_offline_for_hard_values(
+    rows: list[tuple[int, datetime, float | None, int | None]], cut: int, later: int
+) -> None:
+    """NaN, ±inf, -0.0, overflow and the Int64 extremes: online answers what offline answers
+    at ``now``, exactly (same arithmetic: sums in tie order, NaN-skipping min/max, NaN counted
+    once), where ``math.fsum`` raised on ``inf - inf`` and on an overflow. Two syncs: the
+    second one appends to tails or merges."""
+    aggs = [
+        Aggregation(c, f, w, name=f"{c}_{f}_{i}")  # type: ignore[arg-type]
+        for c, functions in HARD_FUNCTIONS.items()
+        for f in functions
+        for i, w in enumerate(HARD_WINDOWS)
+    ]
+    features = [f"h:{a.feature}" for a in aggs]
+    frame = pl.DataFrame(rows, schema=HARD_SCHEMA, orient="row")
+    with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
+        store.apply([USER, HARD, AggregationView("h", "hard", aggs)])
+        for part in (frame[:cut], frame[cut:]):
+            if part.height:
+                store.write("hard", part)
+                store.materialize()
+        now = (max(r[1] for r in rows) if rows else T0) + later * US
+        users = [{"user_id": u} for u in SPARSE_KEYS]
+        online = store.get_online_features(users, features, now=now)
+        spine = pl.DataFrame({"user_id": SPARSE_KEYS, "event_timestamp": [now] * len(users)})
+        offline = store.get_historical_features(spine, features).collect()
+        for i, user in enumerate(users):
+            vector = store.get_feature_vector(user, features, now=now)
+            for agg in aggs:
+                want = offline[agg.feature][i]
+                assert same_value(online[agg.feature][i], want, agg.function), (agg, user)
+                assert same_value(vector[agg.feature], want, agg.function), (agg, user)
 
 
 @pytest.fixture
