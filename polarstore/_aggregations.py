@@ -745,8 +745,8 @@ class _Ranked:
         return self._series(np.sqrt(var) if fn == "std" else var, count > 1)
 
     def _series(self, values: np.ndarray, keep: np.ndarray | None = None) -> pl.Series:
-        """``values`` (in key order) as a Series in the spine's order, null where not
-        ``keep``."""
+        """``values`` (int64 or float64, in key order: numpy's layout is Arrow's for those)
+        as a Series in the spine's order, null where not ``keep``."""
         placed = values[self._back]
         # From buffers: pa.array(values, mask=...) probes for pandas (an import on first use).
         valid = (
