@@ -6,6 +6,7 @@ differs from polarstore's, and that is what these tests hold.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,18 @@ def test_aggregations_benchmark_answers_match(tmp_path: Path) -> None:
     assert [r[0] for r in rows] == ["duckdb", "duckdb_parquet", "pandas"]
     assert all(r[-1] == "equal" for r in rows), rows
     assert "p50 / raw plain get+decode" in out
+
+
+def test_spark_benchmark_answers_match() -> None:
+    """Both engines on the pit_join workload (bulk and appends), derived features and an
+    aggregation view: the script exits 1 if Spark's answer differs from Polars'."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed (polarstore[spark])")
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs Java (17 or later); no java on PATH")
+    out = run("benchmarks.spark", "--size", "tiny", "--repeat", "1")
+    assert [r[0] for r in table_rows(out, "bulk") + table_rows(out, "appends")] == [
+        "bulk",
+        "appends",
+    ]
+    assert [r[-1] for r in table_rows(out, "derived")] == ["identical"]
+    assert [r[-1] for r in table_rows(out, "aggregation")] == ["equal (floats within 1e-9)"]
