@@ -310,6 +310,19 @@ aggregations = st.sampled_from(list(COLUMN_FUNCTIONS)).flatmap(
 )
 
 
+# The parts of a reference case besides its aggregations (test_spark draws the same ones).
+CASE_PARTS: dict[str, st.SearchStrategy[Any]] = {
+    "batches": st.lists(st.lists(events, min_size=0, max_size=12), min_size=1, max_size=3),
+    "compact_after": st.sets(st.integers(0, 2)),
+    "spine_keys": st.lists(st.sampled_from([1, 2, 3, 4, None]), min_size=1, max_size=8),
+    "shifts": st.lists(
+        st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=8, max_size=8
+    ),
+    "created": st.booleans(),
+    "pin": st.booleans(),
+}
+
+
 def _close(got: Any, want: Any, function: str) -> bool:
     if got is None or want is None:
         return got is want
@@ -323,17 +336,7 @@ def _close(got: Any, want: Any, function: str) -> bool:
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-@given(
-    batches=st.lists(st.lists(events, min_size=0, max_size=12), min_size=1, max_size=3),
-    compact_after=st.sets(st.integers(0, 2)),
-    picked=st.lists(aggregations, min_size=1, max_size=5),
-    spine_keys=st.lists(st.sampled_from([1, 2, 3, 4, None]), min_size=1, max_size=8),
-    shifts=st.lists(
-        st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=8, max_size=8
-    ),
-    created=st.booleans(),
-    pin=st.booleans(),
-)
+@given(**CASE_PARTS, picked=st.lists(aggregations, min_size=1, max_size=5))
 def test_matches_reference(
     batches: list[list[tuple[int, datetime, float | None, str | None]]],
     compact_after: set[int],
@@ -343,12 +346,10 @@ def test_matches_reference(
     created: bool,
     pin: bool,
 ) -> None:
-    view, aggs = case_definitions(picked, created)
     with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
-        store.apply([USER, view, AggregationView("w", "orders", aggs)])
-        written, versions = write_case(store, batches, compact_after, created)
-        spine = edge_spine(written, aggs, spine_keys, shifts)
-        rows, as_of = pinned_rows(batches, written, versions, pin)
+        view, aggs, spine, rows, as_of = play_case(
+            store, picked, batches, compact_after, spine_keys, shifts, created, pin
+        )
         got = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
     check_reference(view, aggs, spine, rows, got)
 
@@ -424,6 +425,26 @@ def pinned_rows(
     if pin and len(versions) > 1:
         return written[: len(next(b for b in batches if b))], {"orders": versions[0]}
     return written, None
+
+
+def play_case(
+    store: FeatureStore,
+    picked: list[tuple[str | None, str, timedelta, bool]],
+    batches: list[list[tuple[int, datetime, float | None, str | None]]],
+    compact_after: set[int],
+    spine_keys: list[int | None],
+    shifts: list[tuple[int, int]],
+    created: bool,
+    pin: bool,
+) -> tuple[FeatureView, list[Aggregation], pl.DataFrame, list[dict[str, Any]], Any]:
+    """Apply a case's views (aggregation view ``w``) and write its batches: the source view,
+    the aggregations, the spine, the rows a query sees and its ``as_of``."""
+    view, aggs = case_definitions(picked, created)
+    store.apply([USER, view, AggregationView("w", "orders", aggs)])
+    written, versions = write_case(store, batches, compact_after, created)
+    spine = edge_spine(written, aggs, spine_keys, shifts)
+    rows, as_of = pinned_rows(batches, written, versions, pin)
+    return view, aggs, spine, rows, as_of
 
 
 def check_reference(

@@ -46,18 +46,14 @@ from tests.reference import (
     point_in_time,
     resolve_features,
 )
-from tests.test_aggregations import T0 as AGG_T0
 from tests.test_aggregations import (
+    CASE_PARTS,
     US,
-    case_definitions,
     check_reference,
-    edge_spine,
-    pinned_rows,
-    write_case,
+    play_case,
 )
-from tests.test_aggregations import USER as AGG_USER
+from tests.test_aggregations import T0 as AGG_T0
 from tests.test_aggregations import aggregations as agg_choices
-from tests.test_aggregations import events as agg_events
 from tests.test_bitemporal import _log, bitemporal_view, play, steps
 from tests.test_expressions import same
 from tests.test_ondemand import PA, PB, REQUEST, T0, USER, parity_cases
@@ -555,15 +551,8 @@ def close_values(want: pl.DataFrame, got: pl.DataFrame, functions: dict[str, str
 
 @settings(SETTINGS, max_examples=6)
 @given(
-    batches=st.lists(st.lists(agg_events, min_size=0, max_size=12), min_size=1, max_size=3),
-    compact_after=st.sets(st.integers(0, 2)),
+    **CASE_PARTS,
     picked=st.lists(agg_choices, min_size=1, max_size=6),
-    spine_keys=st.lists(st.sampled_from([1, 2, 3, 4, None]), min_size=1, max_size=8),
-    shifts=st.lists(
-        st.tuples(st.integers(0, 99), st.sampled_from([-1, 0, 1])), min_size=8, max_size=8
-    ),
-    created=st.booleans(),
-    pin=st.booleans(),
     spark_spine=st.booleans(),
 )
 def test_aggregations_same_answers_as_polars_and_the_reference(
@@ -581,12 +570,10 @@ def test_aggregations_same_answers_as_polars_and_the_reference(
     created times that reorder ties, nulls, 1-3 writes with compactions, spine times on
     window edges ±1 µs, null and absent keys, as_of the first write) through both engines,
     and the Spark answers against the brute-force reference."""
-    view, aggs = case_definitions(picked, created)
     with tempfile.TemporaryDirectory() as tmp, FeatureStore(tmp) as store:
-        store.apply([AGG_USER, view, AggregationView("w", "orders", aggs)])
-        written, versions = write_case(store, batches, compact_after, created)
-        spine = edge_spine(written, aggs, spine_keys, shifts)
-        rows, as_of = pinned_rows(batches, written, versions, pin)
+        view, aggs, spine, rows, as_of = play_case(
+            store, picked, batches, compact_after, spine_keys, shifts, created, pin
+        )
         want = store.get_historical_features(spine, ["w:*"], as_of=as_of).collect()
         given = to_spark_spine(spark, spine, "event_timestamp", ntz=False) if spark_spine else spine
         result = store.get_historical_features(
